@@ -1,0 +1,486 @@
+//! Loading a model folder as a whole (weights, tokenizer, chat template, generation config) and
+//! generating for one request.
+
+use std::path::{Path, PathBuf};
+
+use enclave_models::{DType, Device, LoadOptions, Logits, Model, ModelError};
+
+use crate::chat_template::ChatTemplate;
+use crate::detokenizer::IncrementalDetokenizer;
+use crate::error::{EngineError, Result};
+use crate::generation_config::GenerationConfig;
+use crate::sampler::{Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+/// The compute dtype asked for on the command line or in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DTypeChoice {
+    /// The fastest dtype that is correct on the device (see [`DTypeChoice::resolve`]).
+    Auto,
+    F32,
+    BF16,
+    F16,
+}
+
+impl DTypeChoice {
+    /// On CPU `auto` is f32: candle's CPU matmul for bf16/f16 has no vectorised kernel
+    /// (BENCHMARKS.md has the measurements), so reduced precision saves memory but costs time.
+    pub fn resolve(self, device: &Device) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::BF16 => DType::BF16,
+            Self::F16 => DType::F16,
+            Self::Auto if device.is_cpu() => DType::F32,
+            Self::Auto => DType::BF16,
+        }
+    }
+}
+
+/// How to load an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub dtype: DTypeChoice,
+    pub device: Device,
+    /// Longest sequence (prompt + completion) served; defaults to the model's
+    /// `max_position_embeddings` and may only lower it.
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            dtype: DTypeChoice::Auto,
+            device: Device::Cpu,
+            max_model_len: None,
+        }
+    }
+}
+
+/// What a request asks to continue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Raw text, encoded with the tokenizer's special tokens (BOS where it says so).
+    Text(String),
+    /// Token ids as they are.
+    TokenIds(Vec<u32>),
+    /// OpenAI-shaped messages, rendered with the chat template and a generation prompt.
+    Chat(Vec<serde_json::Value>),
+}
+
+/// A generation request before validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    /// `None`: the model's defaults from `generation_config.json`.
+    pub sampling: Option<SamplingParams>,
+    /// `None`: until a stop condition or the end of the context.
+    pub max_tokens: Option<usize>,
+    /// Strings that end generation; they are not part of the returned text.
+    pub stop: Vec<String>,
+    /// Token ids that end generation, in addition to the model's end-of-sequence ids.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past the model's end-of-sequence ids.
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: Prompt) -> Self {
+        Self {
+            prompt,
+            sampling: None,
+            max_tokens: None,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// A request that passed validation: tokenized, bounded, ready to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub prompt_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// One generated token as it is produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent<'a> {
+    pub id: u32,
+    /// Text that became final with this token (may be empty while a character or a possible
+    /// stop string is incomplete).
+    pub text: &'a str,
+    /// Natural-log probability of `id` under the raw logits.
+    pub logprob: f32,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+}
+
+/// A loaded model with everything needed to turn text into text.
+pub struct Engine {
+    model: Model,
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
+    generation_config: GenerationConfig,
+    max_model_len: usize,
+    model_dir: PathBuf,
+}
+
+impl Engine {
+    /// Loads a Hugging Face model folder.
+    pub fn load(dir: &Path, config: &EngineConfig) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(EngineError::File {
+                path: dir.to_path_buf(),
+                message: "model folder not found".into(),
+            });
+        }
+        // Cheap files first, so a broken tokenizer is reported before gigabytes are read.
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let chat_template = ChatTemplate::from_model_dir(
+            dir,
+            tokenizer.config(),
+            tokenizer.special_tokens().clone(),
+        )?;
+        let generation_config = GenerationConfig::from_dir(dir)?;
+        let options = LoadOptions {
+            dtype: config.dtype.resolve(&config.device),
+            device: config.device.clone(),
+        };
+        let model = Model::load(dir, &options)?;
+        let limit = model.info().max_position_embeddings;
+        let max_model_len = match config.max_model_len {
+            Some(n) if n > limit => {
+                return Err(EngineError::InvalidRequest(format!(
+                    "--max-model-len {n} exceeds the model's max_position_embeddings ({limit})"
+                )))
+            }
+            Some(0) => {
+                return Err(EngineError::InvalidRequest(
+                    "--max-model-len must be at least 1".into(),
+                ))
+            }
+            Some(n) => n,
+            None => limit,
+        };
+        Ok(Self {
+            model,
+            tokenizer,
+            chat_template,
+            generation_config,
+            max_model_len,
+            model_dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.generation_config
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    /// Renders a conversation with the model's chat template, with a generation prompt.
+    pub fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            EngineError::InvalidRequest(format!(
+                "{} has no chat template (chat_template.jinja or tokenizer_config.json)",
+                self.model_dir.display()
+            ))
+        })?;
+        template.render(messages, None, true)
+    }
+
+    /// Tokenizes and bounds a request: everything that can be wrong with it is reported here.
+    pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest> {
+        let prompt_ids = match &request.prompt {
+            Prompt::Text(text) => self.tokenizer.encode(text, true)?,
+            Prompt::TokenIds(ids) => ids.clone(),
+            Prompt::Chat(messages) => {
+                // The template writes its own BOS, so no special tokens are added again.
+                self.tokenizer.encode(&self.render_chat(messages)?, false)?
+            }
+        };
+        if prompt_ids.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        let vocab = self.model.info().vocab_size;
+        if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let sampling = request
+            .sampling
+            .unwrap_or_else(|| self.generation_config.default_sampling());
+        sampling.validate().map_err(EngineError::InvalidRequest)?;
+        let prompt = prompt_ids.len();
+        let max_new_tokens = match request.max_tokens {
+            Some(0) => {
+                return Err(EngineError::InvalidRequest(
+                    "`max_tokens` must be at least 1, got 0".into(),
+                ))
+            }
+            Some(n) => n,
+            None => self.max_model_len.saturating_sub(prompt).max(1),
+        };
+        if prompt + max_new_tokens > self.max_model_len {
+            return Err(EngineError::ContextOverflow {
+                limit: self.max_model_len,
+                requested: prompt + max_new_tokens,
+                prompt,
+                completion: max_new_tokens,
+            });
+        }
+        let mut stop_token_ids = request.stop_token_ids.clone();
+        if !request.ignore_eos {
+            stop_token_ids.extend(&self.generation_config.eos_token_ids);
+            if let Some(eos) = self.tokenizer.eos_token_id() {
+                stop_token_ids.push(eos);
+            }
+        }
+        stop_token_ids.sort_unstable();
+        stop_token_ids.dedup();
+        let stop: Vec<String> = request.stop.into_iter().filter(|s| !s.is_empty()).collect();
+        Ok(ValidRequest {
+            prompt_ids,
+            sampling,
+            max_new_tokens,
+            stop,
+            stop_token_ids,
+        })
+    }
+
+    /// Generates for one request, calling `on_token` as each token is produced.
+    pub fn generate(
+        &self,
+        request: &ValidRequest,
+        mut on_token: impl FnMut(&TokenEvent<'_>),
+    ) -> Result<Generation> {
+        let mut cache = self.model.new_cache();
+        let mut sampler = Sampler::new(request.sampling.clone(), &request.prompt_ids);
+        let mut detok = IncrementalDetokenizer::new(&request.prompt_ids, true);
+        let mut stops = StopStrings::new(&request.stop);
+        let mut ids = Vec::new();
+        let mut logprobs = Vec::new();
+        let mut input = request.prompt_ids.clone();
+        let finish_reason = loop {
+            let logits = self.model.forward(&input, &mut cache, Logits::Last)?;
+            let logits: Vec<f32> = logits
+                .squeeze(0)
+                .and_then(|l| l.to_vec1())
+                .map_err(ModelError::from)?;
+            let id = sampler.sample(&logits);
+            sampler.record(id);
+            let logprob = logprob_of(&logits, id);
+            ids.push(id);
+            logprobs.push(logprob);
+            if request.stop_token_ids.contains(&id) {
+                let tail = detok.flush(&self.tokenizer)?;
+                let text = stops.finish(&tail);
+                on_token(&TokenEvent { id, text: &text, logprob });
+                break FinishReason::Stop;
+            }
+            let delta = detok.push(&self.tokenizer, id)?;
+            let (text, hit_stop) = stops.push(&delta);
+            if hit_stop {
+                on_token(&TokenEvent { id, text: &text, logprob });
+                break FinishReason::Stop;
+            }
+            if ids.len() >= request.max_new_tokens {
+                let tail = detok.flush(&self.tokenizer)?;
+                let (more, hit_stop) = stops.push(&tail);
+                let rest = if hit_stop { String::new() } else { stops.finish("") };
+                on_token(&TokenEvent {
+                    id,
+                    text: &format!("{text}{more}{rest}"),
+                    logprob,
+                });
+                break if hit_stop {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                };
+            }
+            on_token(&TokenEvent { id, text: &text, logprob });
+            input = vec![id];
+        };
+        Ok(Generation {
+            prompt_ids: request.prompt_ids.clone(),
+            ids,
+            text: stops.into_text(),
+            logprobs,
+            finish_reason,
+        })
+    }
+}
+
+/// Log-probability of one token under `logits` (log-softmax evaluated at `id` only).
+fn logprob_of(logits: &[f32], id: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let chosen = logits.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY) as f64;
+    (chosen - max - sum.ln()) as f32
+}
+
+/// Finds stop strings in the generated text and holds back text that could still become one,
+/// so a stop string is never emitted, even in part.
+struct StopStrings<'a> {
+    stops: &'a [String],
+    text: String,
+    emitted: usize,
+}
+
+impl<'a> StopStrings<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self {
+            stops,
+            text: String::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds decoded text; returns what may be emitted now and whether a stop string was hit
+    /// (the text is then cut just before it).
+    fn push(&mut self, delta: &str) -> (String, bool) {
+        let search_from = self
+            .text
+            .len()
+            .saturating_sub(self.stops.iter().map(String::len).max().unwrap_or(0));
+        self.text.push_str(delta);
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| {
+                let from = floor_char_boundary(&self.text, search_from);
+                self.text[from..].find(s.as_str()).map(|i| from + i)
+            })
+            .min();
+        if let Some(at) = hit {
+            self.text.truncate(at);
+            return (self.take(self.text.len()), true);
+        }
+        let held = self
+            .stops
+            .iter()
+            .map(|s| partial_suffix_len(&self.text, s))
+            .max()
+            .unwrap_or(0);
+        (self.take(self.text.len() - held), false)
+    }
+
+    /// Adds the final text and releases everything held back.
+    fn finish(&mut self, tail: &str) -> String {
+        let (mut out, hit) = self.push(tail);
+        if !hit {
+            out.push_str(&self.take(self.text.len()));
+        }
+        out
+    }
+
+    fn take(&mut self, end: usize) -> String {
+        let end = floor_char_boundary(&self.text, end.max(self.emitted));
+        let out = self.text[self.emitted..end].to_string();
+        self.emitted = end;
+        out
+    }
+
+    fn into_text(self) -> String {
+        self.text
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn partial_suffix_len(text: &str, stop: &str) -> usize {
+    (1..stop.len())
+        .rev()
+        .find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
+        .unwrap_or(0)
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_cut_even_across_deltas() {
+        let stops = vec!["END".to_string()];
+        let mut s = StopStrings::new(&stops);
+        assert_eq!(s.push("hello E"), ("hello ".to_string(), false));
+        assert_eq!(s.push("N"), (String::new(), false));
+        assert_eq!(s.push("Dxyz"), (String::new(), true));
+        assert_eq!(s.into_text(), "hello ");
+    }
+
+    #[test]
+    fn held_text_is_released_when_it_stops_matching() {
+        let stops = vec!["END".to_string()];
+        let mut s = StopStrings::new(&stops);
+        assert_eq!(s.push("a E"), ("a ".to_string(), false));
+        assert_eq!(s.push("x"), ("Ex".to_string(), false));
+        assert_eq!(s.finish("E"), "E");
+        assert_eq!(s.into_text(), "a ExE");
+    }
+
+    #[test]
+    fn multibyte_stop_strings_work() {
+        let stops = vec!["。".to_string()];
+        let mut s = StopStrings::new(&stops);
+        assert_eq!(s.push("你好"), ("你好".to_string(), false));
+        assert_eq!(s.push("。再见"), (String::new(), true));
+        assert_eq!(s.into_text(), "你好");
+    }
+}

@@ -1,0 +1,25 @@
+//! From text to tokens and back: tokenizer, chat template, incremental detokenizer, request
+//! validation, sampling, and the generation loop over a model from `enclave-models`.
+//!
+//! Invariants:
+//! - Nothing here knows HTTP or OpenAI JSON; callers convert to and from these types.
+//! - A [`ValidRequest`] is only made by [`Engine::validate`]; nothing downstream re-checks it.
+
+pub mod chat_template;
+pub mod detokenizer;
+mod engine;
+mod error;
+pub mod generation_config;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use chat_template::ChatTemplate;
+pub use detokenizer::IncrementalDetokenizer;
+pub use engine::{
+    DTypeChoice, Engine, EngineConfig, FinishReason, GenerateRequest, Generation, Prompt,
+    TokenEvent, ValidRequest,
+};
+pub use error::{EngineError, Result};
+pub use generation_config::GenerationConfig;
+pub use sampler::{Sampler, SamplingParams};
+pub use tokenizer::{SpecialTokens, Tokenizer};

@@ -1,0 +1,224 @@
+//! Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Per-request sampling parameters (already validated; see [`SamplingParams::validate`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// 1 means no nucleus cut.
+    pub top_p: f32,
+    /// 0 means no min-p cut.
+    pub min_p: f32,
+    /// > 1 discourages every token already in the prompt or output (1 = off).
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already in the output.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit per occurrence in the output.
+    pub frequency_penalty: f32,
+    /// Same seed and parameters give the same tokens.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Checks every bound; the message names the parameter, the bound and the value.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |name: &str, v: f32| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("`{name}` must be a finite number, got {v}"))
+            }
+        };
+        finite("temperature", self.temperature)?;
+        finite("top_p", self.top_p)?;
+        finite("min_p", self.min_p)?;
+        finite("repetition_penalty", self.repetition_penalty)?;
+        finite("presence_penalty", self.presence_penalty)?;
+        finite("frequency_penalty", self.frequency_penalty)?;
+        if self.temperature < 0.0 {
+            return Err(format!("`temperature` must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("`top_p` must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("`min_p` must be in [0, 1], got {}", self.min_p));
+        }
+        if self.repetition_penalty <= 0.0 {
+            return Err(format!(
+                "`repetition_penalty` must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("`{name}` must be in [-2, 2], got {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < 1e-5
+    }
+}
+
+/// Samples tokens for one sequence; owns its random generator.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Occurrences of each token in the output so far (presence/frequency penalties).
+    output_counts: std::collections::HashMap<u32, u32>,
+    /// Tokens of the prompt and output (repetition penalty).
+    seen: std::collections::HashSet<u32>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self {
+            params,
+            rng,
+            output_counts: Default::default(),
+            seen: prompt.iter().copied().collect(),
+        }
+    }
+
+    /// Records a generated token (for the penalties of later steps).
+    pub fn record(&mut self, token: u32) {
+        *self.output_counts.entry(token).or_default() += 1;
+        self.seen.insert(token);
+    }
+
+    /// Picks the next token from raw `logits`.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let mut logits = logits.to_vec();
+        self.apply_penalties(&mut logits);
+        if self.params.is_greedy() {
+            return argmax(&logits);
+        }
+        let probs = self.distribution(&logits);
+        let total: f64 = probs.iter().map(|&(_, p)| p).sum();
+        let mut target = self.rng.random::<f64>() * total;
+        for &(id, p) in &probs {
+            if target < p {
+                return id;
+            }
+            target -= p;
+        }
+        probs.last().map_or(0, |&(id, _)| id)
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            for &id in &self.seen {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&id, &count) in &self.output_counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * count as f32;
+                }
+            }
+        }
+    }
+
+    /// The tokens that survive temperature, top-k, top-p and min-p, with unnormalised
+    /// probabilities, most likely first.
+    pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+        let p = &self.params;
+        let temperature = p.temperature.max(1e-5) as f64;
+        let mut order: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l as f64 / temperature))
+            .collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            order.truncate(p.top_k);
+        }
+        let max = order.first().map_or(0.0, |&(_, l)| l);
+        let mut probs: Vec<(u32, f64)> = order.into_iter().map(|(id, l)| (id, (l - max).exp())).collect();
+        let total: f64 = probs.iter().map(|&(_, p)| p).sum();
+        if p.top_p < 1.0 {
+            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            let mut cumulative = 0.0;
+            let mut keep = probs.len();
+            for (i, &(_, q)) in probs.iter().enumerate() {
+                cumulative += q / total;
+                if cumulative >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            // The top token has unnormalised probability 1, so the threshold is min_p itself.
+            probs.retain(|&(_, q)| q >= p.min_p as f64);
+        }
+        probs
+    }
+}
+
+/// Index of the largest logit (the first one on ties, as `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Natural-log probabilities of `logits` (log-softmax, in f64 for accuracy).
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let log_sum = max + sum.ln();
+    logits.iter().map(|&l| (l as f64 - log_sum) as f32).collect()
+}

@@ -1,0 +1,163 @@
+//! The decoder-only transformer stack shared by Llama-family architectures
+//! (embedding → N × [norm → attention → residual → norm → gated MLP → residual] → norm → head).
+//!
+//! Architectures differ only in config values (biases, activation, rope scaling, tying), which
+//! each architecture file turns into a [`DecoderSpec`].
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::attention::{causal_mask, Attention, AttentionShape};
+use super::mlp::{Activation, GatedMlp};
+use super::norm::RmsNorm;
+use super::rotary::{RopeScaling, RotaryEmbedding};
+use crate::kv_cache::KvCache;
+use crate::model::Logits;
+
+/// Everything the shared stack needs to know about an architecture.
+#[derive(Debug, Clone)]
+pub struct DecoderSpec {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub attention: AttentionShape,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub mlp_bias: bool,
+    pub activation: Activation,
+    pub tie_word_embeddings: bool,
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: GatedMlp,
+}
+
+impl DecoderLayer {
+    fn new(spec: &DecoderSpec, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::new(spec.hidden_size, spec.rms_norm_eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(spec.attention, vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(
+                spec.hidden_size,
+                spec.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            mlp: GatedMlp::new(
+                spec.hidden_size,
+                spec.intermediate_size,
+                spec.mlp_bias,
+                spec.activation,
+                vb.pp("mlp"),
+            )?,
+        })
+    }
+}
+
+/// A loaded decoder: weights only, no state.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: RotaryEmbedding,
+    spec: DecoderSpec,
+}
+
+impl Decoder {
+    /// Loads the stack from a Hugging Face checkpoint laid out as `model.*` and `lm_head.*`.
+    pub fn new(spec: DecoderSpec, vb: VarBuilder) -> Result<Self> {
+        let model_vb = vb.pp("model");
+        let embed_weight = model_vb.get((spec.vocab_size, spec.hidden_size), "embed_tokens.weight")?;
+        let embed_tokens = Embedding::new(embed_weight.clone(), spec.hidden_size);
+        let layers = (0..spec.num_layers)
+            .map(|i| DecoderLayer::new(&spec, model_vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(spec.hidden_size, spec.rms_norm_eps, model_vb.pp("norm"))?;
+        let lm_head_weight = if spec.tie_word_embeddings {
+            embed_weight
+        } else {
+            vb.get((spec.vocab_size, spec.hidden_size), "lm_head.weight")?
+        };
+        let rotary = RotaryEmbedding::new(
+            spec.attention.head_dim,
+            spec.rope_theta,
+            spec.rope_scaling.clone(),
+        );
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head: Linear::new(lm_head_weight, None),
+            rotary,
+            spec,
+        })
+    }
+
+    pub fn spec(&self) -> &DecoderSpec {
+        &self.spec
+    }
+
+    /// Runs `tokens` at positions `cache.len()..` and extends the cache; returns f32 logits
+    /// `[n, vocab]` for the positions `which` selects.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        let len = tokens.len();
+        if len == 0 {
+            candle_core::bail!("forward called with no tokens");
+        }
+        let device = self.embed_tokens.embeddings().device().clone();
+        let dtype = self.embed_tokens.embeddings().dtype();
+        let offset = cache.len();
+        let ids = Tensor::new(tokens, &device)?.unsqueeze(0)?;
+        let mut xs = self.embed_tokens.forward(&ids)?;
+        let (cos, sin) = self.rotary.cos_sin(offset, len, dtype, &device)?;
+        let mask = if len > 1 {
+            Some(causal_mask(len, offset, &device)?)
+        } else {
+            None
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let Some(layer_cache) = cache.layer_mut(i) else {
+                candle_core::bail!("kv cache has fewer layers than the model ({})", self.layers.len());
+            };
+            let residual = &xs;
+            let h = layer.input_layernorm.forward(&xs)?;
+            let h = layer.self_attn.forward(&h, &cos, &sin, mask.as_ref(), offset, layer_cache)?;
+            let xs_attn = (residual + h)?;
+            let h = layer.post_attention_layernorm.forward(&xs_attn)?;
+            let h = layer.mlp.forward(&h)?;
+            xs = (xs_attn + h)?;
+        }
+        cache.advance(len);
+        let xs = match which {
+            Logits::All => xs,
+            Logits::Last => xs.narrow(1, len - 1, 1)?,
+        };
+        let xs = self.norm.forward(&xs)?;
+        self.lm_head.forward(&xs)?.squeeze(0)?.to_dtype(candle_core::DType::F32)
+    }
+}
+
+impl Decoder {
+    /// Bytes of weights held (the tied head counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut total = bytes(self.embed_tokens.embeddings());
+        if !self.spec.tie_word_embeddings {
+            total += bytes(self.lm_head.weight());
+        }
+        let linear = |l: &Linear| bytes(l.weight()) + l.bias().map_or(0, bytes);
+        for layer in &self.layers {
+            total += layer.self_attn.weight_bytes(&linear);
+            total += layer.mlp.weight_bytes(&linear);
+            total += 2 * self.spec.hidden_size * self.embed_tokens.embeddings().dtype().size_in_bytes();
+        }
+        total + self.spec.hidden_size * self.embed_tokens.embeddings().dtype().size_in_bytes()
+    }
+}

@@ -1,0 +1,70 @@
+//! The gated feed-forward block (SwiGLU and its relatives).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{linear_b, Linear, VarBuilder};
+
+/// The activation named by `hidden_act` in `config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    GeluTanh,
+    Gelu,
+}
+
+impl Activation {
+    /// Parses a Hugging Face `hidden_act` value.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Self::Silu),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Self::GeluTanh),
+            "gelu" => Some(Self::Gelu),
+            _ => None,
+        }
+    }
+
+    fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => candle_nn::ops::silu(xs),
+            Self::GeluTanh => xs.gelu(),
+            Self::Gelu => xs.gelu_erf(),
+        }
+    }
+}
+
+/// `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct GatedMlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+impl GatedMlp {
+    pub fn new(
+        hidden: usize,
+        intermediate: usize,
+        bias: bool,
+        act: Activation,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            gate_proj: linear_b(hidden, intermediate, bias, vb.pp("gate_proj"))?,
+            up_proj: linear_b(hidden, intermediate, bias, vb.pp("up_proj"))?,
+            down_proj: linear_b(intermediate, hidden, bias, vb.pp("down_proj"))?,
+            act,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = self.act.apply(&self.gate_proj.forward(xs)?)?;
+        let up = self.up_proj.forward(xs)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+impl GatedMlp {
+    pub(crate) fn weight_bytes(&self, linear: &dyn Fn(&Linear) -> usize) -> usize {
+        linear(&self.gate_proj) + linear(&self.up_proj) + linear(&self.down_proj)
+    }
+}

@@ -1,0 +1,7 @@
+//! Layers shared by every architecture, written once.
+
+pub mod attention;
+pub mod decoder;
+pub mod mlp;
+pub mod norm;
+pub mod rotary;

@@ -1,0 +1,417 @@
+#!/usr/bin/env python3
+"""Builds Enclave's committed test fixtures with the reference implementation.
+
+Run once by a developer (CI never runs it and never needs torch):
+
+    python3 -m venv /tmp/fx && /tmp/fx/bin/pip install "transformers>=4.46,<5" torch safetensors
+    /tmp/fx/bin/python scripts/make_fixtures.py
+
+It writes, under fixtures/:
+  tiny-tokenizer/                 a small byte-level BPE tokenizer (trained here) with the
+                                  DeepSeek-R1 chat template, shared by the tiny models
+  models/<name>/                  tiny random-weight models saved by `transformers`
+                                  (config.json, generation_config.json, safetensors, tokenizer)
+  models/<name>/goldens.json      prompts and greedy continuations from `transformers` (f32)
+  models/<name>/goldens.safetensors  logits at every position of every prompt (f32)
+  tokenizer/deepseek-v3.json      encode/decode goldens for the real DeepSeek-V3 tokenizer
+  chat-template/deepseek.json     apply_chat_template goldens for the V3 and R1 templates
+
+transformers 4.x is required: it is what DeepSeek, vLLM and SGLang users run, and it prepends BOS
+for the DeepSeek-V3 tokenizer as `add_bos_token: true` says (5.x does not).
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "fixtures")
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
+
+assert transformers.__version__.startswith("4."), "use transformers 4.x (see the docstring)"
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+TINY_VOCAB = 512
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Enclave runs DeepSeek models inside the organisation's own network.",
+    "Banks, hospitals and public offices keep their prompts on their own machines.",
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "Numbers: 1234567890, 3.14159, 2026-11-23, 42.",
+    "你好，世界！深度求索的模型在本地运行。",
+    "日本語のテキストも少し含めます。",
+    "Emoji: 😀🎉🚀 and accents: café, naïve, Zürich.",
+    "Hello, how are you today? I am fine, thank you very much.",
+    "Please think step by step and then give the final answer.",
+] * 20
+
+
+def train_tiny_tokenizer(out_dir):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    with open(os.path.join(SHARED, "deepseek-r1", "chat_template.jinja"), encoding="utf-8") as f:
+        template = f.read()
+    fast = LlamaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=None,
+        pad_token=EOS,
+        add_bos_token=True,
+        add_eos_token=False,
+        legacy=False,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = template
+    fast.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def randomize_(model, std):
+    """Random weights with a wide spread, so logits have clear margins and every parameter
+    (norm weights and biases included) matters to the output."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+
+
+def greedy(model, ids, n):
+    """Greedy continuation by full recomputation: the reference forward, no cache tricks."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([out])).logits[0, -1]
+            out.append(int(torch.argmax(logits)))
+    return out[len(ids):]
+
+
+def save_model(name, model, tokenizer, prompts, shard=False):
+    out = os.path.join(FIXTURES, "models", name)
+    shutil.rmtree(out, ignore_errors=True)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 0.6
+    model.generation_config.top_p = 0.95
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="150KB" if shard else "1GB")
+    tokenizer.save_pretrained(out)
+    goldens = {"transformers": transformers.__version__, "prompts": []}
+    logits = {}
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            full = model(torch.tensor([ids])).logits[0].float()
+            logits[f"logits.{i}"] = full.contiguous()
+            top2 = torch.topk(full, 2, dim=-1).values
+            goldens["prompts"].append(
+                {
+                    "ids": ids,
+                    "greedy": greedy(model, ids, 32),
+                    "min_top1_margin": float((top2[:, 0] - top2[:, 1]).min()),
+                }
+            )
+    save_file(logits, os.path.join(out, "goldens.safetensors"))
+    with open(os.path.join(out, "goldens.json"), "w", encoding="utf-8") as f:
+        json.dump(goldens, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def make_models(tokenizer):
+    texts = [
+        "The quick brown fox",
+        "def add(a, b):\n    return a + b",
+        "你好，世界！ Numbers: 1234567890.",
+        "Hello, how are you today? I am fine, thank you very much. Please think step by step.",
+    ]
+    prompts = [tokenizer.encode(t) for t in texts]
+    prompts.append(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Why is the sky blue?"}], add_generation_prompt=True
+        )
+    )
+    common = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+            tie_word_embeddings=False,
+            **common,
+        )
+    ).eval()
+    randomize_(llama, 0.15)
+    save_model("llama-llama3-rope", llama, tokenizer, prompts, shard=True)
+
+    qwen = Qwen2ForCausalLM(
+        Qwen2Config(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+            **common,
+        )
+    ).eval()
+    randomize_(qwen, 0.15)
+    save_model("qwen2", qwen, tokenizer, prompts)
+
+    qwen_tied = Qwen2ForCausalLM(
+        Qwen2Config(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            **common,
+        )
+    ).eval()
+    randomize_(qwen_tied, 0.15)
+    qwen_tied.tie_weights()
+    save_model("qwen2-tied", qwen_tied, tokenizer, prompts)
+
+
+TOKENIZER_STRINGS = [
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog.",
+    " leading space",
+    "trailing space ",
+    "   many   spaces   between   ",
+    "tabs\tand\nnewlines\r\nmixed\n\n\n",
+    "你好，世界！",
+    "深度求索（DeepSeek）是一家人工智能公司。",
+    "日本語とカタカナ、ひらがな。",
+    "한국어 문장입니다.",
+    "Emoji: 😀🎉🚀👩‍👩‍👧‍👦",
+    "Accents: café naïve Zürich façade",
+    "1234567890",
+    "3.14159265358979",
+    "phone 13800138000 and year 2026",
+    "def add(a, b):\n    return a + b\n",
+    "fn main() { println!(\"{}\", 1 + 2); }",
+    "<html><body class=\"x\">&amp;</body></html>",
+    "SELECT * FROM users WHERE id = 42;",
+    "https://example.com/path?q=1&r=2#frag",
+    "email@example.org",
+    "<｜begin▁of▁sentence｜>literal BOS inside",
+    "<｜User｜>Hi<｜Assistant｜>Hello<｜end▁of▁sentence｜>",
+    "<think>\nreasoning\n</think>\n\nanswer",
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather",
+    "",
+    " ",
+    "\n",
+    "a",
+    "ALL CAPS SENTENCE WITH NUMBERS 123 AND SYMBOLS !@#$%^&*()",
+    "Ünïcödé ∑ ∫ ≈ ≠ ∞ → ← ↑ ↓",
+    "Mixed 中文 and English 混合 text 123 数字",
+    "    indented code\n        more indented",
+    "x" * 100,
+    "don't won't can't I'm you're",
+]
+
+
+def make_tokenizer_goldens():
+    tok = AutoTokenizer.from_pretrained(os.path.join(SHARED, "deepseek-v3-tokenizer"))
+    cases = []
+    for s in TOKENIZER_STRINGS:
+        with_special = tok.encode(s, add_special_tokens=True)
+        without = tok.encode(s, add_special_tokens=False)
+        cases.append(
+            {
+                "text": s,
+                "ids_with_special": with_special,
+                "ids_without_special": without,
+                "decoded": tok.decode(with_special),
+                "decoded_skip_special": tok.decode(with_special, skip_special_tokens=True),
+            }
+        )
+    out = os.path.join(FIXTURES, "tokenizer")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "deepseek-v3.json"), "w", encoding="utf-8") as f:
+        json.dump({"transformers": transformers.__version__, "cases": cases}, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+CONVERSATIONS = {
+    "system_user": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ],
+    "user_only_chinese": [{"role": "user", "content": "你好，请介绍一下你自己。"}],
+    "multi_turn": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a prime number."},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "11"},
+        {"role": "user", "content": "And one more."},
+    ],
+    "two_system_messages": [
+        {"role": "system", "content": "First system part."},
+        {"role": "system", "content": "Second system part."},
+        {"role": "user", "content": "Hi"},
+    ],
+    "assistant_with_think": [
+        {"role": "user", "content": "What is 3 * 4?"},
+        {"role": "assistant", "content": "<think>\n3 times 4 is 12.\n</think>\n\nThe answer is 12."},
+        {"role": "user", "content": "And 5 * 6?"},
+    ],
+    "tool_calls": [
+        {"role": "system", "content": "You can call tools."},
+        {"role": "user", "content": "Weather in Paris and Beijing?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"},
+                },
+                {
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": 18}"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "{\"temp_c\": 25}"},
+        {"role": "assistant", "content": "Paris is 18°C and Beijing is 25°C."},
+        {"role": "user", "content": "Thanks!"},
+    ],
+    "tool_outputs_last": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": -3}"},
+    ],
+}
+
+
+def make_chat_template_goldens():
+    v3_dir = os.path.join(SHARED, "deepseek-v3-tokenizer")
+    with tempfile.TemporaryDirectory() as r1_dir:
+        shutil.copy(os.path.join(v3_dir, "tokenizer.json"), r1_dir)
+        shutil.copy(os.path.join(SHARED, "deepseek-r1", "tokenizer_config.json"), r1_dir)
+        tokenizers_by_name = {
+            "deepseek-v3": AutoTokenizer.from_pretrained(v3_dir),
+            "deepseek-r1": AutoTokenizer.from_pretrained(r1_dir),
+        }
+        cases = []
+        for template, tok in tokenizers_by_name.items():
+            for name, messages in CONVERSATIONS.items():
+                for add_generation_prompt in (True, False):
+                    tools = [WEATHER_TOOL] if name.startswith("tool") else None
+                    text = tok.apply_chat_template(
+                        messages,
+                        tools=tools,
+                        tokenize=False,
+                        add_generation_prompt=add_generation_prompt,
+                    )
+                    ids = tok.apply_chat_template(
+                        messages, tools=tools, tokenize=True, add_generation_prompt=add_generation_prompt
+                    )
+                    cases.append(
+                        {
+                            "template": template,
+                            "conversation": name,
+                            "messages": messages,
+                            "tools": tools,
+                            "add_generation_prompt": add_generation_prompt,
+                            "text": text,
+                            "ids": ids,
+                        }
+                    )
+    out = os.path.join(FIXTURES, "chat-template")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "deepseek.json"), "w", encoding="utf-8") as f:
+        json.dump({"transformers": transformers.__version__, "cases": cases}, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def main():
+    if not os.path.isdir(SHARED):
+        sys.exit(f"shared fixtures not found at {SHARED}")
+    tiny_dir = os.path.join(FIXTURES, "tiny-tokenizer")
+    shutil.rmtree(tiny_dir, ignore_errors=True)
+    tokenizer = train_tiny_tokenizer(tiny_dir)
+    make_models(tokenizer)
+    make_tokenizer_goldens()
+    make_chat_template_goldens()
+    print("fixtures written to", FIXTURES)
+
+
+if __name__ == "__main__":
+    main()
