@@ -118,7 +118,7 @@ def greedy(model, ids, n):
     return out[len(ids):]
 
 
-def save_model(name, model, tokenizer, prompts, shard=False):
+def save_model(name, model, tokenizer, prompts, sources, shard=False):
     out = os.path.join(FIXTURES, "models", name)
     shutil.rmtree(out, ignore_errors=True)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -137,6 +137,7 @@ def save_model(name, model, tokenizer, prompts, shard=False):
             top2 = torch.topk(full, 2, dim=-1).values
             goldens["prompts"].append(
                 {
+                    **sources[i],
                     "ids": ids,
                     "greedy": greedy(model, ids, 32),
                     "min_top1_margin": float((top2[:, 0] - top2[:, 1]).min()),
@@ -156,11 +157,9 @@ def make_models(tokenizer):
         "Hello, how are you today? I am fine, thank you very much. Please think step by step.",
     ]
     prompts = [tokenizer.encode(t) for t in texts]
-    prompts.append(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Why is the sky blue?"}], add_generation_prompt=True
-        )
-    )
+    chat = [{"role": "user", "content": "Why is the sky blue?"}]
+    prompts.append(tokenizer.apply_chat_template(chat, add_generation_prompt=True))
+    sources = [{"text": t} for t in texts] + [{"chat": chat}]
     common = dict(
         vocab_size=TINY_VOCAB,
         hidden_size=64,
@@ -190,7 +189,7 @@ def make_models(tokenizer):
         )
     ).eval()
     randomize_(llama, 0.15)
-    save_model("llama-llama3-rope", llama, tokenizer, prompts, shard=True)
+    save_model("llama-llama3-rope", llama, tokenizer, prompts, sources, shard=True)
 
     qwen = Qwen2ForCausalLM(
         Qwen2Config(
@@ -203,7 +202,7 @@ def make_models(tokenizer):
         )
     ).eval()
     randomize_(qwen, 0.15)
-    save_model("qwen2", qwen, tokenizer, prompts)
+    save_model("qwen2", qwen, tokenizer, prompts, sources)
 
     qwen_tied = Qwen2ForCausalLM(
         Qwen2Config(
@@ -217,7 +216,7 @@ def make_models(tokenizer):
     ).eval()
     randomize_(qwen_tied, 0.15)
     qwen_tied.tie_weights()
-    save_model("qwen2-tied", qwen_tied, tokenizer, prompts)
+    save_model("qwen2-tied", qwen_tied, tokenizer, prompts, sources)
 
 
 TOKENIZER_STRINGS = [

@@ -45,10 +45,12 @@ impl ChatTemplate {
     ) -> Result<Option<Self>> {
         let jinja = dir.join("chat_template.jinja");
         let source = if jinja.is_file() {
-            Some(std::fs::read_to_string(&jinja).map_err(|source| EngineError::Io {
-                path: jinja.clone(),
-                source,
-            })?)
+            Some(
+                std::fs::read_to_string(&jinja).map_err(|source| EngineError::Io {
+                    path: jinja.clone(),
+                    source,
+                })?,
+            )
         } else {
             match tokenizer_config.get("chat_template") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
@@ -116,11 +118,27 @@ fn strftime_now(format: String) -> String {
 /// A small `strftime` over UTC for the directives chat templates use (dates in system prompts).
 pub(crate) fn strftime_utc(unix_secs: i64, format: &str) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     const DAYS: [&str; 7] = [
-        "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
     ];
     let days = unix_secs.div_euclid(86_400);
     let secs_of_day = unix_secs.rem_euclid(86_400);
@@ -300,10 +318,18 @@ pub(crate) fn py_float_repr(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // `{:e}` gives the shortest round-trip digits: "1.2345e-5".
     let sci = format!("{f:e}");

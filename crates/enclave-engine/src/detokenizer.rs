@@ -21,9 +21,17 @@ pub struct IncrementalDetokenizer {
 
 impl IncrementalDetokenizer {
     /// `prompt` is the tokens before the first one that will be pushed.
-    pub fn new(prompt: &[u32], skip_special_tokens: bool) -> Self {
+    pub fn new(tokenizer: &Tokenizer, prompt: &[u32], skip_special_tokens: bool) -> Self {
         let start = prompt.len().saturating_sub(PROMPT_CONTEXT);
-        let ids = prompt[start..].to_vec();
+        let mut ids = prompt[start..].to_vec();
+        // A prompt that ends inside a character (token-id prompts can) gives no usable context:
+        // the completion is then decoded on its own, as a plain decode of its ids would be.
+        let ends_broken = tokenizer
+            .decode(&ids, skip_special_tokens)
+            .map_or(true, |text| text.ends_with('\u{FFFD}'));
+        if ends_broken {
+            ids.clear();
+        }
         let read_offset = ids.len();
         Self {
             ids,
@@ -36,7 +44,10 @@ impl IncrementalDetokenizer {
     /// Adds one token; returns the text it completes, if any (possibly empty).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
+        let prefix = tokenizer.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
             if let Some(delta) = full.get(prefix.len()..) {
@@ -55,7 +66,10 @@ impl IncrementalDetokenizer {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
+        let prefix = tokenizer.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();

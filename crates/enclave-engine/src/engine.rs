@@ -304,7 +304,7 @@ impl Engine {
     ) -> Result<Generation> {
         let mut cache = self.model.new_cache();
         let mut sampler = Sampler::new(request.sampling.clone(), &request.prompt_ids);
-        let mut detok = IncrementalDetokenizer::new(&request.prompt_ids, true);
+        let mut detok = IncrementalDetokenizer::new(&self.tokenizer, &request.prompt_ids, true);
         let mut stops = StopStrings::new(&request.stop);
         let mut ids = Vec::new();
         let mut logprobs = Vec::new();
@@ -323,19 +323,31 @@ impl Engine {
             if request.stop_token_ids.contains(&id) {
                 let tail = detok.flush(&self.tokenizer)?;
                 let text = stops.finish(&tail);
-                on_token(&TokenEvent { id, text: &text, logprob });
+                on_token(&TokenEvent {
+                    id,
+                    text: &text,
+                    logprob,
+                });
                 break FinishReason::Stop;
             }
             let delta = detok.push(&self.tokenizer, id)?;
             let (text, hit_stop) = stops.push(&delta);
             if hit_stop {
-                on_token(&TokenEvent { id, text: &text, logprob });
+                on_token(&TokenEvent {
+                    id,
+                    text: &text,
+                    logprob,
+                });
                 break FinishReason::Stop;
             }
             if ids.len() >= request.max_new_tokens {
                 let tail = detok.flush(&self.tokenizer)?;
                 let (more, hit_stop) = stops.push(&tail);
-                let rest = if hit_stop { String::new() } else { stops.finish("") };
+                let rest = if hit_stop {
+                    String::new()
+                } else {
+                    stops.finish("")
+                };
                 on_token(&TokenEvent {
                     id,
                     text: &format!("{text}{more}{rest}"),
@@ -347,7 +359,11 @@ impl Engine {
                     FinishReason::Length
                 };
             }
-            on_token(&TokenEvent { id, text: &text, logprob });
+            on_token(&TokenEvent {
+                id,
+                text: &text,
+                logprob,
+            });
             input = vec![id];
         };
         Ok(Generation {
@@ -364,7 +380,10 @@ impl Engine {
 fn logprob_of(logits: &[f32], id: u32) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    let chosen = logits.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY) as f64;
+    let chosen = logits
+        .get(id as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY) as f64;
     (chosen - max - sum.ln()) as f32
 }
 

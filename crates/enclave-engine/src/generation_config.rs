@@ -49,7 +49,10 @@ impl GenerationConfig {
             top_p: f32_field("top_p"),
             top_k: v.get("top_k").and_then(Value::as_u64).map(|x| x as usize),
             repetition_penalty: f32_field("repetition_penalty"),
-            max_new_tokens: v.get("max_new_tokens").and_then(Value::as_u64).map(|x| x as usize),
+            max_new_tokens: v
+                .get("max_new_tokens")
+                .and_then(Value::as_u64)
+                .map(|x| x as usize),
         }
     }
 

@@ -63,7 +63,10 @@ impl SamplingParams {
         finite("presence_penalty", self.presence_penalty)?;
         finite("frequency_penalty", self.frequency_penalty)?;
         if self.temperature < 0.0 {
-            return Err(format!("`temperature` must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "`temperature` must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("`top_p` must be in (0, 1], got {}", self.top_p));
@@ -181,7 +184,10 @@ impl Sampler {
             order.truncate(p.top_k);
         }
         let max = order.first().map_or(0.0, |&(_, l)| l);
-        let mut probs: Vec<(u32, f64)> = order.into_iter().map(|(id, l)| (id, (l - max).exp())).collect();
+        let mut probs: Vec<(u32, f64)> = order
+            .into_iter()
+            .map(|(id, l)| (id, (l - max).exp()))
+            .collect();
         let total: f64 = probs.iter().map(|&(_, p)| p).sum();
         if p.top_p < 1.0 {
             // Keep the smallest prefix whose mass reaches top_p (always at least one token).
@@ -220,5 +226,8 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
     let log_sum = max + sum.ln();
-    logits.iter().map(|&l| (l as f64 - log_sum) as f32).collect()
+    logits
+        .iter()
+        .map(|&l| (l as f64 - log_sum) as f32)
+        .collect()
 }

@@ -56,10 +56,11 @@ impl Tokenizer {
                 message: "tokenizer file not found".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| EngineError::File {
-            path: tokenizer_json.to_path_buf(),
-            message: format!("cannot load tokenizer: {e}"),
-        })?;
+        let inner =
+            tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| EngineError::File {
+                path: tokenizer_json.to_path_buf(),
+                message: format!("cannot load tokenizer: {e}"),
+            })?;
         let config = match tokenizer_config {
             Some(path) => read_json(path)?,
             None => Value::Object(Default::default()),
@@ -67,23 +68,37 @@ impl Tokenizer {
         Self::new(inner, config, tokenizer_config.map(Path::to_path_buf))
     }
 
-    fn new(mut inner: tokenizers::Tokenizer, config: Value, config_path: Option<PathBuf>) -> Result<Self> {
+    fn new(
+        mut inner: tokenizers::Tokenizer,
+        config: Value,
+        config_path: Option<PathBuf>,
+    ) -> Result<Self> {
         let special = SpecialTokens {
             bos: token_field(&config, "bos_token"),
             eos: token_field(&config, "eos_token"),
             pad: token_field(&config, "pad_token"),
             unk: token_field(&config, "unk_token"),
         };
-        let class = config.get("tokenizer_class").and_then(Value::as_str).unwrap_or("");
+        let class = config
+            .get("tokenizer_class")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if BOS_EOS_FLAG_CLASSES.contains(&class) {
-            let add_bos = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(true);
-            let add_eos = config.get("add_eos_token").and_then(Value::as_bool).unwrap_or(false);
-            let processor = bos_eos_processor(&inner, &special, add_bos, add_eos).map_err(|message| {
-                EngineError::File {
-                    path: config_path.unwrap_or_default(),
-                    message,
-                }
-            })?;
+            let add_bos = config
+                .get("add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            let add_eos = config
+                .get("add_eos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let processor =
+                bos_eos_processor(&inner, &special, add_bos, add_eos).map_err(|message| {
+                    EngineError::File {
+                        path: config_path.unwrap_or_default(),
+                        message,
+                    }
+                })?;
             inner.with_post_processor(Some(processor));
         }
         Ok(Self {
@@ -127,7 +142,10 @@ impl Tokenizer {
     }
 
     pub fn eos_token_id(&self) -> Option<u32> {
-        self.special.eos.as_deref().and_then(|t| self.token_to_id(t))
+        self.special
+            .eos
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
     }
 
     /// The parsed `tokenizer_config.json` (an empty object if there was none).
@@ -140,7 +158,10 @@ impl Tokenizer {
 fn token_field(config: &Value, key: &str) -> Option<String> {
     match config.get(key)? {
         Value::String(s) => Some(s.clone()),
-        Value::Object(obj) => obj.get("content").and_then(Value::as_str).map(str::to_string),
+        Value::Object(obj) => obj
+            .get("content")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -151,15 +172,19 @@ fn bos_eos_processor(
     add_bos: bool,
     add_eos: bool,
 ) -> std::result::Result<TemplateProcessing, String> {
-    let resolve = |token: &Option<String>, key: &str| -> std::result::Result<(String, u32), String> {
-        let token = token.clone().ok_or_else(|| format!("add_{key}: true but no {key} is set"))?;
-        let id = inner
-            .token_to_id(&token)
-            .ok_or_else(|| format!("{key} {token:?} is not in the vocabulary"))?;
-        Ok((token, id))
-    };
+    let resolve =
+        |token: &Option<String>, key: &str| -> std::result::Result<(String, u32), String> {
+            let token = token
+                .clone()
+                .ok_or_else(|| format!("add_{key}: true but no {key} is set"))?;
+            let id = inner
+                .token_to_id(&token)
+                .ok_or_else(|| format!("{key} {token:?} is not in the vocabulary"))?;
+            Ok((token, id))
+        };
     let mut specials = Vec::new();
-    let (mut single, mut pair_first, mut pair_second) = (String::new(), String::new(), String::new());
+    let (mut single, mut pair_first, mut pair_second) =
+        (String::new(), String::new(), String::new());
     if add_bos {
         let (bos, id) = resolve(&special.bos, "bos_token")?;
         single.push_str(&format!("{bos}:0 "));
@@ -179,7 +204,9 @@ fn bos_eos_processor(
     }
     let template_err = |e: &dyn std::fmt::Display| format!("post-processor template: {e}");
     let mut builder = TemplateProcessing::builder();
-    builder.try_single(single.as_str()).map_err(|e| template_err(&e))?;
+    builder
+        .try_single(single.as_str())
+        .map_err(|e| template_err(&e))?;
     builder
         .try_pair(format!("{pair_first}{pair_second}").as_str())
         .map_err(|e| template_err(&e))?;

@@ -86,8 +86,12 @@ impl KvCache {
     }
 
     /// Bytes of key/value storage per cached token for a model of this shape and dtype.
-    pub fn bytes_per_token(num_layers: usize, kv_heads: usize, head_dim: usize, dtype: DType) -> usize {
+    pub fn bytes_per_token(
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> usize {
         2 * num_layers * kv_heads * head_dim * dtype.size_in_bytes()
     }
-
 }

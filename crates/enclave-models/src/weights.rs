@@ -80,7 +80,9 @@ impl SafetensorsWeights {
             if found != Some(true) {
                 return Err(ModelError::Config {
                     path: index.to_path_buf(),
-                    message: format!("tensor `{name}` is mapped to {shard}, which does not hold it"),
+                    message: format!(
+                        "tensor `{name}` is mapped to {shard}, which does not hold it"
+                    ),
                 });
             }
         }
@@ -107,7 +109,10 @@ impl SafetensorsWeights {
             let parsed = SafeTensors::deserialize(&mmap).map_err(|e| header_err(e.to_string()))?;
             for (name, view) in parsed.iter() {
                 let dtype = candle_dtype(view.dtype()).ok_or_else(|| {
-                    header_err(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()))
+                    header_err(format!(
+                        "tensor `{name}` has unsupported dtype {:?}",
+                        view.dtype()
+                    ))
                 })?;
                 let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
                 let entry = TensorEntry {
@@ -196,7 +201,12 @@ impl SimpleBackend for SafetensorsWeights {
         self.load(name, dtype, device)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.load(name, dtype, device)
     }
 

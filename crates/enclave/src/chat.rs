@@ -39,9 +39,14 @@ pub fn run(args: ChatArgs) -> Result<()> {
     }
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
-    eprintln!("Chatting with {}. Type /reset to start over, /exit or Ctrl-D to quit.", dir.display());
+    eprintln!(
+        "Chatting with {}. Type /reset to start over, /exit or Ctrl-D to quit.",
+        dir.display()
+    );
     loop {
-        write!(stdout, "> ").and_then(|_| stdout.flush()).context("writing to stdout")?;
+        write!(stdout, "> ")
+            .and_then(|_| stdout.flush())
+            .context("writing to stdout")?;
         let mut line = String::new();
         if stdin.lock().read_line(&mut line).context("reading stdin")? == 0 {
             break;

@@ -52,7 +52,9 @@ fn download(repo_id: &str, revision: &str) -> Result<PathBuf> {
     ));
     let mut dir = None;
     for file in REQUIRED {
-        let local = repo.get(file).with_context(|| format!("downloading {file}"))?;
+        let local = repo
+            .get(file)
+            .with_context(|| format!("downloading {file}"))?;
         dir = local.parent().map(Path::to_path_buf);
     }
     for file in OPTIONAL {
@@ -72,7 +74,8 @@ fn download(repo_id: &str, revision: &str) -> Result<PathBuf> {
             shards.sort_unstable();
             shards.dedup();
             for shard in shards {
-                repo.get(shard).with_context(|| format!("downloading {shard}"))?;
+                repo.get(shard)
+                    .with_context(|| format!("downloading {shard}"))?;
             }
         }
         Err(_) => {
@@ -89,7 +92,9 @@ mod tests {
 
     #[test]
     fn repo_ids_are_told_from_paths() {
-        assert!(looks_like_repo_id("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"));
+        assert!(looks_like_repo_id(
+            "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+        ));
         assert!(!looks_like_repo_id("./models/x"));
         assert!(!looks_like_repo_id("/abs/path"));
         assert!(!looks_like_repo_id("a/b/c"));

@@ -46,8 +46,18 @@ impl Attention {
         }
         Ok(Self {
             q_proj: linear_b(hidden_size, num_heads * head_dim, qkv_bias, vb.pp("q_proj"))?,
-            k_proj: linear_b(hidden_size, num_kv_heads * head_dim, qkv_bias, vb.pp("k_proj"))?,
-            v_proj: linear_b(hidden_size, num_kv_heads * head_dim, qkv_bias, vb.pp("v_proj"))?,
+            k_proj: linear_b(
+                hidden_size,
+                num_kv_heads * head_dim,
+                qkv_bias,
+                vb.pp("k_proj"),
+            )?,
+            v_proj: linear_b(
+                hidden_size,
+                num_kv_heads * head_dim,
+                qkv_bias,
+                vb.pp("v_proj"),
+            )?,
             o_proj: linear_b(num_heads * head_dim, hidden_size, o_bias, vb.pp("o_proj"))?,
             shape,
             scale: 1.0 / (head_dim as f64).sqrt(),
@@ -73,7 +83,9 @@ impl Attention {
             ..
         } = self.shape;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, len, n, head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, len, n, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = heads(self.q_proj.forward(xs)?, num_heads)?;
         let k = heads(self.k_proj.forward(xs)?, num_kv_heads)?;
@@ -111,12 +123,17 @@ pub fn causal_mask(len: usize, offset: usize, device: &Device) -> Result<Tensor>
     let total = offset + len;
     let mask: Vec<f32> = (0..len)
         .flat_map(|i| {
-            (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
         })
         .collect();
     Tensor::from_vec(mask, (len, total), device)
 }
-
 
 impl Attention {
     pub(crate) fn weight_bytes(&self, linear: &dyn Fn(&Linear) -> usize) -> usize {

@@ -41,7 +41,11 @@ struct DecoderLayer {
 impl DecoderLayer {
     fn new(spec: &DecoderSpec, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            input_layernorm: RmsNorm::new(spec.hidden_size, spec.rms_norm_eps, vb.pp("input_layernorm"))?,
+            input_layernorm: RmsNorm::new(
+                spec.hidden_size,
+                spec.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
             self_attn: Attention::new(spec.attention, vb.pp("self_attn"))?,
             post_attention_layernorm: RmsNorm::new(
                 spec.hidden_size,
@@ -74,7 +78,8 @@ impl Decoder {
     /// Loads the stack from a Hugging Face checkpoint laid out as `model.*` and `lm_head.*`.
     pub fn new(spec: DecoderSpec, vb: VarBuilder) -> Result<Self> {
         let model_vb = vb.pp("model");
-        let embed_weight = model_vb.get((spec.vocab_size, spec.hidden_size), "embed_tokens.weight")?;
+        let embed_weight =
+            model_vb.get((spec.vocab_size, spec.hidden_size), "embed_tokens.weight")?;
         let embed_tokens = Embedding::new(embed_weight.clone(), spec.hidden_size);
         let layers = (0..spec.num_layers)
             .map(|i| DecoderLayer::new(&spec, model_vb.pp("layers").pp(i)))
@@ -124,11 +129,16 @@ impl Decoder {
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let Some(layer_cache) = cache.layer_mut(i) else {
-                candle_core::bail!("kv cache has fewer layers than the model ({})", self.layers.len());
+                candle_core::bail!(
+                    "kv cache has fewer layers than the model ({})",
+                    self.layers.len()
+                );
             };
             let residual = &xs;
             let h = layer.input_layernorm.forward(&xs)?;
-            let h = layer.self_attn.forward(&h, &cos, &sin, mask.as_ref(), offset, layer_cache)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &cos, &sin, mask.as_ref(), offset, layer_cache)?;
             let xs_attn = (residual + h)?;
             let h = layer.post_attention_layernorm.forward(&xs_attn)?;
             let h = layer.mlp.forward(&h)?;
@@ -140,7 +150,10 @@ impl Decoder {
             Logits::Last => xs.narrow(1, len - 1, 1)?,
         };
         let xs = self.norm.forward(&xs)?;
-        self.lm_head.forward(&xs)?.squeeze(0)?.to_dtype(candle_core::DType::F32)
+        self.lm_head
+            .forward(&xs)?
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)
     }
 }
 
@@ -156,7 +169,8 @@ impl Decoder {
         for layer in &self.layers {
             total += layer.self_attn.weight_bytes(&linear);
             total += layer.mlp.weight_bytes(&linear);
-            total += 2 * self.spec.hidden_size * self.embed_tokens.embeddings().dtype().size_in_bytes();
+            total +=
+                2 * self.spec.hidden_size * self.embed_tokens.embeddings().dtype().size_in_bytes();
         }
         total + self.spec.hidden_size * self.embed_tokens.embeddings().dtype().size_in_bytes()
     }

@@ -12,9 +12,14 @@ use serde_json::Value;
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (position interpolation).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// NTK-aware base growth once the sequence passes `original_max`.
-    Dynamic { factor: f64, original_max: usize },
+    Dynamic {
+        factor: f64,
+        original_max: usize,
+    },
     /// Llama 3.1's piecewise frequency scaling.
     Llama3 {
         factor: f64,
@@ -142,7 +147,8 @@ impl RotaryEmbedding {
                 let seq_len = (start + len) as f64;
                 let d = self.dim as f64;
                 let base = self.base
-                    * ((factor * seq_len / original_max as f64) - (factor - 1.0)).powf(d / (d - 2.0));
+                    * ((factor * seq_len / original_max as f64) - (factor - 1.0))
+                        .powf(d / (d - 2.0));
                 dynamic = default_inv_freq(self.dim, base);
                 &dynamic
             }

@@ -1,0 +1,20 @@
+//! Integration tests of `enclave-models`: numerics against `transformers` goldens, and the
+//! errors a broken model folder gives.
+
+// Test helpers may panic: a failed fixture read is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod bad_input;
+mod numerics;
+
+use std::path::PathBuf;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+pub const MODELS: &[&str] = &["llama-llama3-rope", "qwen2", "qwen2-tied"];

@@ -1,0 +1,171 @@
+//! `enclave generate` end to end.
+
+use crate::{enclave, goldens, model_dir, stderr, stdout};
+
+fn json_out(args: &[&str]) -> serde_json::Value {
+    let out = enclave(args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "exactly one JSON object: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn as_ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn json_output_has_the_greedy_tokens_of_transformers() {
+    for name in ["qwen2", "llama-llama3-rope"] {
+        let dir = model_dir(name);
+        let golden = &goldens(name)["prompts"][1];
+        let text = golden["text"].as_str().unwrap();
+        let out = json_out(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            text,
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+        ]);
+        let keys: Vec<&String> = out.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            ["prompt_ids", "ids", "text", "logprobs", "finish_reason"]
+        );
+        assert_eq!(as_ids(&out["prompt_ids"]), as_ids(&golden["ids"]));
+        assert_eq!(as_ids(&out["ids"]), as_ids(&golden["greedy"])[..24]);
+        assert_eq!(out["finish_reason"], "length");
+        let logprobs = out["logprobs"].as_array().unwrap();
+        assert_eq!(logprobs.len(), 24);
+        assert!(logprobs.iter().all(|l| l.as_f64().unwrap() <= 0.0));
+    }
+}
+
+#[test]
+fn prompt_ids_and_chat_inputs_work() {
+    let dir = model_dir("qwen2");
+    let golden = &goldens("qwen2")["prompts"];
+    let ids: Vec<String> = as_ids(&golden[0]["ids"])
+        .iter()
+        .map(u64::to_string)
+        .collect();
+    let out = json_out(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(as_ids(&out["ids"]), as_ids(&golden[0]["greedy"])[..5]);
+
+    let chat = golden[4]["chat"][0]["content"].as_str().unwrap();
+    let out = json_out(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--chat",
+        chat,
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(as_ids(&out["prompt_ids"]), as_ids(&golden[4]["ids"]));
+    assert_eq!(as_ids(&out["ids"]), as_ids(&golden[4]["greedy"])[..5]);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_from_the_command_line() {
+    let dir = model_dir("qwen2");
+    let run = |seed: &str| {
+        json_out(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
+            "--ignore-eos",
+            "--json",
+        ])["ids"]
+            .clone()
+    };
+    assert_eq!(run("3"), run("3"));
+    assert_ne!(run("3"), run("4"));
+}
+
+#[test]
+fn plain_output_streams_the_same_text_as_json() {
+    let dir = model_dir("qwen2");
+    let common = [
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "The quick brown fox",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+    ];
+    let json = json_out(&[&common[..], &["--json"]].concat());
+    let out = enclave(&common);
+    assert!(out.status.success());
+    assert_eq!(
+        stdout(&out),
+        format!("{}\n", json["text"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = enclave(&["generate", "--help"]);
+    let help = stdout(&out);
+    for flag in [
+        "--model",
+        "--prompt",
+        "--prompt-ids",
+        "--chat",
+        "--max-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--min-p",
+        "--seed",
+        "--ignore-eos",
+        "--dtype",
+        "--json",
+        "--stop",
+        "--max-model-len",
+        "--repetition-penalty",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+    assert!(stdout(&enclave(&["chat", "--help"])).contains("--system"));
+}

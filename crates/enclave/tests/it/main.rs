@@ -1,0 +1,37 @@
+//! End-to-end tests of the `enclave` binary: real processes, real files.
+
+// Test helpers may panic: a failed fixture read is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod bad_input;
+mod generate;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub fn model_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/models")
+        .join(name)
+}
+
+pub fn enclave(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_enclave"))
+        .args(args)
+        .env_remove("ENCLAVE_LOG")
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+pub fn goldens(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(model_dir(name).join("goldens.json")).unwrap())
+        .unwrap()
+}
