@@ -12,8 +12,9 @@ int main(void) {
     for (size_t i = 0; i < n; i++) a[i] = (float)(i & 7);
     double best = 0, sink = 0;
     for (int pass = 0; pass < 10; pass++) {
-        double t0 = omp_get_wtime(), sum = 0;
-#pragma omp parallel for reduction(+ : sum)
+        double t0 = omp_get_wtime();
+        float sum = 0; // float lanes so the loop vectorises and memory, not adds, is the bound
+#pragma omp parallel for simd reduction(+ : sum)
         for (size_t i = 0; i < n; i++) sum += a[i];
         double gbs = n * sizeof(float) / (omp_get_wtime() - t0) / 1e9;
         if (gbs > best) best = gbs;

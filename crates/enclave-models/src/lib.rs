@@ -17,4 +17,5 @@ pub mod weights;
 pub use candle_core::{DType, Device, Tensor};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
-pub use model::{Architecture, LoadOptions, Logits, Model, ModelInfo};
+pub use layers::decoder::activation_dtype;
+pub use model::{checkpoint_dtype, Architecture, LoadOptions, Logits, Model, ModelInfo};

@@ -47,7 +47,7 @@ pub enum Logits {
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Compute dtype; weights are converted to it at load.
+    /// Dtype of the weight matrices, converted at load (activations: see `activation_dtype`).
     pub dtype: DType,
     pub device: Device,
 }
@@ -63,8 +63,10 @@ pub struct ModelInfo {
     pub hidden_size: usize,
     /// `max_position_embeddings`: the longest sequence the model was built for.
     pub max_position_embeddings: usize,
-    /// The compute dtype the weights were loaded in.
+    /// The dtype the weight matrices were loaded in.
     pub dtype: DType,
+    /// The dtype of hidden states and the KV cache (f32 on CPU whatever `dtype` is).
+    pub activation_dtype: DType,
     /// Bytes of weights in memory.
     pub weight_bytes: usize,
 }
@@ -74,6 +76,22 @@ pub struct ModelInfo {
 pub struct Model {
     info: ModelInfo,
     decoder: Decoder,
+}
+
+/// The dtype the checkpoint is stored in, as `config.json` declares it (`torch_dtype`, or
+/// `dtype` in newer files); `None` when it says nothing usable.
+pub fn checkpoint_dtype(dir: &Path) -> Result<Option<DType>> {
+    let config = read_config(dir)?;
+    let name = config
+        .get("torch_dtype")
+        .or_else(|| config.get("dtype"))
+        .and_then(Value::as_str);
+    Ok(match name {
+        Some("float32") => Some(DType::F32),
+        Some("bfloat16") => Some(DType::BF16),
+        Some("float16") => Some(DType::F16),
+        _ => None,
+    })
 }
 
 /// Reads and parses `config.json` of a model folder.
@@ -138,6 +156,7 @@ impl Model {
             hidden_size: spec.hidden_size,
             max_position_embeddings,
             dtype: options.dtype,
+            activation_dtype: decoder.activations(),
             weight_bytes: decoder.weight_bytes(),
         };
         Ok(Self { info, decoder })
@@ -158,7 +177,7 @@ impl Model {
             self.info.num_layers,
             self.info.num_kv_heads,
             self.info.head_dim,
-            self.info.dtype,
+            self.info.activation_dtype,
         )
     }
 

@@ -43,8 +43,9 @@ pub struct ModelArgs {
     #[arg(long, default_value = "main")]
     pub revision: String,
 
-    /// Compute dtype. `auto` picks the fastest dtype that is correct on this device
-    /// (f32 on CPU, where candle has no vectorised bf16/f16 matmul).
+    /// Dtype of the weights in memory. `auto`: a bf16 checkpoint stays bf16 (half the memory,
+    /// faster decoding; on CPU activations are computed in f32 whatever this says), anything
+    /// else is loaded as f32.
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
 

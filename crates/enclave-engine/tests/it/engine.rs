@@ -222,3 +222,34 @@ fn generation_config_supplies_eos_and_default_sampling() {
     assert_eq!(defaults.temperature, 0.6);
     assert_eq!(defaults.top_p, 0.95);
 }
+
+#[test]
+fn auto_dtype_keeps_bf16_checkpoints_and_widens_the_rest_on_cpu() {
+    use candle_core::{DType, Device};
+    use enclave_engine::DTypeChoice;
+    let cpu = Device::Cpu;
+    assert_eq!(
+        DTypeChoice::Auto.resolve(&cpu, Some(DType::BF16)),
+        DType::BF16
+    );
+    assert_eq!(
+        DTypeChoice::Auto.resolve(&cpu, Some(DType::F32)),
+        DType::F32
+    );
+    assert_eq!(
+        DTypeChoice::Auto.resolve(&cpu, Some(DType::F16)),
+        DType::F32
+    );
+    assert_eq!(DTypeChoice::Auto.resolve(&cpu, None), DType::F32);
+    assert_eq!(
+        DTypeChoice::F16.resolve(&cpu, Some(DType::BF16)),
+        DType::F16
+    );
+    // The fixtures are float32 checkpoints: auto loads them exactly.
+    let engine = engine("qwen2");
+    assert_eq!(engine.model().info().dtype, DType::F32);
+    assert_eq!(
+        enclave_models::checkpoint_dtype(&fixtures().join("models/qwen2")).unwrap(),
+        Some(DType::F32)
+    );
+}

@@ -1,7 +1,9 @@
 //! Multi-head attention with grouped KV heads (GQA), reading and extending the caller's cache.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear_b, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
 
 use super::rotary::RotaryEmbedding;
 use crate::kv_cache::LayerKv;
@@ -30,7 +32,8 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(shape: AttentionShape, vb: VarBuilder) -> Result<Self> {
+    /// Weights in the builder's dtype; biases and outputs in `activations`.
+    pub fn new(shape: AttentionShape, activations: DType, vb: VarBuilder) -> Result<Self> {
         let AttentionShape {
             hidden_size,
             num_heads,
@@ -45,20 +48,34 @@ impl Attention {
             );
         }
         Ok(Self {
-            q_proj: linear_b(hidden_size, num_heads * head_dim, qkv_bias, vb.pp("q_proj"))?,
-            k_proj: linear_b(
+            q_proj: Linear::load(
+                hidden_size,
+                num_heads * head_dim,
+                qkv_bias,
+                activations,
+                vb.pp("q_proj"),
+            )?,
+            k_proj: Linear::load(
                 hidden_size,
                 num_kv_heads * head_dim,
                 qkv_bias,
+                activations,
                 vb.pp("k_proj"),
             )?,
-            v_proj: linear_b(
+            v_proj: Linear::load(
                 hidden_size,
                 num_kv_heads * head_dim,
                 qkv_bias,
+                activations,
                 vb.pp("v_proj"),
             )?,
-            o_proj: linear_b(num_heads * head_dim, hidden_size, o_bias, vb.pp("o_proj"))?,
+            o_proj: Linear::load(
+                num_heads * head_dim,
+                hidden_size,
+                o_bias,
+                activations,
+                vb.pp("o_proj"),
+            )?,
             shape,
             scale: 1.0 / (head_dim as f64).sqrt(),
         })

@@ -4,15 +4,29 @@
 //! Architectures differ only in config values (biases, activation, rope scaling, tying), which
 //! each architecture file turns into a [`DecoderSpec`].
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::attention::{causal_mask, Attention, AttentionShape};
+use super::linear::Linear;
 use super::mlp::{Activation, GatedMlp};
 use super::norm::RmsNorm;
 use super::rotary::{RopeScaling, RotaryEmbedding};
 use crate::kv_cache::KvCache;
 use crate::model::Logits;
+
+/// The dtype hidden states are computed in for weights of dtype `weights` on `device`.
+///
+/// On CPU always f32: reduced-precision weights are widened as they are read (in the
+/// small-batch kernel, or once per prefill GEMM), so bf16 halves memory and decode traffic
+/// without rounding activations, and every elementwise op runs on candle's vectorised f32 paths.
+pub fn activation_dtype(weights: DType, device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        weights
+    }
+}
 
 /// Everything the shared stack needs to know about an architecture.
 #[derive(Debug, Clone)]
@@ -39,24 +53,26 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(spec: &DecoderSpec, vb: VarBuilder) -> Result<Self> {
+    fn new(spec: &DecoderSpec, activations: DType, vb: VarBuilder) -> Result<Self> {
+        let norm_vb = vb.to_dtype(activations);
         Ok(Self {
             input_layernorm: RmsNorm::new(
                 spec.hidden_size,
                 spec.rms_norm_eps,
-                vb.pp("input_layernorm"),
+                norm_vb.pp("input_layernorm"),
             )?,
-            self_attn: Attention::new(spec.attention, vb.pp("self_attn"))?,
+            self_attn: Attention::new(spec.attention, activations, vb.pp("self_attn"))?,
             post_attention_layernorm: RmsNorm::new(
                 spec.hidden_size,
                 spec.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
+                norm_vb.pp("post_attention_layernorm"),
             )?,
             mlp: GatedMlp::new(
                 spec.hidden_size,
                 spec.intermediate_size,
                 spec.mlp_bias,
                 spec.activation,
+                activations,
                 vb.pp("mlp"),
             )?,
         })
@@ -72,19 +88,26 @@ pub struct Decoder {
     lm_head: Linear,
     rotary: RotaryEmbedding,
     spec: DecoderSpec,
+    activations: DType,
 }
 
 impl Decoder {
-    /// Loads the stack from a Hugging Face checkpoint laid out as `model.*` and `lm_head.*`.
+    /// Loads the stack from a Hugging Face checkpoint laid out as `model.*` and `lm_head.*`:
+    /// matrices in the builder's dtype, norms and biases in the activation dtype.
     pub fn new(spec: DecoderSpec, vb: VarBuilder) -> Result<Self> {
+        let activations = activation_dtype(vb.dtype(), vb.device());
         let model_vb = vb.pp("model");
         let embed_weight =
             model_vb.get((spec.vocab_size, spec.hidden_size), "embed_tokens.weight")?;
         let embed_tokens = Embedding::new(embed_weight.clone(), spec.hidden_size);
         let layers = (0..spec.num_layers)
-            .map(|i| DecoderLayer::new(&spec, model_vb.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::new(&spec, activations, model_vb.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(spec.hidden_size, spec.rms_norm_eps, model_vb.pp("norm"))?;
+        let norm = RmsNorm::new(
+            spec.hidden_size,
+            spec.rms_norm_eps,
+            model_vb.to_dtype(activations).pp("norm"),
+        )?;
         let lm_head_weight = if spec.tie_word_embeddings {
             embed_weight
         } else {
@@ -102,7 +125,13 @@ impl Decoder {
             lm_head: Linear::new(lm_head_weight, None),
             rotary,
             spec,
+            activations,
         })
+    }
+
+    /// The dtype of hidden states and of the KV cache.
+    pub fn activations(&self) -> DType {
+        self.activations
     }
 
     pub fn spec(&self) -> &DecoderSpec {
@@ -117,10 +146,10 @@ impl Decoder {
             candle_core::bail!("forward called with no tokens");
         }
         let device = self.embed_tokens.embeddings().device().clone();
-        let dtype = self.embed_tokens.embeddings().dtype();
+        let dtype = self.activations;
         let offset = cache.len();
         let ids = Tensor::new(tokens, &device)?.unsqueeze(0)?;
-        let mut xs = self.embed_tokens.forward(&ids)?;
+        let mut xs = self.embed_tokens.forward(&ids)?.to_dtype(dtype)?;
         let (cos, sin) = self.rotary.cos_sin(offset, len, dtype, &device)?;
         let mask = if len > 1 {
             Some(causal_mask(len, offset, &device)?)

@@ -1,7 +1,9 @@
 //! The gated feed-forward block (SwiGLU and its relatives).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear_b, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
 
 /// The activation named by `hidden_act` in `config.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,12 +48,13 @@ impl GatedMlp {
         intermediate: usize,
         bias: bool,
         act: Activation,
+        activations: candle_core::DType,
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Self {
-            gate_proj: linear_b(hidden, intermediate, bias, vb.pp("gate_proj"))?,
-            up_proj: linear_b(hidden, intermediate, bias, vb.pp("up_proj"))?,
-            down_proj: linear_b(intermediate, hidden, bias, vb.pp("down_proj"))?,
+            gate_proj: Linear::load(hidden, intermediate, bias, activations, vb.pp("gate_proj"))?,
+            up_proj: Linear::load(hidden, intermediate, bias, activations, vb.pp("up_proj"))?,
+            down_proj: Linear::load(intermediate, hidden, bias, activations, vb.pp("down_proj"))?,
             act,
         })
     }

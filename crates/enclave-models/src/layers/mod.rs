@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod decoder;
+pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod rotary;

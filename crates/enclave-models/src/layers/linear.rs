@@ -1,0 +1,365 @@
+//! Linear layers, with our own kernel for the few-row products of decoding.
+//!
+//! candle's CPU matmul runs a one-row product (one decode step) on a single thread and has no
+//! bf16 kernel (it widens the whole weight matrix to f32 on every call). Decoding reads every
+//! weight once per token, so it is bound by memory bandwidth: this kernel splits the output
+//! features across threads and reads bf16 weights as they are stored, converting in registers.
+//! Longer inputs (prefill) stay on candle's GEMM, which is compute-bound and good at it.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use half::bf16;
+use rayon::prelude::*;
+
+/// Inputs with at most this many rows take the small-batch kernel.
+pub const SMALL_BATCH_ROWS: usize = 8;
+/// Output features per parallel task: large enough to amortise scheduling, small enough to
+/// balance two to a few dozen threads.
+const FEATURES_PER_TASK: usize = 64;
+
+/// `y = x W^T + b`, with `W` stored `[out_features, in_features]` as in PyTorch.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// Loads `weight` in the builder's dtype and `bias` in `activations`, the dtype the
+    /// layer's output has (f32 on CPU, see [`crate::activation_dtype`]).
+    pub fn load(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        activations: DType,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get((out_features, in_features), "weight")?;
+        let bias = if bias {
+            Some(vb.to_dtype(activations).get(out_features, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    fn takes_small_batch_kernel(&self, x: &Tensor) -> bool {
+        let in_features = self.weight.dim(1).unwrap_or(0);
+        x.device().is_cpu()
+            && in_features > 0
+            && x.elem_count() / in_features <= SMALL_BATCH_ROWS
+            && matches!(self.weight.dtype(), DType::F32 | DType::BF16)
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if self.takes_small_batch_kernel(x) {
+            x.contiguous()?
+                .apply_op2_no_bwd(&self.weight.contiguous()?, &SmallBatchMatmul)?
+        } else if self.weight.dtype() != x.dtype() {
+            // Reduced-precision weights, f32 activations (CPU): widen for the GEMM, on all
+            // threads; a prefill step is compute-bound, so the extra pass is cheap.
+            let weight = widen(&self.weight, x.dtype())?;
+            candle_nn::Linear::new(weight, None).forward(x)?
+        } else {
+            candle_nn::Linear::new(self.weight.clone(), None).forward(x)?
+        };
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `weight` converted to `dtype`; bf16 to f32 in parallel (candle's conversion is serial).
+fn widen(weight: &Tensor, dtype: DType) -> Result<Tensor> {
+    if weight.dtype() != DType::BF16 || dtype != DType::F32 || !weight.device().is_cpu() {
+        return weight.to_dtype(dtype);
+    }
+    let weight = weight.contiguous()?;
+    let (storage, layout) = weight.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::BF16(data)) = &*storage else {
+        return weight.to_dtype(dtype);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return weight.to_dtype(dtype);
+    };
+    let mut out = vec![0f32; end - start];
+    out.par_chunks_mut(1 << 16)
+        .zip(data[start..end].par_chunks(1 << 16))
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s.widen();
+            }
+        });
+    Tensor::from_vec(out, weight.shape(), weight.device())
+}
+
+/// `x [.., k] @ w[n, k]^T -> [.., n]` for a handful of rows of `x`.
+struct SmallBatchMatmul;
+
+impl CustomOp2 for SmallBatchMatmul {
+    fn name(&self) -> &'static str {
+        "small-batch-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        x_layout: &Layout,
+        ws: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some((x0, x1)), Some((w0, w1))) =
+            (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
+        else {
+            candle_core::bail!("small-batch-matmul needs contiguous inputs")
+        };
+        let (n, k) = w_layout.shape().dims2()?;
+        let x_dims = x_layout.shape().dims();
+        if x_dims.last() != Some(&k) {
+            candle_core::bail!(
+                "small-batch-matmul: input {:?} vs weight [{n}, {k}]",
+                x_dims
+            );
+        }
+        let x: Vec<f32> = match xs {
+            CpuStorage::F32(v) => v[x0..x1].to_vec(),
+            CpuStorage::BF16(v) => v[x0..x1].iter().map(|h| h.to_f32()).collect(),
+            _ => candle_core::bail!("small-batch-matmul: unsupported input dtype"),
+        };
+        let rows = x.len() / k;
+        let out = match ws {
+            CpuStorage::F32(w) => matmul_rows(&x, rows, &w[w0..w1], n, k),
+            CpuStorage::BF16(w) => matmul_rows(&x, rows, &w[w0..w1], n, k),
+            _ => candle_core::bail!("small-batch-matmul: unsupported weight dtype"),
+        };
+        let mut dims = x_dims.to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let storage = match xs {
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(out.iter().map(|&v| bf16::from_f32(v)).collect())
+            }
+            _ => CpuStorage::F32(out),
+        };
+        Ok((storage, Shape::from(dims)))
+    }
+}
+
+/// A weight element the kernel can widen to f32.
+pub trait WeightElem: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+/// `out[r, o] = sum_i x[r, i] * w[o, i]`, rows of `x` being `k` long, `w` being `[n, k]`.
+pub fn matmul_rows<W: WeightElem>(x: &[f32], rows: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
+    // Computed feature-major so each task owns a contiguous slice; transposed after if needed.
+    let mut out_t = vec![0f32; n * rows];
+    out_t
+        .par_chunks_mut(FEATURES_PER_TASK * rows)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let first = task * FEATURES_PER_TASK;
+            let features = chunk.len() / rows;
+            let w_block = &w[first * k..(first + features) * k];
+            dot_block(x, rows, w_block, k, chunk);
+        });
+    if rows == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; n * rows];
+    for o in 0..n {
+        for r in 0..rows {
+            out[r * n + o] = out_t[o * rows + r];
+        }
+    }
+    out
+}
+
+/// Dispatches to the widest vector unit this CPU has (checked at run time).
+fn dot_block<W: WeightElem>(x: &[f32], rows: usize, w: &[W], k: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { dot_block_avx512(x, rows, w, k, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { dot_block_avx2(x, rows, w, k, out) };
+        }
+    }
+    dot_block_generic(x, rows, w, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_block_avx512<W: WeightElem>(
+    x: &[f32],
+    rows: usize,
+    w: &[W],
+    k: usize,
+    out: &mut [f32],
+) {
+    dot_block_generic(x, rows, w, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_block_avx2<W: WeightElem>(
+    x: &[f32],
+    rows: usize,
+    w: &[W],
+    k: usize,
+    out: &mut [f32],
+) {
+    dot_block_generic(x, rows, w, k, out)
+}
+
+/// Each weight row is read once from memory and used for every input row while in cache.
+#[inline(always)]
+fn dot_block_generic<W: WeightElem>(x: &[f32], rows: usize, w: &[W], k: usize, out: &mut [f32]) {
+    for (o, w_row) in w.chunks_exact(k).enumerate() {
+        for r in 0..rows {
+            out[o * rows + r] = dot(&x[r * k..(r + 1) * k], w_row);
+        }
+    }
+}
+
+const LANES: usize = 32;
+
+/// A dot product with independent lane accumulators, which the compiler vectorises (a single
+/// running sum would serialise on the add latency).
+#[inline(always)]
+fn dot<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let x_chunks = x.chunks_exact(LANES);
+    let w_chunks = w.chunks_exact(LANES);
+    let (x_rest, w_rest) = (x_chunks.remainder(), w_chunks.remainder());
+    for (xc, wc) in x_chunks.zip(w_chunks) {
+        for i in 0..LANES {
+            acc[i] += xc[i] * wc[i].widen();
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (a, b) in x_rest.iter().zip(w_rest) {
+        sum += a * b.widen();
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn reference(x: &Tensor, w: &Tensor) -> Vec<f32> {
+        let x = x.to_dtype(DType::F32).unwrap();
+        let w = w.to_dtype(DType::F32).unwrap();
+        x.broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn small_batch_kernel_matches_matmul() {
+        let dev = Device::Cpu;
+        for (rows, k, n) in [(1, 64, 130), (1, 1000, 7), (3, 37, 200), (8, 96, 65)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let layer = Linear::new(w.clone(), None);
+                assert!(layer.takes_small_batch_kernel(&x));
+                let ours: Vec<f32> = layer
+                    .forward(&x)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let expected = reference(&x, &w);
+                // bf16 output rounding is relative 2^-8; f32 differs only by summation order.
+                let tol = if dtype == DType::BF16 { 1e-2 } else { 1e-4 };
+                for (a, b) in ours.iter().zip(&expected) {
+                    assert!(
+                        (a - b).abs() <= tol * b.abs().max(1.0),
+                        "{rows}x{k}x{n} {dtype:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bias_is_added_and_long_inputs_use_gemm() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 16), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        let layer = Linear::new(w.clone(), Some(b.clone()));
+        for rows in [1, 20] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 16), &dev).unwrap();
+            assert_eq!(layer.takes_small_batch_kernel(&x), rows <= SMALL_BATCH_ROWS);
+            let ours: Vec<f32> = layer
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let expected = x
+                .broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (a, e) in ours.iter().zip(&expected) {
+                assert!((a - e).abs() < 1e-4);
+            }
+        }
+    }
+}
