@@ -209,6 +209,21 @@ impl Engine {
         })
     }
 
+    /// One line for start-up logs: architecture, size, dtype and KV-cache bytes per token.
+    pub fn summary(&self) -> String {
+        let info = self.model.info();
+        format!(
+            "{}: {} layers, {:.1} MB of {:?} weights, {:?} activations, KV cache {} bytes/token, context {} tokens",
+            info.architecture.hf_name(),
+            info.num_layers,
+            info.weight_bytes as f64 / 1e6,
+            info.dtype,
+            info.activation_dtype,
+            info.kv_bytes_per_token,
+            self.max_model_len,
+        )
+    }
+
     pub fn model(&self) -> &Model {
         &self.model
     }

@@ -22,7 +22,7 @@ pub enum ModelError {
     Config { path: PathBuf, message: String },
     #[error("{}: not a valid safetensors file: {message}", path.display())]
     Safetensors { path: PathBuf, message: String },
-    #[error("unsupported architecture {0:?}; supported: LlamaForCausalLM, Qwen2ForCausalLM")]
+    #[error("unsupported architecture {0:?}; supported: LlamaForCausalLM, Qwen2ForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM")]
     UnsupportedArchitecture(String),
     #[error("sequence of {requested} tokens exceeds the model's context of {limit} tokens")]
     ContextOverflow { requested: usize, limit: usize },

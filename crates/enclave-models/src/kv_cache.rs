@@ -15,10 +15,12 @@ pub struct LayerKv {
 const MIN_CAPACITY: usize = 64;
 
 impl LayerKv {
-    /// Writes `k` and `v` (`[1, kv_heads, n, head_dim]`) at `offset` and returns the keys and
-    /// values of positions `0..offset + n`, contiguous.
+    /// Writes `k` and `v` (`[1, heads, n, dim]`; the two may differ in heads and dim, as MLA's
+    /// latent and rotary key do) at `offset` and returns both for positions `0..offset + n`,
+    /// contiguous.
     pub fn append(&mut self, offset: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, heads, n, dim) = k.dims4()?;
+        let (_, v_heads, _, v_dim) = v.dims4()?;
         let needed = offset + n;
         let capacity = self
             .buffers
@@ -29,7 +31,7 @@ impl LayerKv {
         if needed > capacity {
             let new_capacity = needed.next_power_of_two().max(MIN_CAPACITY);
             let k_buf = Tensor::zeros((b, heads, new_capacity, dim), k.dtype(), k.device())?;
-            let v_buf = Tensor::zeros((b, heads, new_capacity, dim), v.dtype(), v.device())?;
+            let v_buf = Tensor::zeros((b, v_heads, new_capacity, v_dim), v.dtype(), v.device())?;
             if let Some((old_k, old_v)) = &self.buffers {
                 k_buf.slice_set(&old_k.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
                 v_buf.slice_set(&old_v.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
@@ -83,6 +85,22 @@ impl KvCache {
     /// Forgets everything past `len` positions (e.g. to re-run a suffix).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    /// Bytes each cached token occupies in the buffers actually allocated (summed over layers;
+    /// `None` before the first forward).
+    pub fn stored_bytes_per_token(&self) -> Option<usize> {
+        let mut total = 0;
+        for layer in &self.layers {
+            let (k, v) = layer.buffers.as_ref()?;
+            for t in [k, v] {
+                let dims = t.dims();
+                total += dims.iter().product::<usize>()
+                    / dims.get(2).copied().filter(|&c| c > 0)?
+                    * t.dtype().size_in_bytes();
+            }
+        }
+        Some(total)
     }
 
     /// Bytes of key/value storage per cached token for a model of this shape and dtype.

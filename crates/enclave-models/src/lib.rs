@@ -6,6 +6,7 @@
 //! - Weights are memory-mapped and copied once into the compute dtype; the mapped pages of each
 //!   tensor are released as soon as it is copied, so peak memory is one copy of the weights.
 
+pub mod deepseek;
 mod error;
 pub mod kv_cache;
 pub mod layers;
@@ -15,6 +16,7 @@ pub mod qwen2;
 pub mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
+pub use deepseek::{ExpertStats, MlaForm};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use layers::decoder::activation_dtype;

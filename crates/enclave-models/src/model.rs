@@ -6,10 +6,11 @@ use candle_core::{DType, Device, Tensor};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::deepseek::{self, Deepseek, ExpertStats, MlaForm};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::layers::decoder::{Decoder, DecoderSpec};
-use crate::weights::SafetensorsWeights;
+use crate::weights::{SafetensorsWeights, DEFAULT_FP8_BLOCK};
 use crate::{llama, qwen2};
 
 /// The architectures this crate runs, by their `architectures[0]` in `config.json`.
@@ -17,21 +18,23 @@ use crate::{llama, qwen2};
 pub enum Architecture {
     Llama,
     Qwen2,
+    DeepseekV2,
+    DeepseekV3,
 }
 
 impl Architecture {
+    pub const ALL: [Self; 4] = [Self::Llama, Self::Qwen2, Self::DeepseekV2, Self::DeepseekV3];
+
     pub fn from_hf(name: &str) -> Option<Self> {
-        match name {
-            "LlamaForCausalLM" => Some(Self::Llama),
-            "Qwen2ForCausalLM" => Some(Self::Qwen2),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|a| a.hf_name() == name)
     }
 
     pub fn hf_name(self) -> &'static str {
         match self {
             Self::Llama => "LlamaForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::DeepseekV2 => "DeepseekV2ForCausalLM",
+            Self::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
     }
 }
@@ -58,9 +61,9 @@ pub struct ModelInfo {
     pub architecture: Architecture,
     pub vocab_size: usize,
     pub num_layers: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
     pub hidden_size: usize,
+    /// Bytes of KV cache each token takes (all layers): keys and values, or MLA's latents.
+    pub kv_bytes_per_token: usize,
     /// `max_position_embeddings`: the longest sequence the model was built for.
     pub max_position_embeddings: usize,
     /// The dtype the weight matrices were loaded in.
@@ -75,7 +78,14 @@ pub struct ModelInfo {
 #[derive(Debug, Clone)]
 pub struct Model {
     info: ModelInfo,
-    decoder: Decoder,
+    network: Network,
+}
+
+#[derive(Debug, Clone)]
+enum Network {
+    /// The Llama-family stack (Llama, Qwen2).
+    Dense(Decoder),
+    Deepseek(Deepseek),
 }
 
 /// The dtype the checkpoint is stored in, as `config.json` declares it (`torch_dtype`, or
@@ -125,41 +135,90 @@ impl Model {
             })?;
         let architecture = Architecture::from_hf(arch_name)
             .ok_or_else(|| ModelError::UnsupportedArchitecture(arch_name.to_string()))?;
-        let parse = |v: &Value| -> Result<DecoderSpec> {
-            let spec = match architecture {
-                Architecture::Llama => parse_config::<llama::Config>(v, &config_path)?.spec(),
-                Architecture::Qwen2 => parse_config::<qwen2::Config>(v, &config_path)?.spec(),
-            };
-            spec.map_err(|message| ModelError::Config {
-                path: config_path.clone(),
-                message,
-            })
+        let config_error = |message: String| ModelError::Config {
+            path: config_path.clone(),
+            message,
         };
-        let spec = parse(&config)?;
         let max_position_embeddings = config
             .get("max_position_embeddings")
             .and_then(Value::as_u64)
             .unwrap_or(0) as usize;
-        let weights = SafetensorsWeights::open_dir(dir)?;
+        let fp8_block = fp8_block_size(&config).map_err(config_error)?;
+        // Parse and validate the whole config before reading any weights.
+        enum Parsed {
+            Dense(DecoderSpec),
+            Deepseek(deepseek::Spec),
+        }
+        let parsed = match architecture {
+            Architecture::Llama => Parsed::Dense(
+                parse_config::<llama::Config>(&config, &config_path)?
+                    .spec()
+                    .map_err(config_error)?,
+            ),
+            Architecture::Qwen2 => Parsed::Dense(
+                parse_config::<qwen2::Config>(&config, &config_path)?
+                    .spec()
+                    .map_err(config_error)?,
+            ),
+            Architecture::DeepseekV2 | Architecture::DeepseekV3 => {
+                let generation = if architecture == Architecture::DeepseekV2 {
+                    deepseek::Generation::V2
+                } else {
+                    deepseek::Generation::V3
+                };
+                Parsed::Deepseek(
+                    parse_config::<deepseek::Config>(&config, &config_path)?
+                        .spec(generation)
+                        .map_err(config_error)?,
+                )
+            }
+        };
+        let mut weights = SafetensorsWeights::open_dir(dir)?;
+        weights.set_fp8_block(fp8_block);
         let vb = weights.into_var_builder(options.dtype, &options.device);
-        let decoder = match architecture {
-            Architecture::Llama => llama::load(spec, vb)?,
-            Architecture::Qwen2 => qwen2::load(spec, vb)?,
+        let network = match parsed {
+            Parsed::Dense(spec) => Network::Dense(match architecture {
+                Architecture::Llama => llama::load(spec, vb)?,
+                _ => qwen2::load(spec, vb)?,
+            }),
+            Parsed::Deepseek(spec) => Network::Deepseek(Deepseek::new(spec, vb)?),
         };
-        let spec = decoder.spec();
-        let info = ModelInfo {
-            architecture,
-            vocab_size: spec.vocab_size,
-            num_layers: spec.num_layers,
-            num_kv_heads: spec.attention.num_kv_heads,
-            head_dim: spec.attention.head_dim,
-            hidden_size: spec.hidden_size,
-            max_position_embeddings,
-            dtype: options.dtype,
-            activation_dtype: decoder.activations(),
-            weight_bytes: decoder.weight_bytes(),
+        let info = match &network {
+            Network::Dense(decoder) => {
+                let spec = decoder.spec();
+                ModelInfo {
+                    architecture,
+                    vocab_size: spec.vocab_size,
+                    num_layers: spec.num_layers,
+                    hidden_size: spec.hidden_size,
+                    kv_bytes_per_token: KvCache::bytes_per_token(
+                        spec.num_layers,
+                        spec.attention.num_kv_heads,
+                        spec.attention.head_dim,
+                        decoder.activations(),
+                    ),
+                    max_position_embeddings,
+                    dtype: options.dtype,
+                    activation_dtype: decoder.activations(),
+                    weight_bytes: decoder.weight_bytes(),
+                }
+            }
+            Network::Deepseek(model) => {
+                let spec = model.spec();
+                ModelInfo {
+                    architecture,
+                    vocab_size: spec.vocab_size,
+                    num_layers: spec.num_layers,
+                    hidden_size: spec.hidden_size,
+                    kv_bytes_per_token: model.kv_bytes_per_token(),
+                    max_position_embeddings,
+                    dtype: options.dtype,
+                    activation_dtype: model.activations(),
+                    weight_bytes: model.weight_bytes(),
+                }
+            }
         };
-        Ok(Self { info, decoder })
+        Ok(Self { info, network })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -173,12 +232,23 @@ impl Model {
 
     /// Bytes of KV cache per token.
     pub fn kv_bytes_per_token(&self) -> usize {
-        KvCache::bytes_per_token(
-            self.info.num_layers,
-            self.info.num_kv_heads,
-            self.info.head_dim,
-            self.info.activation_dtype,
-        )
+        self.info.kv_bytes_per_token
+    }
+
+    /// Forces one form of MLA attention (DeepSeek models; ignored by others). Tests and
+    /// benchmarks compare the two; the default picks the cheaper per forward.
+    pub fn set_mla_form(&mut self, form: MlaForm) {
+        if let Network::Deepseek(model) = &mut self.network {
+            model.set_mla_form(form);
+        }
+    }
+
+    /// Expert evaluations since load (MoE models; zero for dense ones).
+    pub fn expert_stats(&self) -> ExpertStats {
+        match &self.network {
+            Network::Deepseek(model) => model.expert_stats(),
+            Network::Dense(_) => ExpertStats::default(),
+        }
     }
 
     /// Runs `tokens` after what `cache` holds and extends it; returns f32 logits `[n, vocab]`.
@@ -196,7 +266,47 @@ impl Model {
                 self.info.vocab_size
             ))));
         }
-        Ok(self.decoder.forward(tokens, cache, which)?)
+        Ok(match &self.network {
+            Network::Dense(decoder) => decoder.forward(tokens, cache, which)?,
+            Network::Deepseek(model) => model.forward(tokens, cache, which)?,
+        })
+    }
+}
+
+/// The FP8 tile size from `quantization_config` (DeepSeek-V3's `fp8` method); other
+/// quantization methods are refused by name rather than loaded wrongly.
+fn fp8_block_size(config: &Value) -> std::result::Result<[usize; 2], String> {
+    let Some(q) = config.get("quantization_config").filter(|q| !q.is_null()) else {
+        return Ok(DEFAULT_FP8_BLOCK);
+    };
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    if method != "fp8" {
+        return Err(format!(
+            "quantization_config.quant_method: {method:?} is not supported (fp8)"
+        ));
+    }
+    if let Some(fmt) = q.get("fmt").and_then(Value::as_str) {
+        if fmt != "e4m3" {
+            return Err(format!(
+                "quantization_config.fmt: {fmt:?} is not supported (e4m3)"
+            ));
+        }
+    }
+    match q.get("weight_block_size") {
+        None | Some(Value::Null) => Ok(DEFAULT_FP8_BLOCK),
+        Some(v) => match v
+            .as_array()
+            .map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>())
+        {
+            Some(dims)
+                if dims.len() == 2 && dims.iter().all(|d| matches!(d, Some(n) if *n > 0)) =>
+            {
+                Ok([dims[0].unwrap_or(0) as usize, dims[1].unwrap_or(0) as usize])
+            }
+            _ => Err(format!(
+                "quantization_config.weight_block_size: {v} must be two positive integers"
+            )),
+        },
     }
 }
 

@@ -37,7 +37,11 @@ struct TensorEntry {
 pub struct SafetensorsWeights {
     files: Vec<MappedFile>,
     tensors: HashMap<String, TensorEntry>,
+    fp8_block: [usize; 2],
 }
+
+/// DeepSeek-V3's FP8 block: one `weight_scale_inv` per 128 × 128 tile of a weight.
+pub const DEFAULT_FP8_BLOCK: [usize; 2] = [128, 128];
 
 impl SafetensorsWeights {
     /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
@@ -131,7 +135,17 @@ impl SafetensorsWeights {
                 mmap,
             });
         }
-        Ok(Self { files, tensors })
+        Ok(Self {
+            files,
+            tensors,
+            fp8_block: DEFAULT_FP8_BLOCK,
+        })
+    }
+
+    /// The `[rows, cols]` tile that each `weight_scale_inv` entry of an FP8 weight covers
+    /// (`quantization_config.weight_block_size`).
+    pub fn set_fp8_block(&mut self, block: [usize; 2]) {
+        self.fp8_block = block;
     }
 
     /// Names of every tensor in the checkpoint.
@@ -153,9 +167,13 @@ impl SafetensorsWeights {
         })?;
         let file = &self.files[entry.file];
         let bytes = &file.mmap[entry.start..entry.end];
-        let tensor = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?;
+        let raw = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &Device::Cpu)?;
+        let raw = if entry.dtype == DType::F8E4M3 {
+            self.dequantize_fp8(name, &raw)?
+        } else {
+            raw
+        };
+        let tensor = raw.to_dtype(dtype)?.to_device(device)?;
         // SAFETY: the bytes were copied into `tensor` above and no reference into the range
         // outlives this point; MADV_DONTNEED on a read-only file mapping only drops the pages,
         // which a later access would fault back in from the file.
@@ -167,6 +185,48 @@ impl SafetensorsWeights {
             )
         };
         Ok(tensor)
+    }
+
+    /// Widens an FP8 (e4m3) weight to f32 and multiplies each tile by its `weight_scale_inv`,
+    /// as DeepSeek's reference `weight_dequant` does: the scale grid is the weight's shape
+    /// ceil-divided by the block, so edge tiles are partial.
+    fn dequantize_fp8(&self, name: &str, weight: &Tensor) -> candle_core::Result<Tensor> {
+        let scale_name = match name.strip_suffix(".weight") {
+            Some(stem) => format!("{stem}.weight_scale_inv"),
+            None => format!("{name}_scale_inv"),
+        };
+        if !self.tensors.contains_key(&scale_name) {
+            return Err(candle_core::Error::Msg(format!(
+                "tensor `{name}` is float8_e4m3 but its block scales `{scale_name}` are missing from {}",
+                self.file_list()
+            )));
+        }
+        let (rows, cols) = weight.dims2().map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "tensor `{name}` is float8_e4m3 but has shape {:?}; FP8 weights must be matrices",
+                weight.dims()
+            ))
+        })?;
+        let [block_rows, block_cols] = self.fp8_block;
+        let grid = (rows.div_ceil(block_rows), cols.div_ceil(block_cols));
+        let scale = self.load(&scale_name, DType::F32, &Device::Cpu)?;
+        if scale.dims() != [grid.0, grid.1] {
+            return Err(candle_core::Error::Msg(format!(
+                "tensor `{scale_name}` has shape {:?}, but `{name}` {:?} in {block_rows}x{block_cols} blocks needs [{}, {}]",
+                scale.dims(),
+                [rows, cols],
+                grid.0,
+                grid.1
+            )));
+        }
+        let index = |n: usize, block: usize| {
+            let ids: Vec<u32> = (0..n).map(|i| (i / block) as u32).collect();
+            Tensor::new(ids, &Device::Cpu)
+        };
+        let scale = scale
+            .index_select(&index(rows, block_rows)?, 0)?
+            .index_select(&index(cols, block_cols)?, 1)?;
+        weight.to_dtype(DType::F32)? * scale
     }
 
     fn file_list(&self) -> String {

@@ -33,6 +33,7 @@ pub struct ChatArgs {
 pub fn run(args: ChatArgs) -> Result<()> {
     let dir = model_source::resolve(&args.model.model, &args.model.revision)?;
     let engine = Engine::load(&dir, &args.model.engine_config())?;
+    tracing::info!("loaded {}", engine.summary());
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(serde_json::json!({"role": "system", "content": system}));

@@ -131,6 +131,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let load_start = Instant::now();
     let engine = Engine::load(&dir, &args.model.engine_config())?;
     let load_time = load_start.elapsed();
+    tracing::info!("loaded {}", engine.summary());
     let request = GenerateRequest {
         prompt,
         sampling: Some(args.sampling(engine.generation_config().default_sampling())),
@@ -171,6 +172,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let decode = end.duration_since(first).as_secs_f64();
         let n_prompt = generation.prompt_ids.len();
         let n_decode = generation.ids.len().saturating_sub(1);
+        eprintln!("{}", engine.summary());
         eprintln!(
             "load {:.2} s | prompt {n_prompt} tokens in {prefill:.3} s ({:.2} tok/s) | \
              decode {n_decode} tokens in {decode:.3} s ({:.2} tok/s)",

@@ -4,5 +4,6 @@ pub mod attention;
 pub mod decoder;
 pub mod linear;
 pub mod mlp;
+pub mod moe;
 pub mod norm;
 pub mod rotary;

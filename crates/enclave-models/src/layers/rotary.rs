@@ -27,6 +27,26 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max: usize,
     },
+    /// YaRN (DeepSeek-V2/V3): interpolated low frequencies, extrapolated high ones, a linear
+    /// ramp between, and cos/sin scaled by `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        /// `attention_factor`, or derived from `mscale`/`mscale_all_dim` as the reference does.
+        attention_factor: f64,
+        truncate: bool,
+    },
+}
+
+/// YaRN's magnitude correction, `0.1 · mscale · ln(factor) + 1` (1 when not extending).
+pub fn yarn_mscale(factor: f64, mscale: f64) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * factor.ln() + 1.0
+    }
 }
 
 impl RopeScaling {
@@ -69,8 +89,25 @@ impl RopeScaling {
                 original_max: original_max
                     .ok_or("rope_scaling.original_max_position_embeddings: missing")?,
             }),
+            "yarn" => {
+                let factor = num("factor")?;
+                let opt = |key: &str| obj.get(key).and_then(Value::as_f64).filter(|v| *v != 0.0);
+                let attention_factor = match (opt("attention_factor"), opt("mscale"), opt("mscale_all_dim")) {
+                    (Some(a), _, _) => a,
+                    (None, Some(m), Some(m_all)) => yarn_mscale(factor, m) / yarn_mscale(factor, m_all),
+                    _ => yarn_mscale(factor, 1.0),
+                };
+                Ok(Self::Yarn {
+                    factor,
+                    original_max: original_max.unwrap_or(max_position_embeddings),
+                    beta_fast: opt("beta_fast").unwrap_or(32.0),
+                    beta_slow: opt("beta_slow").unwrap_or(1.0),
+                    attention_factor,
+                    truncate: obj.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                })
+            }
             other => Err(format!(
-                "rope_scaling.rope_type: {other:?} is not supported (default, linear, dynamic, llama3)"
+                "rope_scaling.rope_type: {other:?} is not supported (default, linear, dynamic, llama3, yarn)"
             )),
         }
     }
@@ -119,6 +156,24 @@ impl RotaryEmbedding {
                     *f = scaled as f32;
                 }
             }
+            RopeScaling::Yarn {
+                factor,
+                original_max,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            } => {
+                inv_freq = yarn_inv_freq(
+                    dim,
+                    base,
+                    factor,
+                    original_max,
+                    beta_fast,
+                    beta_slow,
+                    truncate,
+                );
+            }
             RopeScaling::None | RopeScaling::Dynamic { .. } => {}
         }
         Self {
@@ -165,6 +220,13 @@ impl RotaryEmbedding {
                 sin.push(angle.sin());
             }
         }
+        if let RopeScaling::Yarn {
+            attention_factor, ..
+        } = self.scaling
+        {
+            let a = attention_factor as f32;
+            cos.iter_mut().chain(sin.iter_mut()).for_each(|v| *v *= a);
+        }
         let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
@@ -174,6 +236,50 @@ impl RotaryEmbedding {
     pub fn apply(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         candle_nn::rotary_emb::rope(&xs.contiguous()?, cos, sin)
     }
+
+    /// Rotates adjacent pairs `(x[2i], x[2i+1])` (the GPT-J / complex-number layout DeepSeek's
+    /// checkpoints use) instead of the two halves.
+    pub fn apply_interleaved(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope_i(&xs.contiguous()?, cos, sin)
+    }
+}
+
+/// YaRN inverse frequencies, step for step as transformers' `_compute_yarn_parameters` (f32).
+fn yarn_inv_freq(
+    dim: usize,
+    base: f64,
+    factor: f64,
+    original_max: usize,
+    beta_fast: f64,
+    beta_slow: f64,
+    truncate: bool,
+) -> Vec<f32> {
+    let correction_dim = |rotations: f64| {
+        (dim as f64 * (original_max as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln())
+            / (2.0 * base.ln())
+    };
+    let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+    if truncate {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let low = low.max(0.0) as f32;
+    let mut high = high.min(dim as f64 - 1.0) as f32;
+    if low == high {
+        high += 0.001; // as the reference: avoids a zero-width ramp
+    }
+    (0..dim)
+        .step_by(2)
+        .enumerate()
+        .map(|(i, d)| {
+            let pos_freq = (base as f32).powf(d as f32 / dim as f32);
+            let extrapolation = 1.0 / pos_freq;
+            let interpolation = 1.0 / (factor as f32 * pos_freq);
+            let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+            let extrapolation_weight = 1.0 - ramp;
+            interpolation * (1.0 - extrapolation_weight) + extrapolation * extrapolation_weight
+        })
+        .collect()
 }
 
 fn default_inv_freq(dim: usize, base: f64) -> Vec<f32> {

@@ -189,3 +189,121 @@ fn sequences_past_the_context_are_refused() {
         "{err}"
     );
 }
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(config.as_object_mut().unwrap());
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+/// Inconsistent MoE and MLA settings are refused before any weight is read, naming the field.
+#[test]
+fn inconsistent_deepseek_configs_name_the_field() {
+    use serde_json::json;
+    let cases: &[(&str, &str, serde_json::Value, &str)] = &[
+        (
+            "deepseek-v3",
+            "num_experts_per_tok",
+            json!(9),
+            "num_experts_per_tok: 9 must be between 1 and n_routed_experts (8)",
+        ),
+        (
+            "deepseek-v3",
+            "topk_group",
+            json!(5),
+            "topk_group: 5 must be between 1 and n_group (4)",
+        ),
+        (
+            "deepseek-v3",
+            "n_group",
+            json!(3),
+            "n_group: 3 must divide n_routed_experts (8)",
+        ),
+        (
+            "deepseek-v3",
+            "topk_method",
+            json!("fancy"),
+            "topk_method: \"fancy\" is not supported",
+        ),
+        (
+            "deepseek-v3",
+            "scoring_func",
+            json!("relu"),
+            "scoring_func: \"relu\" is not supported",
+        ),
+        (
+            "deepseek-v2-lite",
+            "qk_rope_head_dim",
+            json!(7),
+            "qk_rope_head_dim: 7 must be even",
+        ),
+        (
+            "deepseek-v2-lite",
+            "kv_lora_rank",
+            json!(0),
+            "kv_lora_rank: must be positive",
+        ),
+        (
+            "deepseek-v2-lite",
+            "rope_scaling",
+            json!({"type": "yarn"}),
+            "rope_scaling.factor: missing",
+        ),
+    ];
+    for (fixture, key, value, expected) in cases {
+        let dir = copy_fixture(fixture);
+        edit_config(dir.path(), |c| {
+            c.insert((*key).into(), value.clone());
+        });
+        let err = load_err(dir.path());
+        assert!(err.contains("config.json"), "{err}");
+        assert!(err.contains(expected), "{key}: {err}");
+    }
+}
+
+#[test]
+fn fp8_weight_without_its_block_scales_is_named() {
+    let dir = copy_fixture("deepseek-v3-fp8");
+    let scale = "model.layers.1.self_attn.kv_b_proj.weight_scale_inv";
+    rewrite_weights(dir.path(), |t| {
+        assert!(t.remove(scale).is_some());
+    });
+    let err = load_err(dir.path());
+    assert!(err.contains(scale), "{err}");
+    assert!(
+        err.contains("`model.layers.1.self_attn.kv_b_proj.weight` is float8_e4m3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn fp8_block_scales_of_the_wrong_shape_are_named() {
+    let dir = copy_fixture("deepseek-v3-fp8");
+    // 200 x 136 in 128 x 128 blocks needs a 2 x 2 grid; a 1 x 2 grid is what inferring the block
+    // from the shapes (or flooring) would accept.
+    let scale = "model.layers.0.mlp.gate_proj.weight_scale_inv";
+    rewrite_weights(dir.path(), |t| {
+        let narrowed = t[scale].narrow(0, 0, 1).unwrap().contiguous().unwrap();
+        t.insert(scale.into(), narrowed);
+    });
+    let err = load_err(dir.path());
+    assert!(err.contains(scale) && err.contains("[2, 2]"), "{err}");
+}
+
+#[test]
+fn unsupported_quantization_method_is_named() {
+    let dir = copy_fixture("deepseek-v3-fp8");
+    edit_config(dir.path(), |c| {
+        c.insert(
+            "quantization_config".into(),
+            serde_json::json!({"quant_method": "awq", "bits": 4}),
+        );
+    });
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("quantization_config.quant_method: \"awq\" is not supported"),
+        "{err}"
+    );
+}

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod bad_input;
+mod deepseek;
 mod numerics;
 
 use std::path::PathBuf;
@@ -17,4 +18,14 @@ pub fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
 }
 
-pub const MODELS: &[&str] = &["llama-llama3-rope", "qwen2", "qwen2-tied"];
+pub const MODELS: &[&str] = &[
+    "llama-llama3-rope",
+    "qwen2",
+    "qwen2-tied",
+    "deepseek-v2-lite",
+    "deepseek-v3",
+    "deepseek-v3-fp8",
+];
+
+/// The DeepSeek (MLA + MoE) fixtures among [`MODELS`].
+pub const DEEPSEEK_MODELS: &[&str] = &["deepseek-v2-lite", "deepseek-v3", "deepseek-v3-fp8"];

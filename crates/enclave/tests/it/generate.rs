@@ -1,5 +1,7 @@
 //! `enclave generate` end to end.
 
+use std::path::PathBuf;
+
 use crate::{enclave, goldens, model_dir, stderr, stdout};
 
 fn json_out(args: &[&str]) -> serde_json::Value {
@@ -168,4 +170,54 @@ fn help_explains_every_flag() {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
     assert!(stdout(&enclave(&["chat", "--help"])).contains("--system"));
+}
+
+/// The tiny DeepSeek-V3 fixture (real 129280-token vocabulary) served with the real DeepSeek-V3
+/// tokenizer and the DeepSeek-R1 chat template: prompt ids and greedy tokens are those of
+/// `transformers` with the same tokenizer and template.
+#[test]
+fn deepseek_v3_chat_with_the_real_tokenizer_and_r1_template() {
+    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures");
+    let fixture = model_dir("deepseek-v3");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
+    }
+    std::fs::copy(
+        shared.join("deepseek-v3-tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    for file in ["tokenizer_config.json", "chat_template.jinja"] {
+        std::fs::copy(shared.join("deepseek-r1").join(file), dir.path().join(file)).unwrap();
+    }
+    let golden = &goldens("deepseek-v3")["prompts"][3];
+    assert_eq!(golden["chat"][0]["content"], "你好");
+    let run = enclave(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--chat",
+        "你好",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        "--stats",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    // Start-up report: (kv_lora_rank 16 + qk_rope_head_dim 4) x 3 layers x 4 bytes (f32).
+    assert!(
+        stderr(&run).contains("DeepseekV3ForCausalLM: 3 layers")
+            && stderr(&run).contains("KV cache 240 bytes/token"),
+        "{}",
+        stderr(&run)
+    );
+    let out: serde_json::Value = serde_json::from_str(&stdout(&run)).unwrap();
+    assert_eq!(as_ids(&out["prompt_ids"]), as_ids(&golden["ids"]));
+    assert_eq!(as_ids(&out["ids"]), as_ids(&golden["greedy"])[..24]);
+    assert_eq!(out["finish_reason"], "length");
+    assert!(!out["text"].as_str().unwrap().is_empty());
 }
