@@ -538,6 +538,48 @@ def make_deepseek_models(tiny_tokenizer):
     write_goldens(out, fp8, prompts, sources, greedy_tokens=24)
 
 
+def make_routing_goldens():
+    """DeepSeek-V2's `group_limited_greedy` router (transformers' DeepseekV2MoEGate) at
+    DeepSeek-V2-like settings (8 groups, 3 kept, 6 of 32 experts, routed_scaling_factor 16) on
+    random hidden states: the model fixtures cover `greedy` and `noaux_tc`."""
+    config = DeepseekV2Config(
+        hidden_size=64,
+        n_routed_experts=32,
+        num_experts_per_tok=6,
+        n_group=8,
+        topk_group=3,
+        topk_method="group_limited_greedy",
+        routed_scaling_factor=16.0,
+        norm_topk_prob=False,
+    )
+    gen = torch.Generator().manual_seed(7)
+    gate = transformers.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2MoEGate(config)
+    with torch.no_grad():
+        gate.weight.copy_(0.3 * torch.randn(gate.weight.shape, generator=gen))
+        hidden = torch.randn(1, 64, 64, generator=gen)
+        idx, weights = gate(hidden)
+    cases = []
+    for t in range(hidden.shape[1]):
+        order = torch.argsort(idx[t])
+        cases.append({"experts": idx[t][order].tolist(), "weights": weights[t][order].tolist()})
+    out = os.path.join(FIXTURES, "routing")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "deepseek-v2-group-limited.json"), "w") as f:
+        json.dump(
+            {
+                "transformers": transformers.__version__,
+                "config": {k: getattr(config, k) for k in (
+                    "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+                    "topk_method", "routed_scaling_factor", "norm_topk_prob")},
+                "gate_weight": gate.weight.tolist(),
+                "hidden": hidden[0].tolist(),
+                "tokens": cases,
+            },
+            f,
+        )
+        f.write("\n")
+
+
 TOKENIZER_STRINGS = [
     "Hello, world!",
     "The quick brown fox jumps over the lazy dog.",
@@ -727,6 +769,7 @@ def main():
     tokenizer = train_tiny_tokenizer(tiny_dir)
     make_models(tokenizer)
     make_deepseek_models(tokenizer)
+    make_routing_goldens()
     make_tokenizer_goldens()
     make_chat_template_goldens()
     print("fixtures written to", FIXTURES)

@@ -53,15 +53,15 @@ pub struct Config {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub max_position_embeddings: usize,
-    #[serde(default = "default_eps")]
+    #[serde(default = "crate::hf_defaults::rms_norm_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
+    #[serde(default = "crate::hf_defaults::rope_theta")]
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<Value>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default = "default_act")]
+    #[serde(default = "crate::hf_defaults::hidden_act")]
     pub hidden_act: String,
     #[serde(default)]
     pub attention_bias: bool,
@@ -90,15 +90,6 @@ pub struct Config {
     pub rope_interleave: bool,
 }
 
-fn default_eps() -> f64 {
-    1e-6
-}
-fn default_rope_theta() -> f64 {
-    10000.0
-}
-fn default_act() -> String {
-    "silu".into()
-}
 fn one() -> usize {
     1
 }

@@ -8,6 +8,7 @@
 
 pub mod deepseek;
 mod error;
+mod hf_defaults;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;

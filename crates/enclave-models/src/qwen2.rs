@@ -21,9 +21,9 @@ pub struct Config {
     pub num_attention_heads: usize,
     pub num_key_value_heads: Option<usize>,
     pub max_position_embeddings: usize,
-    #[serde(default = "default_eps")]
+    #[serde(default = "crate::hf_defaults::rms_norm_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
+    #[serde(default = "crate::hf_defaults::rope_theta")]
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
@@ -31,18 +31,8 @@ pub struct Config {
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub use_sliding_window: bool,
-    #[serde(default = "default_act")]
+    #[serde(default = "crate::hf_defaults::hidden_act")]
     pub hidden_act: String,
-}
-
-fn default_eps() -> f64 {
-    1e-6
-}
-fn default_rope_theta() -> f64 {
-    10000.0
-}
-fn default_act() -> String {
-    "silu".into()
 }
 
 impl Config {

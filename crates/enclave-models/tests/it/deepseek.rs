@@ -2,6 +2,7 @@
 //! runs only the chosen experts. (Logits and greedy continuations against `transformers` are
 //! in `numerics.rs`, which covers these fixtures with the others.)
 
+use enclave_models::layers::moe::{RouterSpec, Scoring, TopkMethod};
 use enclave_models::{DType, ExpertStats, Logits, MlaForm, Model};
 use serde_json::Value;
 
@@ -160,5 +161,77 @@ fn fp8_checkpoint_loads_as_bf16() {
     for (ours, theirs) in logits.iter().zip(&golden.logits) {
         // bf16 rounds the dequantised weights: close, not exact.
         assert!(max_abs_diff(ours, theirs) < 0.1);
+    }
+}
+
+/// DeepSeek-V2's `group_limited_greedy` routing against transformers' `DeepseekV2MoEGate`
+/// (the model fixtures cover `greedy` and `noaux_tc`): same experts, same weights.
+#[test]
+fn group_limited_greedy_routing_matches_transformers() {
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::fixtures().join("routing/deepseek-v2-group-limited.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let matrix = |v: &Value| -> Vec<Vec<f32>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect()
+    };
+    let (weight, hidden) = (matrix(&golden["gate_weight"]), matrix(&golden["hidden"]));
+    let config = &golden["config"];
+    let spec = RouterSpec {
+        num_experts: config["n_routed_experts"].as_u64().unwrap() as usize,
+        top_k: config["num_experts_per_tok"].as_u64().unwrap() as usize,
+        scoring: Scoring::Softmax,
+        method: TopkMethod::GroupLimitedGreedy,
+        n_group: config["n_group"].as_u64().unwrap() as usize,
+        topk_group: config["topk_group"].as_u64().unwrap() as usize,
+        norm_topk_prob: false,
+        routed_scaling_factor: config["routed_scaling_factor"].as_f64().unwrap(),
+        scale_after_norm: false,
+    };
+    let tokens = golden["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), hidden.len());
+    for (t, (h, expected)) in hidden.iter().zip(tokens).enumerate() {
+        let logits: Vec<f32> = weight
+            .iter()
+            .map(|w| w.iter().zip(h).map(|(a, b)| a * b).sum())
+            .collect();
+        let routing = spec.route(&logits, None);
+        let mut chosen: Vec<(usize, f32)> = routing
+            .experts
+            .iter()
+            .copied()
+            .zip(routing.weights.iter().copied())
+            .collect();
+        chosen.sort_by_key(|&(e, _)| e);
+        let experts: Vec<usize> = expected["experts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(
+            chosen.iter().map(|c| c.0).collect::<Vec<_>>(),
+            experts,
+            "token {t}"
+        );
+        for ((_, w), expected) in chosen.iter().zip(expected["weights"].as_array().unwrap()) {
+            let expected = expected.as_f64().unwrap() as f32;
+            let tolerance = 2e-5 * expected.abs().max(1.0);
+            assert!(
+                (w - expected).abs() <= tolerance,
+                "token {t}: weight {w} vs {expected}"
+            );
+        }
     }
 }
