@@ -21,9 +21,9 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::kv_cache::{KvCache, LayerKv};
+use crate::kv_cache::{KvLayout, PagedKvCache, SeqSlice};
 use crate::layers::attention::causal_mask;
-use crate::layers::decoder::activation_dtype;
+use crate::layers::decoder::{activation_dtype, PackedBatch};
 use crate::layers::linear::Linear;
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::{ExpertCounters, MoeShape, RouterSpec, Scoring, SparseMoe, TopkMethod};
@@ -329,6 +329,19 @@ enum QueryProjection {
     LowRank { a: Linear, norm: RmsNorm, b: Linear },
 }
 
+/// One sequence's attention inputs: `q_nope` `[heads, len, nope]`, rotated `q_pe`
+/// `[heads, len, rope]`, its cached latents `[total, rank]` and rotary keys `[total, rope]`, the
+/// causal mask (None for one query), `len` and `total`.
+type AttendArgs<'a> = (
+    &'a Tensor,
+    &'a Tensor,
+    &'a Tensor,
+    &'a Tensor,
+    Option<&'a Tensor>,
+    usize,
+    usize,
+);
+
 /// Multi-head Latent Attention over a latent cache.
 #[derive(Debug, Clone)]
 struct MlaAttention {
@@ -438,21 +451,20 @@ impl MlaAttention {
         }
     }
 
+    /// MLA for a packed batch (`xs` `[1, T, hidden]`, `cos`/`sin` `[T, rope / 2]`): each
+    /// sequence's latents and rotary keys go into `cache` through its block table.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
-        offset: usize,
-        cache: &mut LayerKv,
+        seqs: &[SeqSlice],
+        cache: &PagedKvCache,
+        layer: usize,
         form: MlaForm,
     ) -> Result<Tensor> {
-        let (b, len, _) = xs.dims3()?;
-        if b != 1 {
-            candle_core::bail!("MLA attention runs one sequence at a time (batch {b})");
-        }
+        let (_, tokens, _) = xs.dims3()?;
         let (heads, nope, rope) = (self.heads, self.nope, self.rope);
         let q = match &self.q {
             QueryProjection::Direct(q) => q.forward(xs)?,
@@ -460,33 +472,64 @@ impl MlaAttention {
                 b.forward(&norm.forward(&a.forward(xs)?)?)?
             }
         };
-        let q = q.reshape((len, heads, nope + rope))?.transpose(0, 1)?; // [heads, len, qk]
+        let q = q.reshape((tokens, heads, nope + rope))?.transpose(0, 1)?; // [heads, T, qk]
         let q_nope = q.narrow(2, 0, nope)?.contiguous()?;
         let q_pe = self
             .rotate(&q.narrow(2, nope, rope)?.unsqueeze(0)?, cos, sin)?
             .squeeze(0)?;
 
-        let kv = self.kv_a.forward(xs)?; // [1, len, rank + rope]
-        let latent = self.kv_a_norm.forward(&kv.narrow(2, 0, self.rank)?)?;
-        let k_pe = self.rotate(&kv.narrow(2, self.rank, rope)?.unsqueeze(0)?, cos, sin)?;
-        // The cache keeps exactly these two per token: [1, 1, n, rank] and [1, 1, n, rope].
-        let (latent, k_pe) = cache.append(offset, &latent.unsqueeze(0)?, &k_pe)?;
-        let total = offset + len;
-        let latent = latent.reshape((total, self.rank))?;
-        let k_pe = k_pe.reshape((total, rope))?;
-
-        let absorbed = match form {
-            MlaForm::Auto => self.absorbed_is_cheaper(len, total),
-            MlaForm::Expanded => false,
-            MlaForm::Absorbed => true,
-        };
-        let out = if absorbed {
-            self.attend_absorbed(&q_nope, &q_pe, &latent, &k_pe, mask, len, total)?
-        } else {
-            self.attend_expanded(&q_nope, &q_pe, &latent, &k_pe, mask, len, total)?
-        }; // [heads, len, v]
-        let out = out.transpose(0, 1)?.reshape((1, len, heads * self.v))?;
-        self.o_proj.forward(&out)
+        let kv = self.kv_a.forward(xs)?; // [1, T, rank + rope]
+        let latent = self
+            .kv_a_norm
+            .forward(&kv.narrow(2, 0, self.rank)?)?
+            .squeeze(0)?;
+        let k_pe = self
+            .rotate(&kv.narrow(2, self.rank, rope)?.unsqueeze(0)?, cos, sin)?
+            .reshape((tokens, rope))?;
+        let mut outputs = Vec::with_capacity(seqs.len());
+        let mut offset = 0;
+        for seq in seqs {
+            let len = seq.tokens.len();
+            let total = seq.start + len;
+            // The cache keeps exactly these two per token: the latent and the rotary key.
+            let (latent_all, k_pe_all) = cache.write_and_gather(
+                layer,
+                seq.block_table,
+                seq.start,
+                &latent.narrow(0, offset, len)?,
+                &k_pe.narrow(0, offset, len)?,
+            )?;
+            let q_nope = q_nope.narrow(1, offset, len)?.contiguous()?;
+            let q_pe = q_pe.narrow(1, offset, len)?.contiguous()?;
+            let mask = if len > 1 {
+                Some(causal_mask(len, seq.start, xs.device())?)
+            } else {
+                None
+            };
+            let absorbed = match form {
+                MlaForm::Auto => self.absorbed_is_cheaper(len, total),
+                MlaForm::Expanded => false,
+                MlaForm::Absorbed => true,
+            };
+            let args = (
+                &q_nope,
+                &q_pe,
+                &latent_all,
+                &k_pe_all,
+                mask.as_ref(),
+                len,
+                total,
+            );
+            let out = if absorbed {
+                self.attend_absorbed(args)?
+            } else {
+                self.attend_expanded(args)?
+            }; // [heads, len, v]
+            outputs.push(out.transpose(0, 1)?.reshape((len, heads * self.v))?);
+            offset += len;
+        }
+        self.o_proj
+            .forward(&Tensor::cat(&outputs, 0)?.unsqueeze(0)?)
     }
 
     fn softmax(&self, scores: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
@@ -498,17 +541,8 @@ impl MlaAttention {
         candle_nn::ops::softmax_last_dim(&scores)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attend_expanded(
-        &self,
-        q_nope: &Tensor,
-        q_pe: &Tensor,
-        latent: &Tensor,
-        k_pe: &Tensor,
-        mask: Option<&Tensor>,
-        len: usize,
-        total: usize,
-    ) -> Result<Tensor> {
+    fn attend_expanded(&self, args: AttendArgs) -> Result<Tensor> {
+        let (q_nope, q_pe, latent, k_pe, mask, len, total) = args;
         let heads = self.heads;
         // [total, rank] x [rank, heads * dim] → per-head keys and values for every position.
         let expand = |w: &Tensor, dim: usize| -> Result<Tensor> {
@@ -527,17 +561,8 @@ impl MlaAttention {
         probs.matmul(&v)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attend_absorbed(
-        &self,
-        q_nope: &Tensor,
-        q_pe: &Tensor,
-        latent: &Tensor,
-        k_pe: &Tensor,
-        mask: Option<&Tensor>,
-        len: usize,
-        total: usize,
-    ) -> Result<Tensor> {
+    fn attend_absorbed(&self, args: AttendArgs) -> Result<Tensor> {
+        let (q_nope, q_pe, latent, k_pe, mask, len, total) = args;
         let heads = self.heads;
         // Fold W_UK into the query: q_nope·(W_UK c)ᵀ = (q_nope W_UK)·cᵀ, per head.
         let q_latent = q_nope.matmul(&self.w_uk)?; // [heads, len, rank]
@@ -698,49 +723,36 @@ impl Deepseek {
         }
     }
 
-    /// Bytes of cache per token: the latent and rotary key of every layer.
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.spec.num_layers * self.spec.latent_width() * self.activations.size_in_bytes()
+    /// The layout of one cached token: per layer the latent and the rotary key.
+    pub fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            num_layers: self.spec.num_layers,
+            k_width: self.spec.kv_lora_rank,
+            v_width: self.spec.qk_rope_head_dim,
+            dtype: self.activations,
+        }
     }
 
-    /// Runs `tokens` at positions `cache.len()..` and extends the cache; returns f32 logits.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
-        let len = tokens.len();
-        if len == 0 {
-            candle_core::bail!("forward called with no tokens");
-        }
+    /// One forward over the new tokens of several sequences (see [`SeqSlice`]); returns f32
+    /// logits for the rows `which` selects (`Last`: one per sequence; `All`: every token).
+    pub fn forward(
+        &self,
+        seqs: &[SeqSlice],
+        cache: &PagedKvCache,
+        which: Logits,
+    ) -> Result<Tensor> {
         let device: Device = self.embed_tokens.embeddings().device().clone();
-        let offset = cache.len();
-        let ids = Tensor::new(tokens, &device)?.unsqueeze(0)?;
+        let batch = PackedBatch::new(seqs, &device)?;
         let mut xs = self
             .embed_tokens
-            .forward(&ids)?
+            .forward(&batch.ids)?
             .to_dtype(self.activations)?;
-        let (cos, sin) = self
-            .rotary
-            .cos_sin(offset, len, self.activations, &device)?;
-        let mask = if len > 1 {
-            Some(causal_mask(len, offset, &device)?)
-        } else {
-            None
-        };
+        let (cos, sin) = batch.cos_sin(&self.rotary, self.activations, &device)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let Some(layer_cache) = cache.layer_mut(i) else {
-                candle_core::bail!(
-                    "kv cache has fewer layers than the model ({})",
-                    self.layers.len()
-                );
-            };
             let h = layer.input_layernorm.forward(&xs)?;
-            let h = layer.self_attn.forward(
-                &h,
-                &cos,
-                &sin,
-                mask.as_ref(),
-                offset,
-                layer_cache,
-                self.form,
-            )?;
+            let h = layer
+                .self_attn
+                .forward(&h, &cos, &sin, seqs, cache, i, self.form)?;
             let xs_attn = (&xs + h)?;
             let h = layer.post_attention_layernorm.forward(&xs_attn)?;
             let h = match &layer.mlp {
@@ -749,11 +761,7 @@ impl Deepseek {
             };
             xs = (xs_attn + h)?;
         }
-        cache.advance(len);
-        let xs = match which {
-            Logits::All => xs,
-            Logits::Last => xs.narrow(1, len - 1, 1)?,
-        };
+        let xs = batch.select(&xs, which)?;
         let xs = self.norm.forward(&xs)?;
         self.lm_head.forward(&xs)?.squeeze(0)?.to_dtype(DType::F32)
     }

@@ -19,6 +19,6 @@ pub mod weights;
 pub use candle_core::{DType, Device, Tensor};
 pub use deepseek::{ExpertStats, MlaForm};
 pub use error::{ModelError, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvLayout, PagedKvCache, SeqSlice};
 pub use layers::decoder::activation_dtype;
 pub use model::{checkpoint_dtype, Architecture, LoadOptions, Logits, Model, ModelInfo};

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::deepseek::{self, Deepseek, ExpertStats, MlaForm};
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvLayout, PagedKvCache, SeqSlice};
 use crate::layers::decoder::{Decoder, DecoderSpec};
 use crate::weights::{SafetensorsWeights, DEFAULT_FP8_BLOCK};
 use crate::{llama, qwen2};
@@ -79,6 +79,7 @@ pub struct ModelInfo {
 pub struct Model {
     info: ModelInfo,
     network: Network,
+    device: Device,
 }
 
 #[derive(Debug, Clone)]
@@ -191,12 +192,7 @@ impl Model {
                     vocab_size: spec.vocab_size,
                     num_layers: spec.num_layers,
                     hidden_size: spec.hidden_size,
-                    kv_bytes_per_token: KvCache::bytes_per_token(
-                        spec.num_layers,
-                        spec.attention.num_kv_heads,
-                        spec.attention.head_dim,
-                        decoder.activations(),
-                    ),
+                    kv_bytes_per_token: decoder.kv_layout().bytes_per_token(),
                     max_position_embeddings,
                     dtype: options.dtype,
                     activation_dtype: decoder.activations(),
@@ -210,7 +206,7 @@ impl Model {
                     vocab_size: spec.vocab_size,
                     num_layers: spec.num_layers,
                     hidden_size: spec.hidden_size,
-                    kv_bytes_per_token: model.kv_bytes_per_token(),
+                    kv_bytes_per_token: model.kv_layout().bytes_per_token(),
                     max_position_embeddings,
                     dtype: options.dtype,
                     activation_dtype: model.activations(),
@@ -218,16 +214,28 @@ impl Model {
                 }
             }
         };
-        Ok(Self { info, network })
+        Ok(Self {
+            info,
+            network,
+            device: options.device.clone(),
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
 
-    /// An empty cache sized for this model.
+    /// What one cached token holds per layer (for sizing a [`PagedKvCache`]).
+    pub fn kv_layout(&self) -> KvLayout {
+        match &self.network {
+            Network::Dense(decoder) => decoder.kv_layout(),
+            Network::Deepseek(model) => model.kv_layout(),
+        }
+    }
+
+    /// An empty single-sequence cache for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.info.num_layers)
+        KvCache::new(self.kv_layout(), &self.device)
     }
 
     /// Bytes of KV cache per token.
@@ -251,9 +259,49 @@ impl Model {
         }
     }
 
-    /// Runs `tokens` after what `cache` holds and extends it; returns f32 logits `[n, vocab]`.
+    /// Runs `tokens` after what `cache` holds and extends it; returns f32 logits `[n, vocab]`
+    /// (`Logits::All`) or `[1, vocab]` (`Logits::Last`).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
-        let requested = cache.len() + tokens.len();
+        let start = cache.len();
+        self.check(tokens, start)?;
+        let (paged, table) = cache.reserve(tokens.len())?;
+        let seq = SeqSlice {
+            tokens,
+            start,
+            block_table: table,
+        };
+        let logits = self.forward_batch(&[seq], paged, which)?;
+        cache.advance(tokens.len());
+        Ok(logits)
+    }
+
+    /// One forward over the new tokens of several sequences sharing `cache` (each names its
+    /// blocks; blocks may be shared for a common prefix). Returns f32 logits: one row per
+    /// sequence (`Logits::Last`), or one per token, packed in order (`Logits::All`).
+    pub fn forward_batch(
+        &self,
+        seqs: &[SeqSlice],
+        cache: &PagedKvCache,
+        which: Logits,
+    ) -> Result<Tensor> {
+        if cache.layout() != self.kv_layout() {
+            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                "kv cache layout {:?} does not match the model's {:?}",
+                cache.layout(),
+                self.kv_layout()
+            ))));
+        }
+        for seq in seqs {
+            self.check(seq.tokens, seq.start)?;
+        }
+        Ok(match &self.network {
+            Network::Dense(decoder) => decoder.forward(seqs, cache, which)?,
+            Network::Deepseek(model) => model.forward(seqs, cache, which)?,
+        })
+    }
+
+    fn check(&self, tokens: &[u32], start: usize) -> Result<()> {
+        let requested = start + tokens.len();
         if requested > self.info.max_position_embeddings {
             return Err(ModelError::ContextOverflow {
                 requested,
@@ -266,15 +314,10 @@ impl Model {
                 self.info.vocab_size
             ))));
         }
-        Ok(match &self.network {
-            Network::Dense(decoder) => decoder.forward(tokens, cache, which)?,
-            Network::Deepseek(model) => model.forward(tokens, cache, which)?,
-        })
+        Ok(())
     }
 }
 
-/// The FP8 tile size from `quantization_config` (DeepSeek-V3's `fp8` method); other
-/// quantization methods are refused by name rather than loaded wrongly.
 fn fp8_block_size(config: &Value) -> std::result::Result<[usize; 2], String> {
     let Some(q) = config.get("quantization_config").filter(|q| !q.is_null()) else {
         return Ok(DEFAULT_FP8_BLOCK);

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use super::linear::Linear;
 
 use super::rotary::RotaryEmbedding;
-use crate::kv_cache::LayerKv;
+use crate::kv_cache::{PagedKvCache, SeqSlice};
 
 /// Shape of an attention block, from the architecture's config.
 #[derive(Debug, Clone, Copy)]
@@ -81,18 +81,20 @@ impl Attention {
         })
     }
 
-    /// `xs` is `[1, len, hidden]` for positions `offset..offset + len`; `mask` is the additive
-    /// causal mask `[len, offset + len]` (f32), or `None` for a single query position.
+    /// Attention for a packed batch: `xs` is `[1, T, hidden]`, the new tokens of every sequence
+    /// of `seqs` one after another, with `cos`/`sin` (`[T, head_dim / 2]`) for their positions.
+    /// Each sequence's keys and values are written into `cache` through its block table and its
+    /// context read back the same way.
     pub fn forward(
         &self,
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
-        offset: usize,
-        cache: &mut LayerKv,
+        seqs: &[SeqSlice],
+        cache: &PagedKvCache,
+        layer: usize,
     ) -> Result<Tensor> {
-        let (b, len, _) = xs.dims3()?;
+        let (_, total_tokens, _) = xs.dims3()?;
         let AttentionShape {
             num_heads,
             num_kv_heads,
@@ -100,36 +102,67 @@ impl Attention {
             ..
         } = self.shape;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, len, n, head_dim))?
+            t.reshape((1, total_tokens, n, head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
         let q = heads(self.q_proj.forward(xs)?, num_heads)?;
         let k = heads(self.k_proj.forward(xs)?, num_kv_heads)?;
-        let v = heads(self.v_proj.forward(xs)?, num_kv_heads)?;
-        let q = RotaryEmbedding::apply(&q, cos, sin)?;
-        let k = RotaryEmbedding::apply(&k, cos, sin)?;
-        let (k, v) = cache.append(offset, &k, &v)?;
-        let total = offset + len;
-
-        // Grouped heads without copying keys: the `group` query heads that share one KV head are
-        // stacked along the row dimension, so one matmul per KV head covers them all.
+        let q = RotaryEmbedding::apply(&q, cos, sin)?.squeeze(0)?; // [heads, T, d]
+        let k = RotaryEmbedding::apply(&k, cos, sin)?
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .reshape((total_tokens, num_kv_heads * head_dim))?;
+        let v = self
+            .v_proj
+            .forward(xs)?
+            .reshape((total_tokens, num_kv_heads * head_dim))?;
         let group = num_heads / num_kv_heads;
-        let q = q.reshape((b, num_kv_heads, group * len, head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((b, num_kv_heads, group, len, total))?
-                .broadcast_add(mask)?
-                .reshape((b, num_kv_heads, group * len, total))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?; // [b, kv_heads, group * len, head_dim]
-        let out = out
-            .reshape((b, num_heads, len, head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, len, num_heads * head_dim))?;
+        let mut outputs = Vec::with_capacity(seqs.len());
+        let mut offset = 0;
+        for seq in seqs {
+            let len = seq.tokens.len();
+            let total = seq.start + len;
+            let (k_all, v_all) = cache.write_and_gather(
+                layer,
+                seq.block_table,
+                seq.start,
+                &k.narrow(0, offset, len)?,
+                &v.narrow(0, offset, len)?,
+            )?;
+            let per_head = |t: Tensor| -> Result<Tensor> {
+                t.reshape((total, num_kv_heads, head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let (k_all, v_all) = (per_head(k_all)?, per_head(v_all)?); // [kv_heads, total, d]
+                                                                       // Grouped heads without copying keys: the `group` query heads that share one KV head
+                                                                       // are stacked along the row dimension, so one matmul per KV head covers them all.
+            let q_seq = q.narrow(1, offset, len)?.contiguous()?.reshape((
+                num_kv_heads,
+                group * len,
+                head_dim,
+            ))?;
+            let scores = (q_seq.matmul(&k_all.t()?)? * self.scale)?.to_dtype(DType::F32)?;
+            let scores = if len > 1 {
+                let mask = causal_mask(len, seq.start, xs.device())?;
+                scores
+                    .reshape((num_kv_heads, group, len, total))?
+                    .broadcast_add(&mask)?
+                    .reshape((num_kv_heads, group * len, total))?
+            } else {
+                scores
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v_all.dtype())?;
+            let out = probs.matmul(&v_all)?; // [kv_heads, group * len, d]
+            outputs.push(
+                out.reshape((num_heads, len, head_dim))?
+                    .transpose(0, 1)?
+                    .reshape((len, num_heads * head_dim))?,
+            );
+            offset += len;
+        }
+        let out = Tensor::cat(&outputs, 0)?.unsqueeze(0)?;
         self.o_proj.forward(&out)
     }
 }

@@ -7,12 +7,12 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use super::attention::{causal_mask, Attention, AttentionShape};
+use super::attention::{Attention, AttentionShape};
 use super::linear::Linear;
 use super::mlp::{Activation, GatedMlp};
 use super::norm::RmsNorm;
 use super::rotary::{RopeScaling, RotaryEmbedding};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvLayout, PagedKvCache, SeqSlice};
 use crate::model::Logits;
 
 /// The dtype hidden states are computed in for weights of dtype `weights` on `device`.
@@ -138,51 +138,101 @@ impl Decoder {
         &self.spec
     }
 
-    /// Runs `tokens` at positions `cache.len()..` and extends the cache; returns f32 logits
-    /// `[n, vocab]` for the positions `which` selects.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
-        let len = tokens.len();
-        if len == 0 {
-            candle_core::bail!("forward called with no tokens");
+    /// The layout of one cached token: keys and values of every layer.
+    pub fn kv_layout(&self) -> KvLayout {
+        let width = self.spec.attention.num_kv_heads * self.spec.attention.head_dim;
+        KvLayout {
+            num_layers: self.spec.num_layers,
+            k_width: width,
+            v_width: width,
+            dtype: self.activations,
         }
+    }
+
+    /// One forward over the new tokens of several sequences (see [`SeqSlice`]), writing their
+    /// keys and values through their block tables; returns f32 logits `[rows, vocab]` for the
+    /// rows `which` selects (`Last`: one per sequence; `All`: every token, packed).
+    pub fn forward(
+        &self,
+        seqs: &[SeqSlice],
+        cache: &PagedKvCache,
+        which: Logits,
+    ) -> Result<Tensor> {
         let device = self.embed_tokens.embeddings().device().clone();
         let dtype = self.activations;
-        let offset = cache.len();
-        let ids = Tensor::new(tokens, &device)?.unsqueeze(0)?;
-        let mut xs = self.embed_tokens.forward(&ids)?.to_dtype(dtype)?;
-        let (cos, sin) = self.rotary.cos_sin(offset, len, dtype, &device)?;
-        let mask = if len > 1 {
-            Some(causal_mask(len, offset, &device)?)
-        } else {
-            None
-        };
+        let batch = PackedBatch::new(seqs, &device)?;
+        let mut xs = self.embed_tokens.forward(&batch.ids)?.to_dtype(dtype)?;
+        let (cos, sin) = batch.cos_sin(&self.rotary, dtype, &device)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let Some(layer_cache) = cache.layer_mut(i) else {
-                candle_core::bail!(
-                    "kv cache has fewer layers than the model ({})",
-                    self.layers.len()
-                );
-            };
             let residual = &xs;
             let h = layer.input_layernorm.forward(&xs)?;
-            let h = layer
-                .self_attn
-                .forward(&h, &cos, &sin, mask.as_ref(), offset, layer_cache)?;
+            let h = layer.self_attn.forward(&h, &cos, &sin, seqs, cache, i)?;
             let xs_attn = (residual + h)?;
             let h = layer.post_attention_layernorm.forward(&xs_attn)?;
             let h = layer.mlp.forward(&h)?;
             xs = (xs_attn + h)?;
         }
-        cache.advance(len);
-        let xs = match which {
-            Logits::All => xs,
-            Logits::Last => xs.narrow(1, len - 1, 1)?,
-        };
+        let xs = batch.select(&xs, which)?;
         let xs = self.norm.forward(&xs)?;
         self.lm_head
             .forward(&xs)?
             .squeeze(0)?
             .to_dtype(candle_core::DType::F32)
+    }
+}
+
+/// The new tokens of a batch of sequences, packed one after another as `[1, T]`.
+pub(crate) struct PackedBatch<'a> {
+    pub ids: Tensor,
+    seqs: &'a [SeqSlice<'a>],
+}
+
+impl<'a> PackedBatch<'a> {
+    pub fn new(seqs: &'a [SeqSlice<'a>], device: &Device) -> Result<Self> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
+            candle_core::bail!("forward needs at least one token for every sequence");
+        }
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        Ok(Self {
+            ids: Tensor::new(ids, device)?.unsqueeze(0)?,
+            seqs,
+        })
+    }
+
+    /// Rotary cos/sin `[T, dim / 2]` for every packed token at its own sequence's position.
+    pub fn cos_sin(
+        &self,
+        rotary: &RotaryEmbedding,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let (cos, sin): (Vec<Tensor>, Vec<Tensor>) = self
+            .seqs
+            .iter()
+            .map(|s| rotary.cos_sin(s.start, s.tokens.len(), dtype, device))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        Ok((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
+    }
+
+    /// The rows of `xs` (`[1, T, hidden]`) that `which` asks logits for.
+    pub fn select(&self, xs: &Tensor, which: Logits) -> Result<Tensor> {
+        match which {
+            Logits::All => Ok(xs.clone()),
+            Logits::Last => {
+                let mut end = 0u32;
+                let last: Vec<u32> = self
+                    .seqs
+                    .iter()
+                    .map(|s| {
+                        end += s.tokens.len() as u32;
+                        end - 1
+                    })
+                    .collect();
+                xs.index_select(&Tensor::new(last, xs.device())?, 1)
+            }
+        }
     }
 }
 

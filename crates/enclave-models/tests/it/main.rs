@@ -7,6 +7,7 @@
 mod bad_input;
 mod deepseek;
 mod numerics;
+mod paged;
 
 use std::path::PathBuf;
 
