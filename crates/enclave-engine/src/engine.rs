@@ -3,13 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use enclave_models::{DType, Device, LoadOptions, Logits, Model, ModelError};
+use enclave_models::{DType, Device, LoadOptions, Model};
+use tokio::sync::mpsc::unbounded_channel;
 
 use crate::chat_template::ChatTemplate;
-use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::{EngineError, Result};
 use crate::generation_config::GenerationConfig;
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::SamplingParams;
+use crate::serving::{Event, ServingConfig, ServingCore};
 use crate::tokenizer::Tokenizer;
 
 /// The compute dtype asked for on the command line or in the config.
@@ -319,88 +320,67 @@ impl Engine {
         })
     }
 
-    /// Generates for one request, calling `on_token` as each token is produced.
+    /// Generates for one request, calling `on_token` as each token is produced. Runs through
+    /// the serving loop ([`ServingCore`]) with a cache sized for exactly this request, so one
+    /// request and many take the same code path.
     pub fn generate(
         &self,
         request: &ValidRequest,
         mut on_token: impl FnMut(&TokenEvent<'_>),
     ) -> Result<Generation> {
-        let mut cache = self.model.new_cache();
-        let mut sampler = Sampler::new(request.sampling.clone(), &request.prompt_ids);
-        let mut detok = IncrementalDetokenizer::new(&self.tokenizer, &request.prompt_ids, true);
-        let mut stops = StopStrings::new(&request.stop);
+        let block_size = 16;
+        let tokens = request.prompt_ids.len() + request.max_new_tokens;
+        let config = ServingConfig {
+            block_size,
+            kv_cache_bytes: (tokens.div_ceil(block_size) + 1)
+                * block_size
+                * self.model.kv_layout().bytes_per_token(),
+            max_num_seqs: 1,
+            // The whole prompt in one forward.
+            max_num_batched_tokens: request.prompt_ids.len(),
+            prefix_caching: false,
+        };
+        let mut core = ServingCore::new(self, &config)?;
+        let (sink, mut events) = unbounded_channel();
+        core.submit(request.clone(), sink)?;
         let mut ids = Vec::new();
         let mut logprobs = Vec::new();
-        let mut input = request.prompt_ids.clone();
-        let finish_reason = loop {
-            let logits = self.model.forward(&input, &mut cache, Logits::Last)?;
-            let logits: Vec<f32> = logits
-                .squeeze(0)
-                .and_then(|l| l.to_vec1())
-                .map_err(ModelError::from)?;
-            let id = sampler.sample(&logits);
-            sampler.record(id);
-            let logprob = logprob_of(&logits, id);
-            ids.push(id);
-            logprobs.push(logprob);
-            if request.stop_token_ids.contains(&id) {
-                let tail = detok.flush(&self.tokenizer)?;
-                let text = stops.finish(&tail);
-                on_token(&TokenEvent {
-                    id,
-                    text: &text,
-                    logprob,
-                });
-                break FinishReason::Stop;
+        loop {
+            core.step()?;
+            while let Ok(event) = events.try_recv() {
+                match event {
+                    Event::Token { id, text, logprob } => {
+                        ids.push(id);
+                        logprobs.push(logprob);
+                        on_token(&TokenEvent {
+                            id,
+                            text: &text,
+                            logprob,
+                        });
+                    }
+                    Event::Finished { reason, text, .. } => {
+                        return Ok(Generation {
+                            prompt_ids: request.prompt_ids.clone(),
+                            ids,
+                            text,
+                            logprobs,
+                            finish_reason: reason,
+                        })
+                    }
+                    Event::Failed(message) => return Err(EngineError::Internal(message)),
+                }
             }
-            let delta = detok.push(&self.tokenizer, id)?;
-            let (text, hit_stop) = stops.push(&delta);
-            if hit_stop {
-                on_token(&TokenEvent {
-                    id,
-                    text: &text,
-                    logprob,
-                });
-                break FinishReason::Stop;
+            if !core.has_work() {
+                return Err(EngineError::Internal(
+                    "the request ended without a finish event".into(),
+                ));
             }
-            if ids.len() >= request.max_new_tokens {
-                let tail = detok.flush(&self.tokenizer)?;
-                let (more, hit_stop) = stops.push(&tail);
-                let rest = if hit_stop {
-                    String::new()
-                } else {
-                    stops.finish("")
-                };
-                on_token(&TokenEvent {
-                    id,
-                    text: &format!("{text}{more}{rest}"),
-                    logprob,
-                });
-                break if hit_stop {
-                    FinishReason::Stop
-                } else {
-                    FinishReason::Length
-                };
-            }
-            on_token(&TokenEvent {
-                id,
-                text: &text,
-                logprob,
-            });
-            input = vec![id];
-        };
-        Ok(Generation {
-            prompt_ids: request.prompt_ids.clone(),
-            ids,
-            text: stops.into_text(),
-            logprobs,
-            finish_reason,
-        })
+        }
     }
 }
 
 /// Log-probability of one token under `logits` (log-softmax evaluated at `id` only).
-fn logprob_of(logits: &[f32], id: u32) -> f32 {
+pub(crate) fn logprob_of(logits: &[f32], id: u32) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
     let chosen = logits
@@ -412,16 +392,16 @@ fn logprob_of(logits: &[f32], id: u32) -> f32 {
 
 /// Finds stop strings in the generated text and holds back text that could still become one,
 /// so a stop string is never emitted, even in part.
-struct StopStrings<'a> {
-    stops: &'a [String],
+pub(crate) struct StopStrings {
+    stops: Vec<String>,
     text: String,
     emitted: usize,
 }
 
-impl<'a> StopStrings<'a> {
-    fn new(stops: &'a [String]) -> Self {
+impl StopStrings {
+    pub(crate) fn new(stops: &[String]) -> Self {
         Self {
-            stops,
+            stops: stops.to_vec(),
             text: String::new(),
             emitted: 0,
         }
@@ -429,7 +409,7 @@ impl<'a> StopStrings<'a> {
 
     /// Adds decoded text; returns what may be emitted now and whether a stop string was hit
     /// (the text is then cut just before it).
-    fn push(&mut self, delta: &str) -> (String, bool) {
+    pub(crate) fn push(&mut self, delta: &str) -> (String, bool) {
         let search_from = self
             .text
             .len()
@@ -457,7 +437,7 @@ impl<'a> StopStrings<'a> {
     }
 
     /// Adds the final text and releases everything held back.
-    fn finish(&mut self, tail: &str) -> String {
+    pub(crate) fn finish(&mut self, tail: &str) -> String {
         let (mut out, hit) = self.push(tail);
         if !hit {
             out.push_str(&self.take(self.text.len()));
@@ -472,7 +452,7 @@ impl<'a> StopStrings<'a> {
         out
     }
 
-    fn into_text(self) -> String {
+    pub(crate) fn into_text(self) -> String {
         self.text
     }
 }

@@ -23,6 +23,9 @@ pub enum EngineError {
     Template(String),
     #[error("{0}")]
     InvalidRequest(String),
+    /// A broken invariant or a stopped engine thread: a server error, never the client's.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(
         "this model's maximum context length is {limit} tokens, but {requested} were requested \
          ({prompt} in the prompt, {completion} for the completion)"

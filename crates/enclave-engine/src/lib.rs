@@ -5,12 +5,15 @@
 //! - Nothing here knows HTTP or OpenAI JSON; callers convert to and from these types.
 //! - A [`ValidRequest`] is only made by [`Engine::validate`]; nothing downstream re-checks it.
 
+pub mod block_manager;
 pub mod chat_template;
 pub mod detokenizer;
 mod engine;
 mod error;
 pub mod generation_config;
 pub mod sampler;
+pub mod scheduler;
+pub mod serving;
 pub mod tokenizer;
 
 pub use chat_template::ChatTemplate;
@@ -22,4 +25,7 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use generation_config::GenerationConfig;
 pub use sampler::{Sampler, SamplingParams};
+pub use serving::{
+    EngineHandle, Event, RequestStream, ServingConfig, ServingCore, ServingStats, Usage,
+};
 pub use tokenizer::{SpecialTokens, Tokenizer};

@@ -221,6 +221,10 @@ impl Model {
         })
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }

@@ -1,0 +1,357 @@
+//! Which KV-cache blocks each sequence owns: allocation, reference counts, prefix caching and
+//! LRU eviction. Pure bookkeeping: no tensors (the model reads and writes the blocks through
+//! the block tables this hands out).
+//!
+//! A full block is known by a hash of its tokens chained with the hash of the block before it,
+//! so equal hashes mean equal prefixes. A new prompt reuses the cached blocks of its longest
+//! cached prefix. A block whose last user is gone stays cached (and reusable) until a fresh block
+//! is needed and none is free; then the least recently used one is evicted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// Block id: an index into the paged cache's pools.
+pub type BlockId = u32;
+
+#[derive(Debug, Clone, Default)]
+struct Block {
+    refs: u32,
+    /// Prefix hash of the block's content, once full and registered.
+    hash: Option<u64>,
+    /// Last time it was released, for LRU among cached free blocks.
+    released_at: u64,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub total: usize,
+    /// Blocks referenced by at least one sequence.
+    pub used: usize,
+    /// Unreferenced blocks that still hold a cached prefix (reusable, evictable).
+    pub cached_free: usize,
+    /// Unreferenced blocks with nothing worth keeping.
+    pub free: usize,
+    /// Prompt tokens looked up in the prefix cache, and how many were found.
+    pub prefix_queries: u64,
+    pub prefix_hits: u64,
+    pub evictions: u64,
+}
+
+/// A prompt's blocks: the table, and how many leading tokens are already in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptBlocks {
+    pub table: Vec<BlockId>,
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug)]
+pub struct BlockManager {
+    block_size: usize,
+    prefix_caching: bool,
+    blocks: Vec<Block>,
+    /// Unreferenced, unhashed blocks.
+    free: Vec<BlockId>,
+    /// Unreferenced, hashed blocks by release time (oldest first).
+    evictable: BTreeMap<(u64, BlockId), ()>,
+    /// Full blocks by prefix hash.
+    cached: HashMap<u64, BlockId>,
+    clock: u64,
+    stats: BlockStats,
+}
+
+impl BlockManager {
+    pub fn new(num_blocks: usize, block_size: usize, prefix_caching: bool) -> Self {
+        Self {
+            block_size: block_size.max(1),
+            prefix_caching,
+            blocks: vec![Block::default(); num_blocks],
+            // Popped from the back: hand out low ids first.
+            free: (0..num_blocks as BlockId).rev().collect(),
+            evictable: BTreeMap::new(),
+            cached: HashMap::new(),
+            clock: 0,
+            stats: BlockStats {
+                total: num_blocks,
+                ..BlockStats::default()
+            },
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Blocks a sequence of `tokens` tokens occupies.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size)
+    }
+
+    /// Blocks that could be handed out now (free plus evictable).
+    pub fn available(&self) -> usize {
+        self.free.len() + self.evictable.len()
+    }
+
+    pub fn stats(&self) -> BlockStats {
+        BlockStats {
+            used: self.blocks.iter().filter(|b| b.refs > 0).count(),
+            cached_free: self.evictable.len(),
+            free: self.free.len(),
+            ..self.stats
+        }
+    }
+
+    /// Prefix hashes of the full blocks of `tokens`.
+    pub fn prefix_hashes(&self, tokens: &[u32]) -> Vec<u64> {
+        let mut parent = 0u64;
+        tokens
+            .chunks_exact(self.block_size)
+            .map(|chunk| {
+                let mut h = DefaultHasher::new();
+                parent.hash(&mut h);
+                chunk.hash(&mut h);
+                parent = h.finish();
+                parent
+            })
+            .collect()
+    }
+
+    /// Blocks for a new prompt: the cached blocks of its longest cached prefix (never the block
+    /// holding the last prompt token, which must be computed for its logits), then fresh ones
+    /// up to `ceil(len / block_size)`. `None`, with nothing changed, when they do not fit.
+    pub fn allocate_prompt(&mut self, tokens: &[u32]) -> Option<PromptBlocks> {
+        let needed = self.blocks_for(tokens.len());
+        let mut reused = Vec::new();
+        if self.prefix_caching && !tokens.is_empty() {
+            let reusable_blocks = (tokens.len() - 1) / self.block_size;
+            for hash in self.prefix_hashes(tokens).into_iter().take(reusable_blocks) {
+                match self.cached.get(&hash) {
+                    Some(&id) => reused.push(id),
+                    None => break,
+                }
+            }
+        }
+        // Reused blocks that sit in the evictable set stop being available once taken.
+        let reused_evictable = reused
+            .iter()
+            .filter(|&&id| self.blocks[id as usize].refs == 0)
+            .count();
+        if needed - reused.len() > self.available() - reused_evictable {
+            return None;
+        }
+        if self.prefix_caching {
+            self.stats.prefix_queries += tokens.len() as u64;
+            self.stats.prefix_hits += (reused.len() * self.block_size) as u64;
+        }
+        for &id in &reused {
+            self.acquire(id);
+        }
+        let cached_tokens = reused.len() * self.block_size;
+        let mut table = reused;
+        while table.len() < needed {
+            let Some(id) = self.take_fresh() else {
+                // Checked above; unreachable unless the counts are wrong. Undo and refuse.
+                self.release(&table);
+                return None;
+            };
+            table.push(id);
+        }
+        Some(PromptBlocks {
+            table,
+            cached_tokens,
+        })
+    }
+
+    /// Grows `table` so it covers `tokens` tokens; `false`, with nothing changed, when no block
+    /// is available.
+    pub fn grow(&mut self, table: &mut Vec<BlockId>, tokens: usize) -> bool {
+        let needed = self.blocks_for(tokens);
+        if needed.saturating_sub(table.len()) > self.available() {
+            return false;
+        }
+        while table.len() < needed {
+            match self.take_fresh() {
+                Some(id) => table.push(id),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Registers the full blocks of a sequence (whose first `tokens.len()` tokens are now
+    /// computed) in the prefix cache, so later prompts can reuse them.
+    pub fn register_full_blocks(&mut self, table: &[BlockId], tokens: &[u32]) {
+        if !self.prefix_caching {
+            return;
+        }
+        for (hash, &id) in self.prefix_hashes(tokens).into_iter().zip(table) {
+            let block = &mut self.blocks[id as usize];
+            if block.hash.is_some() {
+                continue;
+            }
+            // Another block may already hold this prefix (computed concurrently): keep that one
+            // as the cached copy; this block stays private and is freed normally.
+            if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
+                e.insert(id);
+                block.hash = Some(hash);
+            }
+        }
+    }
+
+    /// Drops a sequence's references; blocks nobody uses become free (or stay cached).
+    pub fn release(&mut self, table: &[BlockId]) {
+        for &id in table {
+            self.clock += 1;
+            let block = &mut self.blocks[id as usize];
+            if block.refs == 0 {
+                continue; // not held: releasing twice must not list it twice
+            }
+            block.refs -= 1;
+            if block.refs > 0 {
+                continue;
+            }
+            block.released_at = self.clock;
+            if block.hash.is_some() {
+                self.evictable.insert((self.clock, id), ());
+            } else {
+                self.free.push(id);
+            }
+        }
+    }
+
+    fn acquire(&mut self, id: BlockId) {
+        let block = &mut self.blocks[id as usize];
+        if block.refs == 0 {
+            self.evictable.remove(&(block.released_at, id));
+        }
+        block.refs += 1;
+    }
+
+    /// A block with no content anyone needs: a free one, else the least recently released
+    /// cached one (evicted from the prefix cache).
+    fn take_fresh(&mut self) -> Option<BlockId> {
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                let (&(at, id), _) = self.evictable.iter().next()?;
+                self.evictable.remove(&(at, id));
+                if let Some(hash) = self.blocks[id as usize].hash.take() {
+                    self.cached.remove(&hash);
+                }
+                self.stats.evictions += 1;
+                id
+            }
+        };
+        self.blocks[id as usize].refs = 1;
+        Some(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(n: usize, salt: u32) -> Vec<u32> {
+        (0..n as u32).map(|i| i * 7 + salt).collect()
+    }
+
+    #[test]
+    fn allocation_counts_and_release_return_blocks() {
+        let mut m = BlockManager::new(8, 4, false);
+        let a = m.allocate_prompt(&tokens(9, 0)).unwrap();
+        assert_eq!(a.table.len(), 3);
+        assert_eq!(a.cached_tokens, 0);
+        assert_eq!(m.stats().used, 3);
+        let mut table = a.table.clone();
+        assert!(m.grow(&mut table, 12));
+        assert_eq!(table.len(), 3);
+        assert!(m.grow(&mut table, 13));
+        assert_eq!(table.len(), 4);
+        m.release(&table);
+        let s = m.stats();
+        assert_eq!((s.used, s.free, s.cached_free), (0, 8, 0));
+    }
+
+    #[test]
+    fn a_prompt_that_does_not_fit_changes_nothing() {
+        let mut m = BlockManager::new(4, 4, true);
+        let a = m.allocate_prompt(&tokens(12, 0)).unwrap();
+        let before = m.stats();
+        assert_eq!(m.allocate_prompt(&tokens(8, 1)), None);
+        assert_eq!(m.stats(), before);
+        let mut t = a.table.clone();
+        assert!(m.grow(&mut t, 16));
+        assert!(!m.grow(&mut t, 17));
+        assert_eq!(t.len(), 4);
+    }
+
+    #[test]
+    fn cached_prefix_is_reused_but_never_the_last_tokens_block() {
+        let mut m = BlockManager::new(16, 4, true);
+        let prompt = tokens(10, 0);
+        let a = m.allocate_prompt(&prompt).unwrap();
+        m.register_full_blocks(&a.table, &prompt);
+        // Same first 8 tokens, then different: reuses 2 blocks.
+        let mut other = prompt[..8].to_vec();
+        other.extend([1000, 1001, 1002]);
+        let b = m.allocate_prompt(&other).unwrap();
+        assert_eq!(b.cached_tokens, 8);
+        assert_eq!(b.table[..2], a.table[..2]);
+        assert_ne!(b.table[2], a.table[2]);
+        // Exactly 8 tokens: the second block holds the last token, so only one is reused.
+        let c = m.allocate_prompt(&prompt[..8]).unwrap();
+        assert_eq!(c.cached_tokens, 4);
+        let s = m.stats();
+        assert_eq!(s.prefix_hits, 8 + 4);
+        assert_eq!(s.prefix_queries, 10 + 11 + 8);
+    }
+
+    #[test]
+    fn released_cached_blocks_stay_reusable_until_evicted_lru() {
+        let mut m = BlockManager::new(4, 2, true);
+        let p1 = tokens(5, 0);
+        let a = m.allocate_prompt(&p1).unwrap();
+        m.register_full_blocks(&a.table, &p1[..4]);
+        m.release(&a.table);
+        assert_eq!(m.stats().cached_free, 2);
+        // Reuse after release.
+        let b = m.allocate_prompt(&p1).unwrap();
+        assert_eq!(b.cached_tokens, 4);
+        m.release(&b.table);
+        // A different prompt needing all 4 blocks evicts the cached ones (oldest first).
+        let p2 = tokens(8, 500);
+        let c = m.allocate_prompt(&p2).unwrap();
+        assert_eq!(c.cached_tokens, 0);
+        assert_eq!(m.stats().evictions, 2);
+        m.release(&c.table);
+        let d = m.allocate_prompt(&p1).unwrap();
+        assert_eq!(d.cached_tokens, 0, "evicted prefixes are gone");
+    }
+
+    #[test]
+    fn shared_blocks_are_freed_only_when_the_last_user_leaves() {
+        let mut m = BlockManager::new(8, 2, true);
+        let p = tokens(7, 3);
+        let a = m.allocate_prompt(&p).unwrap();
+        m.register_full_blocks(&a.table, &p);
+        let b = m.allocate_prompt(&p).unwrap();
+        assert_eq!(b.cached_tokens, 6);
+        assert_eq!(m.stats().used, 5); // 4 of a + 1 fresh of b
+        m.release(&a.table);
+        assert_eq!(m.stats().used, 4); // b still holds the three shared ones and its own
+        m.release(&b.table);
+        let s = m.stats();
+        assert_eq!((s.used, s.cached_free + s.free), (0, 8));
+    }
+
+    #[test]
+    fn without_prefix_caching_nothing_is_shared_or_counted() {
+        let mut m = BlockManager::new(8, 2, false);
+        let p = tokens(7, 3);
+        let a = m.allocate_prompt(&p).unwrap();
+        m.register_full_blocks(&a.table, &p);
+        let b = m.allocate_prompt(&p).unwrap();
+        assert_eq!(b.cached_tokens, 0);
+        assert_eq!(m.stats().prefix_queries, 0);
+    }
+}

@@ -1,0 +1,431 @@
+//! Continuous batching: which sequences run in the next forward, and how many of their tokens.
+//!
+//! Each step takes running sequences first (their next decode token, or the next chunk of a
+//! prompt still being prefilled), oldest first, then admits waiting requests first come, first
+//! served while the token budget, the sequence limit and the KV-cache blocks allow. A prompt is
+//! admitted only with blocks for all of it (reusing cached prefix blocks), and is prefilled in
+//! chunks so one long prompt never stalls everyone's decoding. When a running sequence needs a
+//! block and none is left, the newest running sequence is preempted: its blocks are freed and it
+//! goes back to the front of the queue, to be recomputed from its tokens later.
+//!
+//! Pure bookkeeping over token ids and block ids: it never touches tensors.
+
+use std::collections::VecDeque;
+
+use crate::block_manager::{BlockId, BlockManager, BlockStats};
+
+/// Identifies a sequence for the caller (one per request).
+pub type SeqId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most sequences in one forward.
+    pub max_num_seqs: usize,
+    /// Most tokens in one forward (prefill chunks plus decode tokens).
+    pub max_num_batched_tokens: usize,
+}
+
+#[derive(Debug)]
+struct Seq {
+    id: SeqId,
+    /// Prompt and generated tokens so far.
+    tokens: Vec<u32>,
+    /// Leading tokens whose KV is in the cache.
+    computed: usize,
+    table: Vec<BlockId>,
+}
+
+/// One sequence's part of a step: run `tokens[start..start + len]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub id: SeqId,
+    pub start: usize,
+    pub len: usize,
+    /// The chunk reaches the last known token: the forward's logits give the next token.
+    pub samples: bool,
+}
+
+/// Why a sequence left the scheduler without the caller finishing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Alone in the cache and still out of blocks: it can never grow further.
+    OutOfCache,
+}
+
+/// A step's plan.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    pub seqs: Vec<ScheduledSeq>,
+    /// Sequences that cannot continue (the caller finishes them).
+    pub dropped: Vec<(SeqId, Dropped)>,
+}
+
+impl Schedule {
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.len).sum()
+    }
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub preemptions: u64,
+    /// Tokens run through the model (prefill chunks and decode tokens).
+    pub tokens_computed: u64,
+    pub blocks: BlockStats,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    blocks: BlockManager,
+    waiting: VecDeque<Seq>,
+    /// Admission order: the last is the newest, the first to be preempted.
+    running: Vec<Seq>,
+    preemptions: u64,
+    tokens_computed: u64,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig, blocks: BlockManager) -> Self {
+        Self {
+            config,
+            blocks,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+            tokens_computed: 0,
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.blocks.block_size()
+    }
+
+    /// Whether a sequence of `tokens` tokens could ever fit in the cache alone.
+    pub fn fits_alone(&self, tokens: usize) -> bool {
+        self.blocks.blocks_for(tokens) <= self.blocks.stats().total
+    }
+
+    /// Queues a new sequence (its prompt) behind those already waiting.
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) {
+        self.waiting.push_back(Seq {
+            id,
+            tokens: prompt,
+            computed: 0,
+            table: Vec::new(),
+        });
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            preemptions: self.preemptions,
+            tokens_computed: self.tokens_computed,
+            blocks: self.blocks.stats(),
+        }
+    }
+
+    /// The tokens and block table of a sequence, for building the forward.
+    pub fn seq(&self, id: SeqId) -> Option<(&[u32], &[BlockId])> {
+        self.running
+            .iter()
+            .chain(self.waiting.iter())
+            .find(|s| s.id == id)
+            .map(|s| (s.tokens.as_slice(), s.table.as_slice()))
+    }
+
+    /// Plans the next forward.
+    pub fn schedule(&mut self) -> Schedule {
+        let mut plan = Schedule::default();
+        let mut budget = self.config.max_num_batched_tokens;
+        let preemptions_before = self.preemptions;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let remaining = self.running[i].tokens.len() - self.running[i].computed;
+            let len = remaining.min(budget);
+            if len == 0 {
+                i += 1;
+                continue;
+            }
+            let target = self.running[i].computed + len;
+            let mut table = std::mem::take(&mut self.running[i].table);
+            let grown = loop {
+                if self.blocks.grow(&mut table, target) {
+                    break true;
+                }
+                // Out of blocks: free the newest sequence other than this one, if any.
+                if self.running.len() - 1 > i {
+                    self.preempt_newest();
+                } else {
+                    break false;
+                }
+            };
+            self.running[i].table = table;
+            if !grown {
+                if i == 0 && self.running.len() == 1 {
+                    // Alone and still out of blocks: it can never continue.
+                    let seq = self.running.remove(i);
+                    self.blocks.release(&seq.table);
+                    plan.dropped.push((seq.id, Dropped::OutOfCache));
+                } else {
+                    // This one is the newest: preempt it too.
+                    self.preempt_newest();
+                }
+                continue;
+            }
+            let seq = &self.running[i];
+            plan.seqs.push(ScheduledSeq {
+                id: seq.id,
+                start: seq.computed,
+                len,
+                samples: target == seq.tokens.len(),
+            });
+            budget -= len;
+            i += 1;
+        }
+        // After a preemption the cache is full: admitting now would only preempt again.
+        let admit = self.preemptions == preemptions_before;
+        while admit && budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let Some(blocks) = self.blocks.allocate_prompt(&front.tokens) else {
+                break; // first come, first served: nobody jumps the queue
+            };
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            seq.table = blocks.table;
+            seq.computed = blocks.cached_tokens;
+            let len = (seq.tokens.len() - seq.computed).min(budget);
+            plan.seqs.push(ScheduledSeq {
+                id: seq.id,
+                start: seq.computed,
+                len,
+                samples: seq.computed + len == seq.tokens.len(),
+            });
+            budget -= len;
+            self.running.push(seq);
+        }
+        plan
+    }
+
+    /// Records that the scheduled chunk of `id` was computed; full blocks join the prefix cache.
+    pub fn computed(&mut self, id: SeqId, len: usize) {
+        if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
+            seq.computed += len;
+            self.tokens_computed += len as u64;
+            self.blocks
+                .register_full_blocks(&seq.table, &seq.tokens[..seq.computed]);
+        }
+    }
+
+    /// Appends a sampled token to a running sequence.
+    pub fn append(&mut self, id: SeqId, token: u32) {
+        if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
+            seq.tokens.push(token);
+        }
+    }
+
+    /// Removes a sequence (finished or cancelled) wherever it is, freeing its blocks.
+    pub fn remove(&mut self, id: SeqId) {
+        if let Some(at) = self.running.iter().position(|s| s.id == id) {
+            let seq = self.running.remove(at);
+            self.blocks.release(&seq.table);
+        } else if let Some(at) = self.waiting.iter().position(|s| s.id == id) {
+            if let Some(seq) = self.waiting.remove(at) {
+                self.blocks.release(&seq.table);
+            }
+        }
+    }
+
+    fn preempt_newest(&mut self) {
+        if let Some(mut seq) = self.running.pop() {
+            self.blocks.release(&seq.table);
+            seq.table.clear();
+            seq.computed = 0;
+            self.preemptions += 1;
+            self.waiting.push_front(seq);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scheduler(blocks: usize, max_seqs: usize, max_tokens: usize) -> Scheduler {
+        Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: max_seqs,
+                max_num_batched_tokens: max_tokens,
+            },
+            BlockManager::new(blocks, 4, true),
+        )
+    }
+
+    /// Runs a plan as the engine would: every sampling sequence gets token 7.
+    fn run(s: &mut Scheduler, plan: &Schedule) {
+        for seq in &plan.seqs {
+            s.computed(seq.id, seq.len);
+            if seq.samples {
+                s.append(seq.id, 7);
+            }
+        }
+    }
+
+    #[test]
+    fn decodes_come_first_and_long_prompts_are_chunked() {
+        let mut s = scheduler(64, 8, 10);
+        s.add(1, vec![1; 3]);
+        let plan = s.schedule();
+        assert_eq!(
+            plan.seqs,
+            vec![ScheduledSeq {
+                id: 1,
+                start: 0,
+                len: 3,
+                samples: true
+            }]
+        );
+        run(&mut s, &plan);
+        s.add(2, vec![2; 25]);
+        // Step: 1 decode token for seq 1, then a 9-token chunk of seq 2.
+        let plan = s.schedule();
+        assert_eq!(
+            plan.seqs,
+            vec![
+                ScheduledSeq {
+                    id: 1,
+                    start: 3,
+                    len: 1,
+                    samples: true
+                },
+                ScheduledSeq {
+                    id: 2,
+                    start: 0,
+                    len: 9,
+                    samples: false
+                },
+            ]
+        );
+        run(&mut s, &plan);
+        let plan = s.schedule();
+        assert_eq!(
+            plan.seqs[0],
+            ScheduledSeq {
+                id: 1,
+                start: 4,
+                len: 1,
+                samples: true
+            }
+        );
+        assert_eq!(
+            plan.seqs[1],
+            ScheduledSeq {
+                id: 2,
+                start: 9,
+                len: 9,
+                samples: false
+            }
+        );
+        run(&mut s, &plan);
+        let plan = s.schedule();
+        assert_eq!(
+            plan.seqs[1],
+            ScheduledSeq {
+                id: 2,
+                start: 18,
+                len: 7,
+                samples: true
+            }
+        );
+        assert!(plan.num_tokens() <= 10);
+    }
+
+    #[test]
+    fn sequence_limit_and_fcfs_admission() {
+        let mut s = scheduler(64, 2, 100);
+        for id in 1..=3 {
+            s.add(id, vec![id as u32; 4]);
+        }
+        let plan = s.schedule();
+        let ids: Vec<SeqId> = plan.seqs.iter().map(|x| x.id).collect();
+        assert_eq!(ids, vec![1, 2]);
+        assert_eq!(s.stats().waiting, 1);
+        run(&mut s, &plan);
+        s.remove(1);
+        let plan = s.schedule();
+        let ids: Vec<SeqId> = plan.seqs.iter().map(|x| x.id).collect();
+        assert_eq!(ids, vec![2, 3]);
+    }
+
+    #[test]
+    fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
+        // 4 blocks of 4 tokens; two sequences of 8 tokens fill the cache.
+        let mut s = scheduler(4, 8, 100);
+        s.add(1, vec![1; 8]);
+        s.add(2, vec![2; 8]);
+        let plan = s.schedule();
+        assert_eq!(plan.seqs.len(), 2);
+        run(&mut s, &plan);
+        // Seq 1 needs a fifth block for its 9th token: seq 2 (newest) is preempted.
+        let plan = s.schedule();
+        assert_eq!(
+            plan.seqs,
+            vec![ScheduledSeq {
+                id: 1,
+                start: 8,
+                len: 1,
+                samples: true
+            }]
+        );
+        let stats = s.stats();
+        assert_eq!((stats.preemptions, stats.running, stats.waiting), (1, 1, 1));
+        run(&mut s, &plan);
+        s.remove(1);
+        // Seq 2 comes back with its generated token and recomputes (8 prompt + 1 generated),
+        // reusing its own cached full blocks.
+        let plan = s.schedule();
+        assert_eq!(plan.seqs.len(), 1);
+        assert_eq!(plan.seqs[0].id, 2);
+        assert_eq!(plan.seqs[0].start + plan.seqs[0].len, 9);
+        assert!(plan.seqs[0].samples);
+    }
+
+    #[test]
+    fn a_sequence_alone_without_blocks_is_dropped_not_looped() {
+        let mut s = scheduler(2, 8, 100);
+        s.add(1, vec![1; 8]);
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        let plan = s.schedule();
+        assert!(plan.seqs.is_empty());
+        assert_eq!(plan.dropped, vec![(1, Dropped::OutOfCache)]);
+        assert!(!s.has_work());
+        assert_eq!(s.stats().blocks.used, 0);
+    }
+
+    #[test]
+    fn removing_frees_every_block() {
+        let mut s = scheduler(16, 8, 100);
+        for id in 0..4 {
+            s.add(id, vec![id as u32; 6]);
+        }
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        assert!(s.stats().blocks.used > 0);
+        for id in 0..4 {
+            s.remove(id);
+        }
+        assert_eq!(s.stats().blocks.used, 0);
+    }
+}

@@ -1,0 +1,486 @@
+//! The serving loop: many requests at once through one paged KV cache, one forward per step.
+//!
+//! [`ServingCore`] is the synchronous heart (submit, step, introspect); [`EngineHandle`] runs it
+//! on its own thread behind channels, for the HTTP server and the CLI. Each request gets a
+//! stream of [`Event`]s; dropping the stream cancels the request, and its blocks are freed at
+//! the next step.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use enclave_models::{Logits, ModelError, PagedKvCache, SeqSlice};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::block_manager::BlockManager;
+use crate::detokenizer::IncrementalDetokenizer;
+use crate::engine::{logprob_of, Engine, FinishReason, GenerateRequest, StopStrings, ValidRequest};
+use crate::error::{EngineError, Result};
+use crate::sampler::Sampler;
+use crate::scheduler::{Dropped, Scheduler, SchedulerConfig, SchedulerStats, SeqId};
+
+/// How the serving loop sizes its cache and its batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServingConfig {
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// Bytes of KV cache (all layers); the number of blocks is what fits.
+    pub kv_cache_bytes: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub prefix_caching: bool,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_cache_bytes: 1 << 30,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            prefix_caching: true,
+        }
+    }
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens found in the prefix cache when the request was admitted.
+    pub cached_prompt_tokens: usize,
+}
+
+/// What a request's stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// One generated token and the text that became final with it (may be empty).
+    Token { id: u32, text: String, logprob: f32 },
+    /// The last event of a request that completed.
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        /// The whole generated text (stop strings cut).
+        text: String,
+    },
+    /// The last event of a request the engine could not complete.
+    Failed(String),
+}
+
+/// One request in flight.
+struct Active {
+    request: ValidRequest,
+    sampler: Sampler,
+    detok: IncrementalDetokenizer,
+    stops: StopStrings,
+    generated: usize,
+    cached_prompt_tokens: Option<usize>,
+    sink: UnboundedSender<Event>,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServingStats {
+    pub scheduler: SchedulerStats,
+    pub steps: u64,
+}
+
+/// Requests, scheduler and KV cache of one model; [`ServingCore::step`] runs one forward.
+pub struct ServingCore<'e> {
+    engine: &'e Engine,
+    cache: PagedKvCache,
+    scheduler: Scheduler,
+    active: HashMap<SeqId, Active>,
+    next_id: SeqId,
+    steps: u64,
+}
+
+impl<'e> ServingCore<'e> {
+    pub fn new(engine: &'e Engine, config: &ServingConfig) -> Result<Self> {
+        let model = engine.model();
+        let cache = PagedKvCache::with_budget(
+            model.kv_layout(),
+            config.block_size,
+            config.kv_cache_bytes,
+            engine.model().device(),
+        )
+        .map_err(ModelError::from)?;
+        if cache.num_blocks() == 0 {
+            return Err(EngineError::InvalidRequest(format!(
+                "a KV cache of {} bytes holds no block of {} tokens ({} bytes each)",
+                config.kv_cache_bytes,
+                config.block_size,
+                cache.bytes_per_block()
+            )));
+        }
+        let blocks =
+            BlockManager::new(cache.num_blocks(), config.block_size, config.prefix_caching);
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: config.max_num_seqs.max(1),
+                max_num_batched_tokens: config.max_num_batched_tokens.max(1),
+            },
+            blocks,
+        );
+        Ok(Self {
+            engine,
+            cache,
+            scheduler,
+            active: HashMap::new(),
+            next_id: 0,
+            steps: 0,
+        })
+    }
+
+    /// Tokens the whole cache holds.
+    pub fn capacity_tokens(&self) -> usize {
+        self.cache.num_blocks() * self.cache.block_size()
+    }
+
+    /// Queues a validated request; its events go to `sink`. A prompt that could never fit in
+    /// the cache is refused here and never queued.
+    pub fn submit(&mut self, request: ValidRequest, sink: UnboundedSender<Event>) -> Result<SeqId> {
+        check_fits(request.prompt_ids.len(), self.capacity_tokens())?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.scheduler.add(id, request.prompt_ids.clone());
+        let tokenizer = self.engine.tokenizer();
+        self.active.insert(
+            id,
+            Active {
+                sampler: Sampler::new(request.sampling.clone(), &request.prompt_ids),
+                detok: IncrementalDetokenizer::new(tokenizer, &request.prompt_ids, true),
+                stops: StopStrings::new(&request.stop),
+                generated: 0,
+                cached_prompt_tokens: None,
+                sink,
+                request,
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.active.is_empty()
+    }
+
+    pub fn stats(&self) -> ServingStats {
+        ServingStats {
+            scheduler: self.scheduler.stats(),
+            steps: self.steps,
+        }
+    }
+
+    /// Drops requests whose stream is gone, plans a batch, runs one forward over it, and
+    /// samples the sequences that reached their last token.
+    pub fn step(&mut self) -> Result<()> {
+        let cancelled: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.sink.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in cancelled {
+            self.scheduler.remove(id);
+            self.active.remove(&id);
+        }
+        let plan = self.scheduler.schedule();
+        for (id, why) in &plan.dropped {
+            match why {
+                Dropped::OutOfCache => self.finish_early(*id, FinishReason::Length),
+            }
+        }
+        if plan.seqs.is_empty() {
+            return Ok(());
+        }
+        let logits = {
+            let mut slices = Vec::with_capacity(plan.seqs.len());
+            for s in &plan.seqs {
+                let Some((tokens, table)) = self.scheduler.seq(s.id) else {
+                    return Err(EngineError::Internal(format!(
+                        "scheduled sequence {} is unknown",
+                        s.id
+                    )));
+                };
+                slices.push(SeqSlice {
+                    tokens: &tokens[s.start..s.start + s.len],
+                    start: s.start,
+                    block_table: table,
+                });
+            }
+            self.engine
+                .model()
+                .forward_batch(&slices, &self.cache, Logits::Last)?
+                .to_vec2::<f32>()
+                .map_err(ModelError::from)?
+        };
+        self.steps += 1;
+        for (s, row) in plan.seqs.iter().zip(&logits) {
+            self.scheduler.computed(s.id, s.len);
+            if let Some(active) = self.active.get_mut(&s.id) {
+                active.cached_prompt_tokens.get_or_insert(s.start);
+            }
+            if !s.samples {
+                continue;
+            }
+            let Some(active) = self.active.get_mut(&s.id) else {
+                continue;
+            };
+            let (token, finished) = active.next_token(self.engine, row)?;
+            self.scheduler.append(s.id, token);
+            if let Some(reason) = finished {
+                self.scheduler.remove(s.id);
+                if let Some(active) = self.active.remove(&s.id) {
+                    active.finish(reason);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails every request in flight (after an error the step cannot recover from).
+    pub fn fail_all(&mut self, message: &str) {
+        for (id, active) in self.active.drain() {
+            self.scheduler.remove(id);
+            let _ = active.sink.send(Event::Failed(message.to_string()));
+        }
+    }
+
+    fn finish_early(&mut self, id: SeqId, reason: FinishReason) {
+        // Text still held back (an incomplete character or stop-string prefix) is released into
+        // the final text only; there is no token to attach it to.
+        if let Some(mut active) = self.active.remove(&id) {
+            let tail = active
+                .detok
+                .flush(self.engine.tokenizer())
+                .unwrap_or_default();
+            active.stops.finish(&tail);
+            active.finish(reason);
+        }
+    }
+}
+
+impl Active {
+    /// Samples from `logits`, emits the token event, and says whether the request is done.
+    fn next_token(
+        &mut self,
+        engine: &Engine,
+        logits: &[f32],
+    ) -> Result<(u32, Option<FinishReason>)> {
+        let tokenizer = engine.tokenizer();
+        let id = self.sampler.sample(logits);
+        self.sampler.record(id);
+        let logprob = logprob_of(logits, id);
+        self.generated += 1;
+        let (text, finished) = if self.request.stop_token_ids.contains(&id) {
+            let tail = self.detok.flush(tokenizer)?;
+            (self.stops.finish(&tail), Some(FinishReason::Stop))
+        } else {
+            let delta = self.detok.push(tokenizer, id)?;
+            let (text, hit_stop) = self.stops.push(&delta);
+            if hit_stop {
+                (text, Some(FinishReason::Stop))
+            } else if self.generated >= self.request.max_new_tokens {
+                let tail = self.detok.flush(tokenizer)?;
+                let (more, hit_stop) = self.stops.push(&tail);
+                let rest = if hit_stop {
+                    String::new()
+                } else {
+                    self.stops.finish("")
+                };
+                let reason = if hit_stop {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                };
+                (format!("{text}{more}{rest}"), Some(reason))
+            } else {
+                (text, None)
+            }
+        };
+        let _ = self.sink.send(Event::Token { id, text, logprob });
+        Ok((id, finished))
+    }
+
+    fn finish(self, reason: FinishReason) {
+        let usage = Usage {
+            prompt_tokens: self.request.prompt_ids.len(),
+            completion_tokens: self.generated,
+            cached_prompt_tokens: self.cached_prompt_tokens.unwrap_or(0),
+        };
+        let _ = self.sink.send(Event::Finished {
+            reason,
+            usage,
+            text: self.stops.into_text(),
+        });
+    }
+}
+
+fn check_fits(prompt: usize, capacity: usize) -> Result<()> {
+    if prompt >= capacity {
+        return Err(EngineError::InvalidRequest(format!(
+            "the prompt of {prompt} tokens does not fit in the KV cache, which holds {capacity} tokens in all (raise --kv-cache-memory)"
+        )));
+    }
+    Ok(())
+}
+
+/// A request's events, in order; dropping it cancels the request.
+pub struct RequestStream {
+    pub prompt_ids: Vec<u32>,
+    receiver: UnboundedReceiver<Event>,
+}
+
+impl RequestStream {
+    /// The next event, or `None` after the last one.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.receiver.recv().await
+    }
+
+    /// The next event, blocking the thread (for synchronous callers such as the CLI).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.receiver.blocking_recv()
+    }
+}
+
+enum Command {
+    Submit {
+        request: ValidRequest,
+        sink: UnboundedSender<Event>,
+    },
+    Shutdown,
+}
+
+/// The serving loop on its own thread. Cloning shares it.
+#[derive(Clone)]
+pub struct EngineHandle {
+    engine: Arc<Engine>,
+    commands: Sender<Command>,
+    stats: Arc<Mutex<ServingStats>>,
+    capacity_tokens: usize,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl EngineHandle {
+    /// Starts the loop; the cache is allocated before this returns, so a bad budget is an error
+    /// here rather than on the first request.
+    pub fn start(engine: Engine, config: ServingConfig) -> Result<Self> {
+        let engine = Arc::new(engine);
+        let (commands, inbox) = mpsc::channel();
+        let stats = Arc::new(Mutex::new(ServingStats::default()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = {
+            let engine = engine.clone();
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("enclave-engine".into())
+                .spawn(move || serve(&engine, &config, &inbox, &stats, &ready_tx))
+                .map_err(|e| {
+                    EngineError::Internal(format!("cannot start the engine thread: {e}"))
+                })?
+        };
+        let capacity_tokens = ready_rx.recv().map_err(|_| {
+            EngineError::Internal("the engine thread stopped while starting".into())
+        })??;
+        Ok(Self {
+            engine,
+            commands,
+            stats,
+            capacity_tokens,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Validates and queues a request. Everything wrong with it (bad parameters, a prompt longer
+    /// than the context or the whole cache) is an error here; it never enters the queue.
+    pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream> {
+        let request = self.engine.validate(request)?;
+        check_fits(request.prompt_ids.len(), self.capacity_tokens)?;
+        let (sink, receiver) = unbounded_channel();
+        let prompt_ids = request.prompt_ids.clone();
+        self.commands
+            .send(Command::Submit { request, sink })
+            .map_err(|_| EngineError::Internal("the engine thread has stopped".into()))?;
+        Ok(RequestStream {
+            prompt_ids,
+            receiver,
+        })
+    }
+
+    /// Counters as of the last step.
+    pub fn stats(&self) -> ServingStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// Stops the loop (requests in flight get `Failed`) and waits for the thread.
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Ok(mut thread) = self.thread.lock() {
+            if let Some(thread) = thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// The engine thread: wait for work when idle, otherwise take new requests and step.
+fn serve(
+    engine: &Engine,
+    config: &ServingConfig,
+    inbox: &Receiver<Command>,
+    stats: &Mutex<ServingStats>,
+    ready: &Sender<Result<usize>>,
+) {
+    let mut core = match ServingCore::new(engine, config) {
+        Ok(core) => {
+            let _ = ready.send(Ok(core.capacity_tokens()));
+            core
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    loop {
+        let command = if core.has_work() {
+            inbox.try_recv().ok()
+        } else {
+            // Idle: block, but wake now and then so a closed channel is noticed.
+            match inbox.recv_timeout(Duration::from_millis(500)) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        let mut commands: Vec<Command> = command.into_iter().collect();
+        commands.extend(inbox.try_iter());
+        for command in commands {
+            match command {
+                Command::Submit { request, sink } => {
+                    if let Err(e) = core.submit(request, sink.clone()) {
+                        let _ = sink.send(Event::Failed(e.to_string()));
+                    }
+                }
+                Command::Shutdown => {
+                    core.fail_all("the engine is shutting down");
+                    return;
+                }
+            }
+        }
+        if core.has_work() {
+            if let Err(e) = core.step() {
+                core.fail_all(&e.to_string());
+            }
+        }
+        if let Ok(mut s) = stats.lock() {
+            *s = core.stats();
+        }
+    }
+}
