@@ -203,7 +203,7 @@ def make_models(tokenizer):
         hidden_size=64,
         intermediate_size=160,
         num_hidden_layers=2,
-        max_position_embeddings=256,
+        max_position_embeddings=512,
         rms_norm_eps=1e-6,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -86,6 +86,8 @@ struct Active {
 pub struct ServingStats {
     pub scheduler: SchedulerStats,
     pub steps: u64,
+    /// Requests dropped by their caller before finishing.
+    pub cancelled: u64,
 }
 
 /// Requests, scheduler and KV cache of one model; [`ServingCore::step`] runs one forward.
@@ -96,6 +98,7 @@ pub struct ServingCore<'e> {
     active: HashMap<SeqId, Active>,
     next_id: SeqId,
     steps: u64,
+    cancelled: u64,
 }
 
 impl<'e> ServingCore<'e> {
@@ -132,6 +135,7 @@ impl<'e> ServingCore<'e> {
             active: HashMap::new(),
             next_id: 0,
             steps: 0,
+            cancelled: 0,
         })
     }
 
@@ -171,6 +175,7 @@ impl<'e> ServingCore<'e> {
         ServingStats {
             scheduler: self.scheduler.stats(),
             steps: self.steps,
+            cancelled: self.cancelled,
         }
     }
 
@@ -186,6 +191,7 @@ impl<'e> ServingCore<'e> {
         for id in cancelled {
             self.scheduler.remove(id);
             self.active.remove(&id);
+            self.cancelled += 1;
         }
         let plan = self.scheduler.schedule();
         for (id, why) in &plan.dropped {

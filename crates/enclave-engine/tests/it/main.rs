@@ -8,6 +8,7 @@ mod chat_template;
 mod detokenizer;
 mod engine;
 mod sampler;
+mod serving;
 mod tokenizer;
 
 use std::path::PathBuf;

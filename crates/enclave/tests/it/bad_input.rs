@@ -124,10 +124,10 @@ fn unsupported_architecture() {
 
 #[test]
 fn prompt_longer_than_the_context() {
-    let ids = vec!["7"; 300].join(",");
+    let ids = vec!["7"; 600].join(",");
     run(
         generate(&model_dir("qwen2"), &["--prompt-ids", &ids]),
-        &["maximum context length is 256 tokens", "300 in the prompt"],
+        &["maximum context length is 512 tokens", "600 in the prompt"],
     );
     run(
         generate(
