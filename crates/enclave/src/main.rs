@@ -1,5 +1,6 @@
 //! `enclave`: the command-line entry point. Reads flags and the environment, wires the crates.
 
+mod bench;
 mod chat;
 mod generate;
 mod model_source;
@@ -7,7 +8,7 @@ mod model_source;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use enclave_engine::{DTypeChoice, EngineConfig};
+use enclave_engine::{DTypeChoice, EngineConfig, ServingConfig};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +29,50 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Chat with a model in the terminal, using its chat template; answers stream as they come.
     Chat(chat::ChatArgs),
+    /// Measure the serving engine: output tokens/s, time to first token and inter-token latency
+    /// at several concurrency levels (random prompt ids, in process).
+    Bench(bench::BenchArgs),
+}
+
+/// How the serving engine batches requests and sizes its KV cache.
+#[derive(Args, Debug, Clone)]
+pub struct ServingArgs {
+    /// Memory for the paged KV cache, e.g. `4GiB` or `512MiB`; it is split into blocks and
+    /// bounds how many tokens all requests together can hold.
+    #[arg(long, value_name = "SIZE", default_value = "2GiB")]
+    pub kv_cache_memory: String,
+
+    /// Tokens per KV-cache block (the unit of allocation and of prefix sharing).
+    #[arg(long, value_name = "TOKENS", default_value_t = 16)]
+    pub block_size: usize,
+
+    /// Most requests in one forward pass.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_num_seqs: usize,
+
+    /// Most tokens in one forward pass; longer prompts are prefilled in chunks of this size.
+    #[arg(long, value_name = "TOKENS", default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+
+    /// Turn off reuse of cached prompt prefixes across requests.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+}
+
+impl ServingArgs {
+    pub fn config(&self) -> anyhow::Result<ServingConfig> {
+        if self.block_size == 0 {
+            anyhow::bail!("--block-size must be at least 1");
+        }
+        Ok(ServingConfig {
+            block_size: self.block_size,
+            kv_cache_bytes: bench::parse_size(&self.kv_cache_memory)
+                .map_err(|e| anyhow::anyhow!("--kv-cache-memory: {e}"))?,
+            max_num_seqs: self.max_num_seqs.max(1),
+            max_num_batched_tokens: self.max_num_batched_tokens.max(1),
+            prefix_caching: !self.no_prefix_caching,
+        })
+    }
 }
 
 /// Flags shared by every command that loads a model.
@@ -93,6 +138,10 @@ fn main() -> ExitCode {
         Command::Chat(args) => {
             set_threads(args.model.threads);
             chat::run(args)
+        }
+        Command::Bench(args) => {
+            set_threads(args.model.threads);
+            bench::run(args)
         }
     };
     match result {

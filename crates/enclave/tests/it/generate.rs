@@ -221,3 +221,37 @@ fn deepseek_v3_chat_with_the_real_tokenizer_and_r1_template() {
     assert_eq!(out["finish_reason"], "length");
     assert!(!out["text"].as_str().unwrap().is_empty());
 }
+
+/// `enclave bench` runs concurrent requests through the serving engine and reports each level.
+#[test]
+fn bench_reports_throughput_and_latency_per_concurrency_level() {
+    let out = enclave(&[
+        "bench",
+        "--model",
+        model_dir("qwen2").to_str().unwrap(),
+        "--concurrency",
+        "1,3",
+        "--prompt-len",
+        "40",
+        "--output-len",
+        "5",
+        "--shared-prefix",
+        "32",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let levels: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(levels.len(), 2);
+    assert_eq!(levels[1]["concurrency"], 3);
+    assert!(levels[1]["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(levels[1]["ttft_median_s"].as_f64().unwrap() > 0.0);
+    // The 32 shared tokens (two blocks) were cached by the first level and reused by the three
+    // requests of the second.
+    assert_eq!(levels[1]["prefix_hit_tokens"], 3 * 32);
+    let bad = enclave(&["bench", "--model", "x", "--kv-cache-memory", "3parsecs"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--kv-cache-memory"), "{}", stderr(&bad));
+}
