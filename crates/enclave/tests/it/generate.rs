@@ -253,5 +253,9 @@ fn bench_reports_throughput_and_latency_per_concurrency_level() {
     assert_eq!(levels[1]["prefix_hit_tokens"], 3 * 32);
     let bad = enclave(&["bench", "--model", "x", "--kv-cache-memory", "3parsecs"]);
     assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("--kv-cache-memory"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("--kv-cache-memory"),
+        "{}",
+        stderr(&bad)
+    );
 }
