@@ -55,11 +55,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.prompt_len
         );
     }
-    let config: ServingConfig = args.serving.config()?;
+    // Checked before the (slow) load; computed again after it, so a percentage of available
+    // memory counts what the weights left.
+    args.serving.config()?;
     let dir = model_source::resolve(&args.model.model, &args.model.revision)?;
     let engine = Engine::load(&dir, &args.model.engine_config())?;
     eprintln!("{}", engine.summary());
     let vocab = engine.model().info().vocab_size;
+    let config: ServingConfig = args.serving.config()?;
     let handle = EngineHandle::start(engine, config)?;
     if !args.json {
         println!(

@@ -37,8 +37,9 @@ enum Command {
 /// How the serving engine batches requests and sizes its KV cache.
 #[derive(Args, Debug, Clone)]
 pub struct ServingArgs {
-    /// Memory for the paged KV cache, e.g. `4GiB` or `512MiB`; it is split into blocks and
-    /// bounds how many tokens all requests together can hold.
+    /// Memory for the paged KV cache: a size (`4GiB`, `512MiB`) or a share of the memory
+    /// available when the engine starts (`40%`). It is split into blocks and bounds how many
+    /// tokens all requests together can hold.
     #[arg(long, value_name = "SIZE", default_value = "2GiB")]
     pub kv_cache_memory: String,
 
@@ -66,7 +67,7 @@ impl ServingArgs {
         }
         Ok(ServingConfig {
             block_size: self.block_size,
-            kv_cache_bytes: bench::parse_size(&self.kv_cache_memory)
+            kv_cache_bytes: kv_cache_bytes(&self.kv_cache_memory)
                 .map_err(|e| anyhow::anyhow!("--kv-cache-memory: {e}"))?,
             max_num_seqs: self.max_num_seqs.max(1),
             max_num_batched_tokens: self.max_num_batched_tokens.max(1),
@@ -127,6 +128,36 @@ impl ModelArgs {
     }
 }
 
+/// `--kv-cache-memory`: a size, or a percentage of `MemAvailable` in /proc/meminfo.
+fn kv_cache_bytes(text: &str) -> anyhow::Result<usize> {
+    let Some(percent) = parse_percent(text)? else {
+        return bench::parse_size(text);
+    };
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| {
+        anyhow::anyhow!("a percentage needs /proc/meminfo ({e}); give a size instead")
+    })?;
+    let available_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("/proc/meminfo has no MemAvailable; give a size instead"))?;
+    Ok((available_kib * 1024.0 * percent / 100.0) as usize)
+}
+
+/// `Some(p)` for text of the form `p%` with p in (0, 100]; `None` when there is no `%`.
+fn parse_percent(text: &str) -> anyhow::Result<Option<f64>> {
+    let Some(percent) = text.trim().strip_suffix('%') else {
+        return Ok(None);
+    };
+    percent
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p: &f64| *p > 0.0 && *p <= 100.0)
+        .map(Some)
+        .ok_or_else(|| anyhow::anyhow!("{text:?} is not a percentage in (0, 100]"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -167,5 +198,25 @@ fn init_logging() {
 fn set_threads(threads: Option<usize>) {
     if let Some(n) = threads.filter(|&n| n > 0) {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_cache_memory_takes_a_size_or_a_share_of_available_memory() {
+        assert_eq!(parse_percent("40%").unwrap(), Some(40.0));
+        assert_eq!(parse_percent(" 12.5 %").unwrap(), Some(12.5));
+        assert_eq!(parse_percent("4GiB").unwrap(), None);
+        for bad in ["0%", "101%", "-5%", "half%"] {
+            assert!(parse_percent(bad).is_err(), "{bad}");
+        }
+        assert_eq!(kv_cache_bytes("512MiB").unwrap(), 512 << 20);
+        if std::path::Path::new("/proc/meminfo").exists() {
+            let share = kv_cache_bytes("10%").unwrap();
+            assert!(share > 0 && share < kv_cache_bytes("100%").unwrap());
+        }
     }
 }
