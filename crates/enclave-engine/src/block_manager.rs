@@ -119,10 +119,11 @@ impl BlockManager {
     /// Blocks for a new prompt: the cached blocks of its longest cached prefix (never the block
     /// holding the last prompt token, which must be computed for its logits), then fresh ones
     /// up to `ceil(len / block_size)`. `None`, with nothing changed, when they do not fit.
-    pub fn allocate_prompt(&mut self, tokens: &[u32]) -> Option<PromptBlocks> {
+    /// `reuse: false` takes no cached block (the caller needs every position computed).
+    pub fn allocate_prompt(&mut self, tokens: &[u32], reuse: bool) -> Option<PromptBlocks> {
         let needed = self.blocks_for(tokens.len());
         let mut reused = Vec::new();
-        if self.prefix_caching && !tokens.is_empty() {
+        if self.prefix_caching && reuse && !tokens.is_empty() {
             let reusable_blocks = (tokens.len() - 1) / self.block_size;
             for hash in self.prefix_hashes(tokens).into_iter().take(reusable_blocks) {
                 match self.cached.get(&hash) {
@@ -139,7 +140,7 @@ impl BlockManager {
         if needed - reused.len() > self.available() - reused_evictable {
             return None;
         }
-        if self.prefix_caching {
+        if self.prefix_caching && reuse {
             self.stats.prefix_queries += tokens.len() as u64;
             self.stats.prefix_hits += (reused.len() * self.block_size) as u64;
         }
@@ -258,7 +259,7 @@ mod tests {
     #[test]
     fn allocation_counts_and_release_return_blocks() {
         let mut m = BlockManager::new(8, 4, false);
-        let a = m.allocate_prompt(&tokens(9, 0)).unwrap();
+        let a = m.allocate_prompt(&tokens(9, 0), true).unwrap();
         assert_eq!(a.table.len(), 3);
         assert_eq!(a.cached_tokens, 0);
         assert_eq!(m.stats().used, 3);
@@ -275,9 +276,9 @@ mod tests {
     #[test]
     fn a_prompt_that_does_not_fit_changes_nothing() {
         let mut m = BlockManager::new(4, 4, true);
-        let a = m.allocate_prompt(&tokens(12, 0)).unwrap();
+        let a = m.allocate_prompt(&tokens(12, 0), true).unwrap();
         let before = m.stats();
-        assert_eq!(m.allocate_prompt(&tokens(8, 1)), None);
+        assert_eq!(m.allocate_prompt(&tokens(8, 1), true), None);
         assert_eq!(m.stats(), before);
         let mut t = a.table.clone();
         assert!(m.grow(&mut t, 16));
@@ -289,42 +290,46 @@ mod tests {
     fn cached_prefix_is_reused_but_never_the_last_tokens_block() {
         let mut m = BlockManager::new(16, 4, true);
         let prompt = tokens(10, 0);
-        let a = m.allocate_prompt(&prompt).unwrap();
+        let a = m.allocate_prompt(&prompt, true).unwrap();
         m.register_full_blocks(&a.table, &prompt);
         // Same first 8 tokens, then different: reuses 2 blocks.
         let mut other = prompt[..8].to_vec();
         other.extend([1000, 1001, 1002]);
-        let b = m.allocate_prompt(&other).unwrap();
+        let b = m.allocate_prompt(&other, true).unwrap();
         assert_eq!(b.cached_tokens, 8);
         assert_eq!(b.table[..2], a.table[..2]);
         assert_ne!(b.table[2], a.table[2]);
         // Exactly 8 tokens: the second block holds the last token, so only one is reused.
-        let c = m.allocate_prompt(&prompt[..8]).unwrap();
+        let c = m.allocate_prompt(&prompt[..8], true).unwrap();
         assert_eq!(c.cached_tokens, 4);
         let s = m.stats();
         assert_eq!(s.prefix_hits, 8 + 4);
         assert_eq!(s.prefix_queries, 10 + 11 + 8);
+        // A caller that needs every position computed gets fresh blocks only.
+        let d = m.allocate_prompt(&other, false).unwrap();
+        assert_eq!(d.cached_tokens, 0);
+        assert!(d.table.iter().all(|id| !a.table.contains(id)));
     }
 
     #[test]
     fn released_cached_blocks_stay_reusable_until_evicted_lru() {
         let mut m = BlockManager::new(4, 2, true);
         let p1 = tokens(5, 0);
-        let a = m.allocate_prompt(&p1).unwrap();
+        let a = m.allocate_prompt(&p1, true).unwrap();
         m.register_full_blocks(&a.table, &p1[..4]);
         m.release(&a.table);
         assert_eq!(m.stats().cached_free, 2);
         // Reuse after release.
-        let b = m.allocate_prompt(&p1).unwrap();
+        let b = m.allocate_prompt(&p1, true).unwrap();
         assert_eq!(b.cached_tokens, 4);
         m.release(&b.table);
         // A different prompt needing all 4 blocks evicts the cached ones (oldest first).
         let p2 = tokens(8, 500);
-        let c = m.allocate_prompt(&p2).unwrap();
+        let c = m.allocate_prompt(&p2, true).unwrap();
         assert_eq!(c.cached_tokens, 0);
         assert_eq!(m.stats().evictions, 2);
         m.release(&c.table);
-        let d = m.allocate_prompt(&p1).unwrap();
+        let d = m.allocate_prompt(&p1, true).unwrap();
         assert_eq!(d.cached_tokens, 0, "evicted prefixes are gone");
     }
 
@@ -332,9 +337,9 @@ mod tests {
     fn shared_blocks_are_freed_only_when_the_last_user_leaves() {
         let mut m = BlockManager::new(8, 2, true);
         let p = tokens(7, 3);
-        let a = m.allocate_prompt(&p).unwrap();
+        let a = m.allocate_prompt(&p, true).unwrap();
         m.register_full_blocks(&a.table, &p);
-        let b = m.allocate_prompt(&p).unwrap();
+        let b = m.allocate_prompt(&p, true).unwrap();
         assert_eq!(b.cached_tokens, 6);
         assert_eq!(m.stats().used, 5); // 4 of a + 1 fresh of b
         m.release(&a.table);
@@ -348,9 +353,9 @@ mod tests {
     fn without_prefix_caching_nothing_is_shared_or_counted() {
         let mut m = BlockManager::new(8, 2, false);
         let p = tokens(7, 3);
-        let a = m.allocate_prompt(&p).unwrap();
+        let a = m.allocate_prompt(&p, true).unwrap();
         m.register_full_blocks(&a.table, &p);
-        let b = m.allocate_prompt(&p).unwrap();
+        let b = m.allocate_prompt(&p, true).unwrap();
         assert_eq!(b.cached_tokens, 0);
         assert_eq!(m.stats().prefix_queries, 0);
     }

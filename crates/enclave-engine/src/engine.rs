@@ -88,7 +88,16 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Keep going past the model's end-of-sequence ids.
     pub ignore_eos: bool,
+    /// Report the log-probability of each generated token with this many most likely
+    /// alternatives (0 to [`MAX_TOP_LOGPROBS`]); `None` reports the chosen token's only.
+    pub logprobs: Option<usize>,
+    /// Report the log-probability of every prompt token after the first (with this many
+    /// alternatives). The whole prompt is then computed: cached prefixes hold no logits.
+    pub prompt_logprobs: Option<usize>,
 }
+
+/// Most alternatives a request may ask for per position (as vLLM and OpenAI's chat API).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl GenerateRequest {
     pub fn new(prompt: Prompt) -> Self {
@@ -99,6 +108,8 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -111,6 +122,10 @@ pub struct ValidRequest {
     pub max_new_tokens: usize,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
+    /// Alternatives to report per generated token (`None`: none).
+    pub logprobs: Option<usize>,
+    /// Alternatives to report per prompt position (`None`: no prompt log-probabilities).
+    pub prompt_logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,6 +325,16 @@ impl Engine {
         }
         stop_token_ids.sort_unstable();
         stop_token_ids.dedup();
+        for (name, n) in [
+            ("logprobs", request.logprobs),
+            ("prompt_logprobs", request.prompt_logprobs),
+        ] {
+            if let Some(n) = n.filter(|&n| n > MAX_TOP_LOGPROBS) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "`{name}` must be at most {MAX_TOP_LOGPROBS}, got {n}"
+                )));
+            }
+        }
         let stop: Vec<String> = request.stop.into_iter().filter(|s| !s.is_empty()).collect();
         Ok(ValidRequest {
             prompt_ids,
@@ -317,6 +342,8 @@ impl Engine {
             max_new_tokens,
             stop,
             stop_token_ids,
+            logprobs: request.logprobs,
+            prompt_logprobs: request.prompt_logprobs,
         })
     }
 
@@ -339,6 +366,7 @@ impl Engine {
             // The whole prompt in one forward.
             max_num_batched_tokens: request.prompt_ids.len(),
             prefix_caching: false,
+            max_waiting_requests: 0,
         };
         let mut core = ServingCore::new(self, &config)?;
         let (sink, mut events) = unbounded_channel();
@@ -349,7 +377,9 @@ impl Engine {
             core.step()?;
             while let Ok(event) = events.try_recv() {
                 match event {
-                    Event::Token { id, text, logprob } => {
+                    Event::Token {
+                        id, text, logprob, ..
+                    } => {
                         ids.push(id);
                         logprobs.push(logprob);
                         on_token(&TokenEvent {
@@ -368,6 +398,7 @@ impl Engine {
                         })
                     }
                     Event::Failed(message) => return Err(EngineError::Internal(message)),
+                    Event::PromptLogprobs(_) => {}
                 }
             }
             if !core.has_work() {

@@ -23,6 +23,9 @@ pub enum EngineError {
     Template(String),
     #[error("{0}")]
     InvalidRequest(String),
+    /// The bounded queue is full; the caller should retry later.
+    #[error("the server is at capacity ({in_flight} requests in flight); retry later")]
+    Overloaded { in_flight: usize },
     /// A broken invariant or a stopped engine thread: a server error, never the client's.
     #[error("internal error: {0}")]
     Internal(String),

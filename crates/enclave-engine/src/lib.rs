@@ -20,12 +20,13 @@ pub use chat_template::ChatTemplate;
 pub use detokenizer::IncrementalDetokenizer;
 pub use engine::{
     DTypeChoice, Engine, EngineConfig, FinishReason, GenerateRequest, Generation, Prompt,
-    TokenEvent, ValidRequest,
+    TokenEvent, ValidRequest, MAX_TOP_LOGPROBS,
 };
 pub use error::{EngineError, Result};
 pub use generation_config::GenerationConfig;
 pub use sampler::{Sampler, SamplingParams};
 pub use serving::{
-    EngineHandle, Event, RequestStream, ServingConfig, ServingCore, ServingStats, Usage,
+    EngineHandle, Event, PromptLogprob, RequestStream, ServingConfig, ServingCore, ServingStats,
+    Usage,
 };
 pub use tokenizer::{SpecialTokens, Tokenizer};

@@ -231,3 +231,52 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
         .map(|&l| (l as f64 - log_sum) as f32)
         .collect()
 }
+
+/// The `n` most likely tokens under `logits` with their natural-log probabilities, most likely
+/// first (ties by lower id).
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 || logits.is_empty() {
+        return Vec::new();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_sum = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let order = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(ids.len());
+    if n < ids.len() {
+        ids.select_nth_unstable_by(n - 1, order);
+        ids.truncate(n);
+    }
+    ids.sort_unstable_by(order);
+    ids.into_iter()
+        .map(|id| (id, (logits[id as usize] as f64 - log_sum) as f32))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_tokens_in_order() {
+        let logits = [0.5, 3.0, -1.0, 3.0, 2.0];
+        let top = top_logprobs(&logits, 3);
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 4]);
+        let all = log_softmax(&logits);
+        for (id, lp) in top {
+            assert!((lp - all[id as usize]).abs() < 1e-6);
+        }
+        assert_eq!(top_logprobs(&logits, 10).len(), 5);
+        assert!(top_logprobs(&logits, 0).is_empty());
+    }
+}

@@ -33,6 +33,8 @@ struct Seq {
     /// Leading tokens whose KV is in the cache.
     computed: usize,
     table: Vec<BlockId>,
+    /// May start from cached prefix blocks (false when every position must be computed).
+    reuse_prefix: bool,
 }
 
 /// One sequence's part of a step: run `tokens[start..start + len]`.
@@ -109,13 +111,15 @@ impl Scheduler {
         self.blocks.blocks_for(tokens) <= self.blocks.stats().total
     }
 
-    /// Queues a new sequence (its prompt) behind those already waiting.
-    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) {
+    /// Queues a new sequence (its prompt) behind those already waiting. With `reuse_prefix`
+    /// false its prompt is computed in full even where the prefix cache holds it.
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, reuse_prefix: bool) {
         self.waiting.push_back(Seq {
             id,
             tokens: prompt,
             computed: 0,
             table: Vec::new(),
+            reuse_prefix,
         });
     }
 
@@ -197,7 +201,10 @@ impl Scheduler {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let Some(blocks) = self.blocks.allocate_prompt(&front.tokens) else {
+            let Some(blocks) = self
+                .blocks
+                .allocate_prompt(&front.tokens, front.reuse_prefix)
+            else {
                 break; // first come, first served: nobody jumps the queue
             };
             let Some(mut seq) = self.waiting.pop_front() else {
@@ -285,7 +292,7 @@ mod tests {
     #[test]
     fn decodes_come_first_and_long_prompts_are_chunked() {
         let mut s = scheduler(64, 8, 10);
-        s.add(1, vec![1; 3]);
+        s.add(1, vec![1; 3], true);
         let plan = s.schedule();
         assert_eq!(
             plan.seqs,
@@ -297,7 +304,7 @@ mod tests {
             }]
         );
         run(&mut s, &plan);
-        s.add(2, vec![2; 25]);
+        s.add(2, vec![2; 25], true);
         // Step: 1 decode token for seq 1, then a 9-token chunk of seq 2.
         let plan = s.schedule();
         assert_eq!(
@@ -355,7 +362,7 @@ mod tests {
     fn sequence_limit_and_fcfs_admission() {
         let mut s = scheduler(64, 2, 100);
         for id in 1..=3 {
-            s.add(id, vec![id as u32; 4]);
+            s.add(id, vec![id as u32; 4], true);
         }
         let plan = s.schedule();
         let ids: Vec<SeqId> = plan.seqs.iter().map(|x| x.id).collect();
@@ -372,8 +379,8 @@ mod tests {
     fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
         // 4 blocks of 4 tokens; two sequences of 8 tokens fill the cache.
         let mut s = scheduler(4, 8, 100);
-        s.add(1, vec![1; 8]);
-        s.add(2, vec![2; 8]);
+        s.add(1, vec![1; 8], true);
+        s.add(2, vec![2; 8], true);
         let plan = s.schedule();
         assert_eq!(plan.seqs.len(), 2);
         run(&mut s, &plan);
@@ -404,7 +411,7 @@ mod tests {
     #[test]
     fn a_sequence_alone_without_blocks_is_dropped_not_looped() {
         let mut s = scheduler(2, 8, 100);
-        s.add(1, vec![1; 8]);
+        s.add(1, vec![1; 8], true);
         let plan = s.schedule();
         run(&mut s, &plan);
         let plan = s.schedule();
@@ -418,7 +425,7 @@ mod tests {
     fn removing_frees_every_block() {
         let mut s = scheduler(16, 8, 100);
         for id in 0..4 {
-            s.add(id, vec![id as u32; 6]);
+            s.add(id, vec![id as u32; 6], true);
         }
         let plan = s.schedule();
         run(&mut s, &plan);

@@ -6,6 +6,7 @@
 //! the next step.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,7 +19,7 @@ use crate::block_manager::BlockManager;
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::engine::{logprob_of, Engine, FinishReason, GenerateRequest, StopStrings, ValidRequest};
 use crate::error::{EngineError, Result};
-use crate::sampler::Sampler;
+use crate::sampler::{top_logprobs, Sampler};
 use crate::scheduler::{Dropped, Scheduler, SchedulerConfig, SchedulerStats, SeqId};
 
 /// How the serving loop sizes its cache and its batches.
@@ -31,6 +32,9 @@ pub struct ServingConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub prefix_caching: bool,
+    /// Requests [`EngineHandle::submit`] accepts beyond `max_num_seqs` before it refuses with
+    /// [`EngineError::Overloaded`] (a bounded queue rather than unbounded latency).
+    pub max_waiting_requests: usize,
 }
 
 impl Default for ServingConfig {
@@ -41,6 +45,7 @@ impl Default for ServingConfig {
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             prefix_caching: true,
+            max_waiting_requests: 1024,
         }
     }
 }
@@ -54,11 +59,30 @@ pub struct Usage {
     pub cached_prompt_tokens: usize,
 }
 
+/// A prompt token's log-probability given the tokens before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// The most likely tokens at this position (as many as the request asked for).
+    pub top: Vec<(u32, f32)>,
+}
+
 /// What a request's stream carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// Log-probabilities of the prompt's tokens (`None` for the first), sent once before the
+    /// first token when the request asked for them.
+    PromptLogprobs(Vec<Option<PromptLogprob>>),
     /// One generated token and the text that became final with it (may be empty).
-    Token { id: u32, text: String, logprob: f32 },
+    Token {
+        id: u32,
+        text: String,
+        /// Natural-log probability of `id` under the model's distribution.
+        logprob: f32,
+        /// The most likely tokens and their log-probabilities, when the request asked for them.
+        top_logprobs: Vec<(u32, f32)>,
+    },
     /// The last event of a request that completed.
     Finished {
         reason: FinishReason,
@@ -78,6 +102,8 @@ struct Active {
     stops: StopStrings,
     generated: usize,
     cached_prompt_tokens: Option<usize>,
+    /// Prompt log-probabilities gathered chunk by chunk, until sent.
+    prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
     sink: UnboundedSender<Event>,
 }
 
@@ -150,7 +176,11 @@ impl<'e> ServingCore<'e> {
         check_fits(request.prompt_ids.len(), self.capacity_tokens())?;
         let id = self.next_id;
         self.next_id += 1;
-        self.scheduler.add(id, request.prompt_ids.clone());
+        // Cached prefix blocks hold no logits: a request for prompt log-probabilities computes
+        // its whole prompt.
+        let wants_prompt_logprobs = request.prompt_logprobs.is_some();
+        self.scheduler
+            .add(id, request.prompt_ids.clone(), !wants_prompt_logprobs);
         let tokenizer = self.engine.tokenizer();
         self.active.insert(
             id,
@@ -160,6 +190,8 @@ impl<'e> ServingCore<'e> {
                 stops: StopStrings::new(&request.stop),
                 generated: 0,
                 cached_prompt_tokens: None,
+                prompt_logprobs: wants_prompt_logprobs
+                    .then(|| vec![None; request.prompt_ids.len()]),
                 sink,
                 request,
             },
@@ -202,6 +234,7 @@ impl<'e> ServingCore<'e> {
         if plan.seqs.is_empty() {
             return Ok(());
         }
+        let mut marked = false;
         let logits = {
             let mut slices = Vec::with_capacity(plan.seqs.len());
             for s in &plan.seqs {
@@ -211,21 +244,43 @@ impl<'e> ServingCore<'e> {
                         s.id
                     )));
                 };
+                let all_logits = self
+                    .active
+                    .get(&s.id)
+                    .is_some_and(|a| a.prompt_logprobs.is_some());
+                marked |= all_logits;
                 slices.push(SeqSlice {
                     tokens: &tokens[s.start..s.start + s.len],
                     start: s.start,
                     block_table: table,
+                    all_logits,
                 });
             }
+            let which = if marked { Logits::Marked } else { Logits::Last };
             self.engine
                 .model()
-                .forward_batch(&slices, &self.cache, Logits::Last)?
+                .forward_batch(&slices, &self.cache, which)?
                 .to_vec2::<f32>()
                 .map_err(ModelError::from)?
         };
         self.steps += 1;
-        for (s, row) in plan.seqs.iter().zip(&logits) {
+        let mut rows = logits.iter();
+        for s in &plan.seqs {
             self.scheduler.computed(s.id, s.len);
+            let active = self.active.get_mut(&s.id);
+            let row = match active {
+                Some(active) if active.prompt_logprobs.is_some() => {
+                    let chunk: Vec<&Vec<f32>> = rows.by_ref().take(s.len).collect();
+                    active.gather_prompt_logprobs(s.start, &chunk);
+                    chunk.last().copied()
+                }
+                _ => rows.next(),
+            };
+            let Some(row) = row else {
+                return Err(EngineError::Internal(
+                    "the forward returned fewer logit rows than scheduled".into(),
+                ));
+            };
             if let Some(active) = self.active.get_mut(&s.id) {
                 active.cached_prompt_tokens.get_or_insert(s.start);
             }
@@ -270,6 +325,32 @@ impl<'e> ServingCore<'e> {
 }
 
 impl Active {
+    /// Records the log-probabilities of the prompt tokens that the logit rows of a chunk
+    /// starting at `start` predict; sends them all once the chunk reaches the prompt's end.
+    fn gather_prompt_logprobs(&mut self, start: usize, rows: &[&Vec<f32>]) {
+        let Some(gathered) = self.prompt_logprobs.as_mut() else {
+            return;
+        };
+        let prompt = &self.request.prompt_ids;
+        let top = self.request.prompt_logprobs.unwrap_or(0);
+        for (k, row) in rows.iter().enumerate() {
+            // The logits at position p predict the token at p + 1.
+            let next = start + k + 1;
+            if let (Some(&id), Some(slot)) = (prompt.get(next), gathered.get_mut(next)) {
+                *slot = Some(PromptLogprob {
+                    id,
+                    logprob: logprob_of(row, id),
+                    top: top_logprobs(row, top),
+                });
+            }
+        }
+        if start + rows.len() >= prompt.len() {
+            if let Some(all) = self.prompt_logprobs.take() {
+                let _ = self.sink.send(Event::PromptLogprobs(all));
+            }
+        }
+    }
+
     /// Samples from `logits`, emits the token event, and says whether the request is done.
     fn next_token(
         &mut self,
@@ -307,7 +388,16 @@ impl Active {
                 (text, None)
             }
         };
-        let _ = self.sink.send(Event::Token { id, text, logprob });
+        let top_logprobs = match self.request.logprobs {
+            Some(n) if n > 0 => top_logprobs(logits, n),
+            _ => Vec::new(),
+        };
+        let _ = self.sink.send(Event::Token {
+            id,
+            text,
+            logprob,
+            top_logprobs,
+        });
         Ok((id, finished))
     }
 
@@ -338,6 +428,16 @@ fn check_fits(prompt: usize, capacity: usize) -> Result<()> {
 pub struct RequestStream {
     pub prompt_ids: Vec<u32>,
     receiver: UnboundedReceiver<Event>,
+    _slot: QueueSlot,
+}
+
+/// One accepted request's place in the bounded queue, given back on drop.
+struct QueueSlot(Arc<AtomicUsize>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl RequestStream {
@@ -367,6 +467,9 @@ pub struct EngineHandle {
     commands: Sender<Command>,
     stats: Arc<Mutex<ServingStats>>,
     capacity_tokens: usize,
+    /// Requests accepted and not yet dropped by their callers.
+    outstanding: Arc<AtomicUsize>,
+    max_outstanding: usize,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -396,6 +499,11 @@ impl EngineHandle {
             commands,
             stats,
             capacity_tokens,
+            outstanding: Arc::new(AtomicUsize::new(0)),
+            max_outstanding: config
+                .max_num_seqs
+                .max(1)
+                .saturating_add(config.max_waiting_requests),
             thread: Arc::new(Mutex::new(Some(thread))),
         })
     }
@@ -406,9 +514,15 @@ impl EngineHandle {
 
     /// Validates and queues a request. Everything wrong with it (bad parameters, a prompt longer
     /// than the context or the whole cache) is an error here; it never enters the queue.
+    /// A full queue is [`EngineError::Overloaded`].
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream> {
         let request = self.engine.validate(request)?;
         check_fits(request.prompt_ids.len(), self.capacity_tokens)?;
+        let before = self.outstanding.fetch_add(1, Ordering::AcqRel);
+        let slot = QueueSlot(self.outstanding.clone());
+        if before >= self.max_outstanding {
+            return Err(EngineError::Overloaded { in_flight: before });
+        }
         let (sink, receiver) = unbounded_channel();
         let prompt_ids = request.prompt_ids.clone();
         self.commands
@@ -417,7 +531,13 @@ impl EngineHandle {
         Ok(RequestStream {
             prompt_ids,
             receiver,
+            _slot: slot,
         })
+    }
+
+    /// Requests accepted whose streams are still held.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
     }
 
     /// Counters as of the last step.

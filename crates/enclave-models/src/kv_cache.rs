@@ -181,6 +181,9 @@ pub struct SeqSlice<'a> {
     pub tokens: &'a [u32],
     pub start: usize,
     pub block_table: &'a [u32],
+    /// With [`crate::Logits::Marked`], return logits for every token of this slice, not only
+    /// its last (prompt log-probabilities).
+    pub all_logits: bool,
 }
 
 /// A single sequence's cache: a paged pool it owns alone, grown (doubling) as the sequence does,

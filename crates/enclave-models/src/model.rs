@@ -46,6 +46,9 @@ pub enum Logits {
     All,
     /// Only the last one (generation): skips the vocabulary projection for the rest.
     Last,
+    /// Every position of sequences marked `all_logits`, the last of the others (a batch where
+    /// some requests want prompt log-probabilities).
+    Marked,
 }
 
 #[derive(Debug, Clone)]
@@ -273,6 +276,7 @@ impl Model {
             tokens,
             start,
             block_table: table,
+            all_logits: false,
         };
         let logits = self.forward_batch(&[seq], paged, which)?;
         cache.advance(tokens.len());

@@ -113,6 +113,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                                 timings.tokens += 1;
                             }
                             Some(Event::Finished { .. }) => return Ok(timings),
+                            Some(Event::PromptLogprobs(_)) => {}
                             Some(Event::Failed(message)) => {
                                 anyhow::bail!("request failed: {message}")
                             }

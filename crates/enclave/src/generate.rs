@@ -139,6 +139,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop: args.stop.clone(),
         stop_token_ids: Vec::new(),
         ignore_eos: args.ignore_eos,
+        logprobs: None,
+        prompt_logprobs: None,
     };
     let request = engine.validate(request)?;
 

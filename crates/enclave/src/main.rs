@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod generate;
 mod model_source;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API (chat and text completions, streaming, models,
+    /// tokenize, health) with continuous batching.
+    Serve(serve::ServeArgs),
     /// Generate a completion for one prompt and print it (streamed, or as JSON with --json).
     Generate(generate::GenerateArgs),
     /// Chat with a model in the terminal, using its chat template; answers stream as they come.
@@ -58,6 +62,11 @@ pub struct ServingArgs {
     /// Turn off reuse of cached prompt prefixes across requests.
     #[arg(long)]
     pub no_prefix_caching: bool,
+
+    /// Requests accepted beyond --max-num-seqs; past that, new requests are refused (HTTP 503
+    /// with Retry-After) instead of waiting without bound.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_waiting_requests: usize,
 }
 
 impl ServingArgs {
@@ -72,6 +81,7 @@ impl ServingArgs {
             max_num_seqs: self.max_num_seqs.max(1),
             max_num_batched_tokens: self.max_num_batched_tokens.max(1),
             prefix_caching: !self.no_prefix_caching,
+            max_waiting_requests: self.max_waiting_requests,
         })
     }
 }
@@ -162,6 +172,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
+        Command::Serve(args) => {
+            set_threads(args.model.threads);
+            serve::run(args)
+        }
         Command::Generate(args) => {
             set_threads(args.model.threads);
             generate::run(args)

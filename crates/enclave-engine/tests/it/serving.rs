@@ -76,6 +76,7 @@ fn collect(mut stream: RequestStream) -> (Vec<u32>, FinishReason, enclave_engine
             Some(Event::Token { id, .. }) => ids.push(id),
             Some(Event::Finished { reason, usage, .. }) => return (ids, reason, usage),
             Some(Event::Failed(message)) => panic!("request failed: {message}"),
+            Some(Event::PromptLogprobs(_)) => {}
             None => panic!("stream ended without a finish event"),
         }
     }
@@ -106,6 +107,7 @@ fn serving(blocks_of_16: usize, engine: &Engine) -> ServingConfig {
         max_num_seqs: 64,
         max_num_batched_tokens: 256,
         prefix_caching: true,
+        max_waiting_requests: 4096,
     }
 }
 
@@ -310,4 +312,75 @@ fn prompts_past_the_context_or_the_whole_cache_are_refused_up_front() {
     let (ids, _, _) = collect(handle.submit(greedy(vec![5; 10], 3)).unwrap());
     assert_eq!(ids.len(), 3);
     handle.shutdown();
+}
+
+/// Prompt log-probabilities (for `echo` + `logprobs` and evaluation harnesses) equal those of
+/// one full forward, even when the prompt's prefix is in the cache and other requests share the
+/// step; generated tokens carry their top alternatives.
+#[test]
+fn prompt_logprobs_match_a_full_forward() {
+    let (engine, _keep) = load("qwen2");
+    let vocab = engine.model().info().vocab_size;
+    let ids = prompt(70, 11, vocab);
+    let expected: Vec<f32> = {
+        let mut cache = engine.model().new_cache();
+        let logits = engine
+            .model()
+            .forward(&ids, &mut cache, enclave_models::Logits::All)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        (1..ids.len())
+            .map(|k| enclave_engine::sampler::log_softmax(&logits[k - 1])[ids[k] as usize])
+            .collect()
+    };
+    let config = ServingConfig {
+        max_num_batched_tokens: 32, // the prompt comes in chunks
+        ..serving(64, &engine)
+    };
+    let handle = EngineHandle::start(engine, config).unwrap();
+    // The same prompt once without prompt logprobs, so its prefix blocks are cached.
+    collect(handle.submit(greedy(ids.clone(), 2)).unwrap());
+    let other = handle.submit(greedy(prompt(50, 12, vocab), 6)).unwrap();
+    let mut request = greedy(ids.clone(), 3);
+    request.prompt_logprobs = Some(3);
+    request.logprobs = Some(2);
+    let mut stream = handle.submit(request).unwrap();
+    let Some(Event::PromptLogprobs(got)) = stream.blocking_next() else {
+        panic!("the first event must carry the prompt logprobs");
+    };
+    assert_eq!(got.len(), ids.len());
+    assert!(got[0].is_none());
+    for (k, (lp, want)) in got[1..].iter().zip(&expected).enumerate() {
+        let lp = lp.as_ref().unwrap();
+        assert_eq!(lp.id, ids[k + 1]);
+        assert!(
+            (lp.logprob - want).abs() < 1e-4,
+            "position {}: {} vs {want}",
+            k + 1,
+            lp.logprob
+        );
+        assert_eq!(lp.top.len(), 3);
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert!(lp.top[0].1 >= lp.logprob - 1e-6);
+    }
+    let mut tokens = 0;
+    loop {
+        match stream.blocking_next() {
+            Some(Event::Token {
+                logprob,
+                top_logprobs,
+                ..
+            }) => {
+                tokens += 1;
+                assert_eq!(top_logprobs.len(), 2);
+                // Greedy: the chosen token is the most likely one.
+                assert!((top_logprobs[0].1 - logprob).abs() < 1e-6);
+            }
+            Some(Event::Finished { .. }) => break,
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    assert_eq!(tokens, 3);
+    collect(other);
 }

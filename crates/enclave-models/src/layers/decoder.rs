@@ -151,7 +151,8 @@ impl Decoder {
 
     /// One forward over the new tokens of several sequences (see [`SeqSlice`]), writing their
     /// keys and values through their block tables; returns f32 logits `[rows, vocab]` for the
-    /// rows `which` selects (`Last`: one per sequence; `All`: every token, packed).
+    /// rows `which` selects (`Last`: one per sequence; `All`: every token, packed; `Marked`:
+    /// every token of marked sequences, the last of the others).
     pub fn forward(
         &self,
         seqs: &[SeqSlice],
@@ -220,17 +221,19 @@ impl<'a> PackedBatch<'a> {
     pub fn select(&self, xs: &Tensor, which: Logits) -> Result<Tensor> {
         match which {
             Logits::All => Ok(xs.clone()),
-            Logits::Last => {
+            Logits::Last | Logits::Marked => {
                 let mut end = 0u32;
-                let last: Vec<u32> = self
-                    .seqs
-                    .iter()
-                    .map(|s| {
-                        end += s.tokens.len() as u32;
-                        end - 1
-                    })
-                    .collect();
-                xs.index_select(&Tensor::new(last, xs.device())?, 1)
+                let mut rows = Vec::with_capacity(self.seqs.len());
+                for s in self.seqs {
+                    let start = end;
+                    end += s.tokens.len() as u32;
+                    if which == Logits::Marked && s.all_logits {
+                        rows.extend(start..end);
+                    } else {
+                        rows.push(end - 1);
+                    }
+                }
+                xs.index_select(&Tensor::new(rows, xs.device())?, 1)
             }
         }
     }

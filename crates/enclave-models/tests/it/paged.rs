@@ -78,6 +78,7 @@ fn a_mixed_batch_gives_each_sequence_its_own_logits() {
                     tokens: &goldens[i].ids[done[i]..done[i] + n],
                     start: done[i],
                     block_table: &tables[i],
+                    all_logits: false,
                 })
                 .collect();
             let out = rows(model.forward_batch(&seqs, &cache, Logits::All).unwrap());
@@ -116,6 +117,7 @@ fn shared_prefix_blocks_are_reused_not_recomputed() {
                     tokens: prompt,
                     start: 0,
                     block_table: &a_table,
+                    all_logits: false,
                 }],
                 &cache,
                 Logits::Last,
@@ -133,6 +135,7 @@ fn shared_prefix_blocks_are_reused_not_recomputed() {
                         tokens: &b_tokens[prefix..],
                         start: prefix,
                         block_table: &b_table,
+                        all_logits: false,
                     }],
                     &cache,
                     Logits::All,
@@ -158,6 +161,7 @@ fn block_tables_too_short_or_outside_the_cache_are_errors() {
             tokens: &tokens,
             start: 0,
             block_table: &[0],
+            all_logits: false,
         }],
         &cache,
         Logits::Last,
@@ -171,6 +175,7 @@ fn block_tables_too_short_or_outside_the_cache_are_errors() {
             tokens: &tokens,
             start: 0,
             block_table: &[0, 9],
+            all_logits: false,
         }],
         &cache,
         Logits::Last,

@@ -1,0 +1,420 @@
+//! `POST /v1/completions`: prompts as text or token ids, `echo`, and prompt log-probabilities
+//! (what lm-evaluation-harness's `local-completions` needs for log-likelihood tasks).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use enclave_engine::{Engine, Event, GenerateRequest, Prompt, PromptLogprob, RequestStream};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+use crate::generation::{
+    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, SamplingFields, Stop,
+    StreamOptions, TokenLogprob,
+};
+use crate::sse::{merge, send, sse_response, EventSender};
+use crate::state::{new_id, unix_time, AppState};
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+    Batch(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct CompletionRequest {
+    model: Option<String>,
+    prompt: PromptInput,
+    max_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    n: Option<i64>,
+    stop: Option<Stop>,
+    seed: Option<i64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logprobs: Option<i64>,
+    echo: Option<bool>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    #[allow(
+        dead_code,
+        reason = "accepted for OpenAI compatibility; audit uses it later"
+    )]
+    user: Option<String>,
+    suffix: Option<String>,
+    best_of: Option<i64>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    /// vLLM's extension: keep generating past end-of-sequence (benchmarks).
+    ignore_eos: Option<bool>,
+}
+
+/// OpenAI's default when `max_tokens` is absent.
+const DEFAULT_MAX_TOKENS: usize = 16;
+
+pub(crate) async fn create(
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let served = state.model(request.model.as_deref())?;
+    let engine = served.handle.engine();
+    let n = choices(request.n, state.config.max_n)?;
+    if let Some(best_of) = request.best_of.filter(|&b| b != n as i64) {
+        return Err(ApiError::invalid(
+            Some("best_of".to_string()),
+            format!("`best_of` other than `n` is not supported, got {best_of}"),
+        ));
+    }
+    if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid(
+            Some("suffix".to_string()),
+            "`suffix` is not supported",
+        ));
+    }
+    let logprobs = match request.logprobs {
+        None => None,
+        Some(k) if (0..=enclave_engine::MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                Some("logprobs".to_string()),
+                format!(
+                    "`logprobs` must be between 0 and {}, got {k}",
+                    enclave_engine::MAX_TOP_LOGPROBS
+                ),
+            ))
+        }
+    };
+    let echo = request.echo.unwrap_or(false);
+    let prompts: Vec<Prompt> = match request.prompt {
+        PromptInput::Text(t) => vec![Prompt::Text(t)],
+        PromptInput::Texts(ts) => ts.into_iter().map(Prompt::Text).collect(),
+        PromptInput::Ids(ids) => vec![Prompt::TokenIds(ids)],
+        PromptInput::Batch(batch) => batch.into_iter().map(Prompt::TokenIds).collect(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(
+            Some("prompt".to_string()),
+            "`prompt` must hold at least one prompt",
+        ));
+    }
+    let sampling = SamplingFields {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        top_k: request.top_k,
+        min_p: request.min_p,
+        repetition_penalty: request.repetition_penalty,
+        presence_penalty: request.presence_penalty,
+        frequency_penalty: request.frequency_penalty,
+        seed: request.seed,
+    }
+    .params(engine)?;
+    let max_tokens = max_tokens(request.max_tokens, "max_tokens")?.unwrap_or(DEFAULT_MAX_TOKENS);
+    let stop = request.stop.map(Stop::into_vec).unwrap_or_default();
+
+    let mut choices_in_order = Vec::new();
+    for prompt in prompts {
+        let echo_text = match (&prompt, echo) {
+            (Prompt::Text(t), true) => Some(t.clone()),
+            (Prompt::TokenIds(ids), true) => Some(
+                engine
+                    .tokenizer()
+                    .decode(ids, false)
+                    .map_err(|e| ApiError::from_engine(e, "prompt"))?,
+            ),
+            _ => None,
+        };
+        let mut generate = GenerateRequest::new(prompt);
+        generate.sampling = Some(sampling.clone());
+        generate.max_tokens = Some(max_tokens);
+        generate.stop = stop.clone();
+        generate.ignore_eos = request.ignore_eos.unwrap_or(false);
+        generate.logprobs = logprobs;
+        generate.prompt_logprobs = if echo { logprobs } else { None };
+        for stream in submit_choices(served, generate, n, "prompt")? {
+            choices_in_order.push((stream, echo_text.clone()));
+        }
+    }
+    let reply = CompletionReply {
+        id: new_id("cmpl"),
+        created: unix_time(),
+        model: state.config.served_model_name.clone(),
+        logprobs: logprobs.is_some(),
+        n,
+    };
+    if request.stream.unwrap_or(false) {
+        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+        let handle = served.handle.clone();
+        return Ok(sse_response(move |tx| {
+            reply.stream(handle, choices_in_order, include_usage, tx)
+        }));
+    }
+    reply.complete(engine, choices_in_order).await
+}
+
+struct CompletionReply {
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    /// Choices per prompt (prompt tokens are counted once per prompt).
+    n: usize,
+}
+
+impl CompletionReply {
+    async fn complete(
+        &self,
+        engine: &Engine,
+        choices: Vec<(RequestStream, Option<String>)>,
+    ) -> Result<Response, ApiError> {
+        let (streams, echoes): (Vec<_>, Vec<_>) = choices.into_iter().unzip();
+        let results = futures_util::future::join_all(streams.into_iter().map(run_to_end)).await;
+        let (mut prompt_tokens, mut completion_tokens, mut cached) = (0, 0, 0);
+        let mut out = Vec::new();
+        for (index, (result, echo)) in results.into_iter().zip(echoes).enumerate() {
+            let done = result?;
+            if index % self.n == 0 {
+                prompt_tokens += done.usage.prompt_tokens;
+            }
+            completion_tokens += done.usage.completion_tokens;
+            cached += done.usage.cached_prompt_tokens;
+            let logprobs = self.logprobs.then(|| {
+                let mut lp = LogprobsJson::new(0);
+                if echo.is_some() {
+                    lp.push_prompt(engine, &done.prompt_ids, done.prompt_logprobs.as_deref());
+                }
+                lp.push_tokens(engine, &done.tokens);
+                lp.into_json()
+            });
+            let text = match echo {
+                Some(prompt) => prompt + &done.text,
+                None => done.text,
+            };
+            out.push(json!({
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": done.finish_reason.as_str(),
+            }));
+        }
+        Ok(axum::Json(json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": out,
+            "usage": usage_json(prompt_tokens, completion_tokens, cached),
+            "system_fingerprint": Value::Null,
+        }))
+        .into_response())
+    }
+
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> Value {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": Value::Null,
+            "choices": choices,
+        });
+        if let (Some(usage), Some(map)) = (usage, chunk.as_object_mut()) {
+            map.insert("usage".into(), usage);
+        }
+        chunk
+    }
+
+    fn choice(
+        &self,
+        index: usize,
+        text: &str,
+        logprobs: Option<Value>,
+        finish: Option<&str>,
+    ) -> Value {
+        json!([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}])
+    }
+
+    async fn stream(
+        self,
+        handle: enclave_engine::EngineHandle,
+        choices: Vec<(RequestStream, Option<String>)>,
+        include_usage: bool,
+        tx: EventSender,
+    ) {
+        let engine = handle.engine();
+        let usage_field = include_usage.then_some(Value::Null);
+        let (streams, echoes): (Vec<_>, Vec<_>) = choices.into_iter().unzip();
+        let prompt_lens: Vec<usize> = streams.iter().map(|s| s.prompt_ids.len()).collect();
+        let prompt_ids: Vec<Vec<u32>> = streams.iter().map(|s| s.prompt_ids.clone()).collect();
+        let n = streams.len();
+        // Echoed prompts go first; with logprobs they wait for the prompt's log-probabilities.
+        for (index, echo) in echoes.iter().enumerate() {
+            if let (Some(prompt), false) = (echo, self.logprobs) {
+                let chunk = self.chunk(self.choice(index, prompt, None, None), usage_field.clone());
+                if !send(&tx, &chunk).await {
+                    return;
+                }
+            }
+        }
+        let mut streamed = vec![0usize; n];
+        let mut offsets: Vec<usize> = echoes
+            .iter()
+            .map(|e| e.as_ref().map_or(0, |p| p.chars().count()))
+            .collect();
+        let (mut completion_tokens, mut cached) = (0, 0);
+        let mut merged = merge(streams);
+        let mut open = n;
+        while open > 0 {
+            let next = tokio::select! {
+                _ = tx.closed() => return,
+                next = merged.next() => next,
+            };
+            let Some((index, event)) = next else { break };
+            let chunk = match event {
+                Event::PromptLogprobs(prompt_logprobs) => {
+                    let Some(prompt) = echoes[index].as_ref().filter(|_| self.logprobs) else {
+                        continue;
+                    };
+                    let mut lp = LogprobsJson::new(0);
+                    lp.push_prompt(engine, &prompt_ids[index], Some(&prompt_logprobs));
+                    Some(self.choice(index, prompt, Some(lp.into_json()), None))
+                }
+                Event::Token {
+                    id,
+                    text,
+                    logprob,
+                    top_logprobs,
+                } => {
+                    streamed[index] += text.len();
+                    let logprobs = self.logprobs.then(|| {
+                        let mut lp = LogprobsJson::new(offsets[index]);
+                        lp.push_tokens(
+                            engine,
+                            &[TokenLogprob {
+                                id,
+                                logprob,
+                                top: top_logprobs,
+                            }],
+                        );
+                        lp.into_json()
+                    });
+                    offsets[index] += text.chars().count();
+                    (!text.is_empty() || logprobs.is_some())
+                        .then(|| self.choice(index, &text, logprobs, None))
+                }
+                Event::Finished {
+                    reason,
+                    usage,
+                    text,
+                } => {
+                    open -= 1;
+                    completion_tokens += usage.completion_tokens;
+                    cached += usage.cached_prompt_tokens;
+                    let tail = text.get(streamed[index]..).unwrap_or("");
+                    Some(self.choice(index, tail, None, Some(reason.as_str())))
+                }
+                Event::Failed(message) => {
+                    tracing::error!(%message, "generation failed while streaming");
+                    open -= 1;
+                    Some(self.choice(index, "", None, Some("error")))
+                }
+            };
+            if let Some(choice) = chunk {
+                if !send(&tx, &self.chunk(choice, usage_field.clone())).await {
+                    return;
+                }
+            }
+        }
+        if include_usage {
+            let prompt_tokens: usize = prompt_lens.iter().step_by(self.n.max(1)).sum();
+            let usage = usage_json(prompt_tokens, completion_tokens, cached);
+            if !send(&tx, &self.chunk(json!([]), Some(usage))).await {
+                return;
+            }
+        }
+        let _ = tx
+            .send(Ok(axum::response::sse::Event::default().data("[DONE]")))
+            .await;
+    }
+}
+
+/// The legacy completions `logprobs` object: parallel lists of tokens, their log-probabilities,
+/// the top alternatives as `{token: logprob}`, and each token's character offset in the text.
+struct LogprobsJson {
+    tokens: Vec<Value>,
+    token_logprobs: Vec<Value>,
+    top_logprobs: Vec<Value>,
+    text_offset: Vec<Value>,
+    offset: usize,
+}
+
+impl LogprobsJson {
+    fn new(offset: usize) -> Self {
+        Self {
+            tokens: Vec::new(),
+            token_logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            text_offset: Vec::new(),
+            offset,
+        }
+    }
+
+    fn push(&mut self, engine: &Engine, id: u32, logprob: Option<f32>, top: Option<&[(u32, f32)]>) {
+        let token = token_text(engine, id);
+        self.text_offset.push(json!(self.offset));
+        self.offset += token.chars().count();
+        self.tokens.push(json!(token));
+        self.token_logprobs.push(json!(logprob));
+        self.top_logprobs.push(match top {
+            Some(top) => {
+                let map: Map<String, Value> = top
+                    .iter()
+                    .map(|&(id, lp)| (token_text(engine, id), json!(lp)))
+                    .collect();
+                Value::Object(map)
+            }
+            None => Value::Null,
+        });
+    }
+
+    fn push_prompt(
+        &mut self,
+        engine: &Engine,
+        ids: &[u32],
+        logprobs: Option<&[Option<PromptLogprob>]>,
+    ) {
+        for (k, &id) in ids.iter().enumerate() {
+            let lp = logprobs.and_then(|l| l.get(k)).and_then(Option::as_ref);
+            self.push(
+                engine,
+                id,
+                lp.map(|l| l.logprob),
+                lp.map(|l| l.top.as_slice()),
+            );
+        }
+    }
+
+    fn push_tokens(&mut self, engine: &Engine, tokens: &[TokenLogprob]) {
+        for t in tokens {
+            self.push(engine, t.id, Some(t.logprob), Some(&t.top));
+        }
+    }
+
+    fn into_json(self) -> Value {
+        json!({
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top_logprobs,
+            "text_offset": self.text_offset,
+        })
+    }
+}

@@ -1,0 +1,186 @@
+//! The one error type of the HTTP API, and the one place errors become OpenAI error objects.
+
+use axum::extract::rejection::JsonRejection;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use enclave_engine::EngineError;
+use serde_json::json;
+
+/// An error as OpenAI's API reports it: `{"error": {"message", "type", "param", "code"}}`
+/// with an HTTP status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// `invalid_request_error` for the client's mistakes, `server_error` for ours.
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    /// Seconds a client should wait before retrying (sent as `Retry-After`).
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    /// A 400 for an invalid parameter, naming it.
+    pub fn invalid(param: impl Into<Option<String>>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.into(),
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: Some("model_not_found"),
+            ..Self::invalid(
+                Some("model".to_string()),
+                format!("The model `{model}` does not exist."),
+            )
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            ..Self::invalid(None, message)
+        }
+    }
+
+    /// A 503 while the model loads or the queue is full; the client should retry.
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some(code),
+            retry_after: Some(1),
+        }
+    }
+
+    /// A 500: something broke on our side (never the client's mistake).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// An engine error for a request whose prompt is the parameter `prompt_param`
+    /// (`messages` or `prompt`).
+    pub fn from_engine(error: EngineError, prompt_param: &str) -> Self {
+        match error {
+            EngineError::InvalidRequest(message) => {
+                let param = backticked_param(&message)
+                    .or_else(|| message.contains("prompt").then(|| prompt_param.to_string()));
+                Self::invalid(param, message)
+            }
+            e @ EngineError::ContextOverflow { .. } => Self {
+                code: Some("context_length_exceeded"),
+                ..Self::invalid(Some(prompt_param.to_string()), e.to_string())
+            },
+            e @ (EngineError::Template(_) | EngineError::Tokenizer(_)) => {
+                Self::invalid(Some(prompt_param.to_string()), e.to_string())
+            }
+            e @ EngineError::Overloaded { .. } => {
+                Self::unavailable("server_overloaded", e.to_string())
+            }
+            e @ (EngineError::Model(_)
+            | EngineError::Io { .. }
+            | EngineError::File { .. }
+            | EngineError::Internal(_)) => {
+                tracing::error!(error = %e, "engine error");
+                Self::internal(e.to_string())
+            }
+        }
+    }
+
+    /// A body that could not be read as the expected JSON.
+    pub fn from_json_rejection(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        let message = rejection.body_text();
+        match status {
+            StatusCode::PAYLOAD_TOO_LARGE => Self {
+                status,
+                ..Self::invalid(None, format!("the request body is too large: {message}"))
+            },
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => Self {
+                status,
+                ..Self::invalid(
+                    None,
+                    "the request body must be JSON with `Content-Type: application/json`",
+                )
+            },
+            _ => Self::invalid(None, format!("the request body is not valid: {message}")),
+        }
+    }
+
+    /// The JSON error object (also what a stream would carry).
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// The parameter an engine message names first, as in "`top_p` must be in (0, 1], got 2".
+fn backticked_param(message: &str) -> Option<String> {
+    let rest = message.strip_prefix('`')?;
+    let end = rest.find('`')?;
+    Some(rest[..end].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_messages_name_their_parameter() {
+        let e = ApiError::from_engine(
+            EngineError::InvalidRequest("`top_p` must be in (0, 1], got 2".into()),
+            "messages",
+        );
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("top_p"));
+        let e = ApiError::from_engine(
+            EngineError::ContextOverflow {
+                limit: 10,
+                requested: 12,
+                prompt: 4,
+                completion: 8,
+            },
+            "prompt",
+        );
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        let e = ApiError::from_engine(EngineError::Overloaded { in_flight: 3 }, "prompt");
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.retry_after, Some(1));
+    }
+}

@@ -1,0 +1,210 @@
+//! What chat and completions share: request fields for sampling and stopping, turning them
+//! into an engine request, running choices to the end, and logprob and usage JSON.
+
+use enclave_engine::{
+    Engine, Event, FinishReason, GenerateRequest, PromptLogprob, RequestStream, SamplingParams,
+    Usage,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::state::Served;
+
+/// `stop`: one string or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields common to both endpoints (OpenAI's, and vLLM's `top_k`, `min_p`,
+/// `repetition_penalty`). Absent fields take the model's `generation_config.json` defaults.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<i64>,
+}
+
+impl SamplingFields {
+    pub fn params(&self, engine: &Engine) -> Result<SamplingParams, ApiError> {
+        let mut p = engine.generation_config().default_sampling();
+        if let Some(t) = self.temperature {
+            p.temperature = t;
+        }
+        if let Some(v) = self.top_p {
+            p.top_p = v;
+        }
+        if let Some(k) = self.top_k {
+            // -1 and 0 both mean no cut (vLLM and transformers conventions).
+            p.top_k = match k {
+                -1 | 0 => 0,
+                k if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
+                k => {
+                    return Err(ApiError::invalid(
+                        Some("top_k".to_string()),
+                        format!("`top_k` must be -1 (off) or at least 1, got {k}"),
+                    ))
+                }
+            };
+        }
+        if let Some(v) = self.min_p {
+            p.min_p = v;
+        }
+        if let Some(v) = self.repetition_penalty {
+            p.repetition_penalty = v;
+        }
+        if let Some(v) = self.presence_penalty {
+            p.presence_penalty = v;
+        }
+        if let Some(v) = self.frequency_penalty {
+            p.frequency_penalty = v;
+        }
+        p.seed = self.seed.map(|s| s as u64);
+        Ok(p)
+    }
+}
+
+/// `n`: 1 when absent, otherwise within 1..=max.
+pub(crate) fn choices(n: Option<i64>, max: usize) -> Result<usize, ApiError> {
+    match n {
+        None => Ok(1),
+        Some(n) if n >= 1 && n as u64 <= max as u64 => Ok(n as usize),
+        Some(n) => Err(ApiError::invalid(
+            Some("n".to_string()),
+            format!("`n` must be between 1 and {max}, got {n}"),
+        )),
+    }
+}
+
+/// `max_tokens`: at least 1 when given.
+pub(crate) fn max_tokens(value: Option<i64>, param: &str) -> Result<Option<usize>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(n) if n >= 1 => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+        Some(n) => Err(ApiError::invalid(
+            Some(param.to_string()),
+            format!("`{param}` must be at least 1, got {n}"),
+        )),
+    }
+}
+
+/// Submits `n` copies of `request` (choice `i` seeded `seed + i`, so seeded choices differ
+/// yet reproduce). An error for any cancels those already submitted.
+pub(crate) fn submit_choices(
+    served: &Served,
+    request: GenerateRequest,
+    n: usize,
+    prompt_param: &str,
+) -> Result<Vec<RequestStream>, ApiError> {
+    (0..n)
+        .map(|i| {
+            let mut request = request.clone();
+            if let Some(sampling) = request.sampling.as_mut() {
+                sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            }
+            served
+                .handle
+                .submit(request)
+                .map_err(|e| ApiError::from_engine(e, prompt_param))
+        })
+        .collect()
+}
+
+/// One generated token with its log-probabilities.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A choice run to its end.
+#[derive(Debug, Clone)]
+pub(crate) struct Finished {
+    pub prompt_ids: Vec<u32>,
+    pub text: String,
+    pub tokens: Vec<TokenLogprob>,
+    pub prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+}
+
+/// Collects a choice's events until it finishes.
+pub(crate) async fn run_to_end(mut stream: RequestStream) -> Result<Finished, ApiError> {
+    let mut tokens = Vec::new();
+    let mut prompt_logprobs = None;
+    while let Some(event) = stream.next().await {
+        match event {
+            Event::PromptLogprobs(p) => prompt_logprobs = Some(p),
+            Event::Token {
+                id,
+                logprob,
+                top_logprobs,
+                ..
+            } => tokens.push(TokenLogprob {
+                id,
+                logprob,
+                top: top_logprobs,
+            }),
+            Event::Finished {
+                reason,
+                usage,
+                text,
+            } => {
+                return Ok(Finished {
+                    prompt_ids: stream.prompt_ids.clone(),
+                    text,
+                    tokens,
+                    prompt_logprobs,
+                    finish_reason: reason,
+                    usage,
+                })
+            }
+            Event::Failed(message) => {
+                tracing::error!(%message, "generation failed");
+                return Err(ApiError::internal(format!("generation failed: {message}")));
+            }
+        }
+    }
+    Err(ApiError::internal(
+        "the engine stopped before the request finished",
+    ))
+}
+
+/// A token's text as logprob entries show it.
+pub(crate) fn token_text(engine: &Engine, id: u32) -> String {
+    engine.tokenizer().decode(&[id], false).unwrap_or_default()
+}
+
+/// OpenAI's `usage` object for choices sharing one prompt (counted once) or several.
+pub(crate) fn usage_json(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}

@@ -1,0 +1,122 @@
+//! What every handler shares: the configuration and, once loaded, the model.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use enclave_engine::{EngineHandle, GenerateRequest, Prompt};
+
+use crate::error::ApiError;
+
+/// How the server presents the model and bounds its requests.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The model name clients send and see (`--served-model-name`).
+    pub served_model_name: String,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Return a reasoning model's `<think>` text as `reasoning_content`.
+    pub reasoning_split: bool,
+    /// After SIGTERM/SIGINT, how long requests in flight may take to finish.
+    pub shutdown_grace: Duration,
+    /// Most choices (`n`) per request.
+    pub max_n: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            served_model_name: "enclave".into(),
+            max_body_bytes: 8 << 20,
+            reasoning_split: true,
+            shutdown_grace: Duration::from_secs(30),
+            max_n: 16,
+        }
+    }
+}
+
+/// The loaded model as the handlers see it.
+pub(crate) struct Served {
+    pub handle: EngineHandle,
+    /// The chat template opens `<think>` in its generation prompt (DeepSeek-R1): the output
+    /// starts inside the reasoning.
+    pub template_opens_think: bool,
+}
+
+/// Shared state: configuration, and the model once it is loaded and warmed up.
+pub struct AppState {
+    pub(crate) config: ServerConfig,
+    served: OnceLock<Served>,
+    /// Unix time the server started (the model's `created`).
+    pub(crate) created: u64,
+}
+
+impl AppState {
+    pub fn new(config: ServerConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            served: OnceLock::new(),
+            created: unix_time(),
+        })
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Runs one short request through the engine (so the first client does not pay for cold
+    /// caches), then starts serving it. Fails if the engine cannot generate at all.
+    pub async fn warm_up_and_serve(&self, handle: EngineHandle) -> Result<(), ApiError> {
+        let mut warm_up = GenerateRequest::new(Prompt::TokenIds(vec![0]));
+        warm_up.max_tokens = Some(1);
+        warm_up.ignore_eos = true;
+        let mut stream = handle
+            .submit(warm_up)
+            .map_err(|e| ApiError::from_engine(e, "prompt"))?;
+        while let Some(event) = stream.next().await {
+            if let enclave_engine::Event::Failed(message) = event {
+                return Err(ApiError::internal(format!("warm-up failed: {message}")));
+            }
+        }
+        let template_opens_think = handle
+            .engine()
+            .render_chat(&[serde_json::json!({"role": "user", "content": "hi"})])
+            .is_ok_and(|p| p.trim_end().ends_with("<think>"));
+        let _ = self.served.set(Served {
+            handle,
+            template_opens_think,
+        });
+        Ok(())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.served.get().is_some()
+    }
+
+    /// The engine handle, once ready (for shutdown and introspection).
+    pub fn engine(&self) -> Option<&EngineHandle> {
+        self.served.get().map(|s| &s.handle)
+    }
+
+    /// The model a request names (or the served one when it names none).
+    pub(crate) fn model(&self, requested: Option<&str>) -> Result<&Served, ApiError> {
+        let name = &self.config.served_model_name;
+        if let Some(requested) = requested.filter(|r| *r != name) {
+            return Err(ApiError::model_not_found(requested));
+        }
+        self.served.get().ok_or_else(|| {
+            ApiError::unavailable("model_loading", "the model is still loading; retry shortly")
+        })
+    }
+}
+
+pub(crate) fn unix_time() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A fresh id such as `chatcmpl-5f0c…` (random, 24 hex digits).
+pub(crate) fn new_id(prefix: &str) -> String {
+    let bits: u128 = rand::random();
+    format!("{prefix}-{:024x}", bits >> 32)
+}

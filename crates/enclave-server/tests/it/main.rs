@@ -1,0 +1,216 @@
+//! The real server on an ephemeral port with tiny fixture models, driven over HTTP by a real
+//! client (reqwest): every endpoint, streaming framing, usage, errors, cancellation, shutdown.
+
+// Test helpers may panic: a failed request is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod api;
+mod dify;
+mod errors;
+mod lifecycle;
+mod reasoning;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use enclave_engine::{DTypeChoice, Engine, EngineConfig, EngineHandle, ServingConfig};
+use enclave_server::{AppState, ServerConfig};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// The real DeepSeek tokenizer files, beside the repository (`../shared/fixtures`).
+pub fn shared_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+}
+
+pub fn load(dir: &Path) -> Engine {
+    Engine::load(
+        dir,
+        &EngineConfig {
+            dtype: DTypeChoice::F32,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+pub fn serving_config() -> ServingConfig {
+    ServingConfig {
+        block_size: 16,
+        kv_cache_bytes: 64 << 20,
+        max_num_seqs: 32,
+        max_num_batched_tokens: 512,
+        prefix_caching: true,
+        max_waiting_requests: 256,
+    }
+}
+
+pub const MODEL: &str = "tiny-qwen2";
+
+pub fn server_config() -> ServerConfig {
+    ServerConfig {
+        served_model_name: MODEL.into(),
+        ..ServerConfig::default()
+    }
+}
+
+/// A server running in this test's runtime.
+pub struct TestServer {
+    pub base: String,
+    pub state: Arc<AppState>,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts listening (the model not yet loaded: `/health` is 503).
+    pub async fn listen(config: ServerConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = AppState::new(config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(enclave_server::serve(listener, state.clone(), async {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            state,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A ready server for the model in `dir`.
+    pub async fn start(dir: &Path, config: ServerConfig, serving: ServingConfig) -> Self {
+        let server = Self::listen(config).await;
+        let handle = EngineHandle::start(load(dir), serving).unwrap();
+        server.state.warm_up_and_serve(handle).await.unwrap();
+        server
+    }
+
+    /// The tiny Qwen2 fixture. Its chat template is DeepSeek-R1's (the generation prompt opens
+    /// `<think>`), so its random output would all be `reasoning_content`; these tests serve it
+    /// with the split off (`--no-reasoning-split`) and check the text in `content`. The split
+    /// itself is tested in `reasoning.rs` with a scripted model.
+    pub async fn qwen2() -> Self {
+        let config = ServerConfig {
+            reasoning_split: false,
+            ..server_config()
+        };
+        Self::start(&fixtures().join("models/qwen2"), config, serving_config()).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.client.get(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Posts a streaming request and returns the raw body.
+    pub async fn post_raw(&self, path: &str, body: Value) -> (u16, String) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
+    /// Asks the server to stop and waits for it (graceful shutdown).
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = match self.task.take() {
+            Some(task) => task.await.unwrap(),
+            None => Ok(()),
+        };
+        if let Some(engine) = self.state.engine() {
+            engine.shutdown();
+        }
+        result
+    }
+
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    pub async fn wait(mut self) -> std::io::Result<()> {
+        let result = match self.task.take() {
+            Some(task) => task.await.unwrap(),
+            None => Ok(()),
+        };
+        if let Some(engine) = self.state.engine() {
+            engine.shutdown();
+        }
+        result
+    }
+}
+
+/// The JSON chunks of an SSE body, checking the framing on the way: every event is one
+/// `data: ` line followed by a blank line, and the last is `data: [DONE]`.
+pub fn sse_chunks(body: &str) -> Vec<Value> {
+    assert!(
+        body.ends_with("\n\n"),
+        "events end with a blank line: {body:?}"
+    );
+    let events: Vec<&str> = body.trim_end_matches("\n\n").split("\n\n").collect();
+    assert_eq!(
+        events.last(),
+        Some(&"data: [DONE]"),
+        "the stream ends with [DONE]"
+    );
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            let data = e
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("event not framed as `data: `: {e:?}"));
+            assert!(!data.contains('\n'), "one line per event: {e:?}");
+            serde_json::from_str(data).unwrap()
+        })
+        .collect()
+}
+
+/// Waits until the engine is idle and returns its counters.
+pub async fn settled(state: &AppState) -> enclave_engine::ServingStats {
+    let engine = state.engine().unwrap();
+    for _ in 0..1000 {
+        let stats = engine.stats();
+        if stats.scheduler.running == 0 && stats.scheduler.waiting == 0 {
+            return stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the engine did not become idle: {:?}", engine.stats());
+}
