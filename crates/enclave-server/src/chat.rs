@@ -155,18 +155,19 @@ pub(crate) fn normalize_messages(messages: Vec<Value>) -> Result<Vec<Value>, Api
                     ))
                 }
             };
-            let content =
-                match message.remove("content") {
-                    Some(Value::String(s)) => Value::String(s),
-                    None | Some(Value::Null) if role == "assistant" => Value::Null,
-                    Some(Value::Array(parts)) => Value::String(text_parts(i, &parts)?),
-                    _ => return Err(ApiError::invalid(
+            let content = match message.remove("content") {
+                Some(Value::String(s)) => Value::String(s),
+                None | Some(Value::Null) if role == "assistant" => Value::Null,
+                Some(Value::Array(parts)) => Value::String(text_parts(i, &parts)?),
+                _ => {
+                    return Err(ApiError::invalid(
                         Some(format!("messages[{i}].content")),
                         format!(
                             "`messages[{i}].content` must be a string or an array of text parts"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             let role = if role == "developer" {
                 "system".to_string()
             } else {

@@ -6,6 +6,7 @@
 mod bad_input;
 mod chat;
 mod generate;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
