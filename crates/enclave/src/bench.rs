@@ -180,7 +180,7 @@ fn random_ids(len: usize, seed: u64, vocab: usize) -> Vec<u32> {
 }
 
 /// The `q` quantile (nearest rank) of `values`; 0 for none.
-fn percentile(values: &mut [f64], q: f64) -> f64 {
+pub fn percentile(values: &mut [f64], q: f64) -> f64 {
     if values.is_empty() {
         return 0.0;
     }

@@ -1,6 +1,7 @@
 //! `enclave`: the command-line entry point. Reads flags and the environment, wires the crates.
 
 mod bench;
+mod bench_serve;
 mod chat;
 mod generate;
 mod model_source;
@@ -36,6 +37,9 @@ enum Command {
     /// Measure the serving engine: output tokens/s, time to first token and inter-token latency
     /// at several concurrency levels (random prompt ids, in process).
     Bench(bench::BenchArgs),
+    /// Load a running server over HTTP: requests/s, output tokens/s, latency and time to first
+    /// token at several numbers of concurrent connections.
+    BenchServe(bench_serve::BenchServeArgs),
 }
 
 /// How the serving engine batches requests and sizes its KV cache.
@@ -184,6 +188,7 @@ fn main() -> ExitCode {
             set_threads(args.model.threads);
             chat::run(args)
         }
+        Command::BenchServe(args) => bench_serve::run(args),
         Command::Bench(args) => {
             set_threads(args.model.threads);
             bench::run(args)

@@ -83,3 +83,40 @@ async fn streamed_chat() {
     assert_eq!(finished.len(), 1);
     server.shutdown().await.unwrap();
 }
+
+/// An error after streaming began (here: the engine stops mid-generation) ends the choice with a
+/// `finish_reason` and the stream with `[DONE]`, never a bare error object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_mid_stream_ends_the_choice_cleanly() {
+    let server = TestServer::qwen2().await;
+    let mut response = server
+        .client
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 480, "ignore_eos": true, "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap();
+    let mut body = String::from_utf8(response.chunk().await.unwrap().unwrap().to_vec()).unwrap();
+    let engine = server.state.engine().unwrap().clone();
+    tokio::task::spawn_blocking(move || engine.shutdown())
+        .await
+        .unwrap();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        body += std::str::from_utf8(&chunk).unwrap();
+    }
+    let chunks = crate::sse_chunks(&body);
+    assert!(chunks
+        .iter()
+        .all(|c| c.get("error").is_none() && c.get("choices").is_some()));
+    let reasons: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["finish_reason"].as_str())
+        .collect();
+    assert_eq!(reasons.len(), 1, "{body}");
+    assert_eq!(reasons[0], "error");
+    server.shutdown().await.unwrap();
+}

@@ -128,3 +128,45 @@ fn a_port_in_use_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+/// `enclave bench-serve` drives a running server and reports every level.
+#[test]
+fn bench_serve_measures_a_running_server() {
+    let mut served = serve(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_enclave"))
+        .args(["bench-serve", "--url", &served.base, "--concurrency", "1,4"])
+        .args([
+            "--requests",
+            "6",
+            "--prompt-len",
+            "5",
+            "--output-len",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let levels: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(levels.len(), 2);
+    for (level, connections) in levels.iter().zip([1, 4]) {
+        assert_eq!(level["connections"], connections);
+        assert_eq!(level["requests"], 6);
+        assert!(level["requests_per_s"].as_f64().unwrap() > 0.0);
+        // 6 requests × 3 tokens over the wall time.
+        let tokens =
+            level["output_tokens_per_s"].as_f64().unwrap() * level["wall_s"].as_f64().unwrap();
+        assert!((tokens - 18.0).abs() < 1e-6, "{level}");
+        assert!(level["ttft_p50_s"].as_f64().unwrap() <= level["latency_p99_s"].as_f64().unwrap());
+    }
+    terminate(&served.child);
+    assert!(served.child.wait().unwrap().success());
+}
