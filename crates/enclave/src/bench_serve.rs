@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -40,6 +40,10 @@ pub struct BenchServeArgs {
     #[arg(long, default_value_t = 128)]
     pub output_len: usize,
 
+    /// Seconds to wait for the server's `/health` to answer 200 before starting.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub wait: u64,
+
     /// Print one JSON object per level instead of a table row.
     #[arg(long)]
     pub json: bool,
@@ -65,6 +69,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
 async fn bench(args: BenchServeArgs) -> Result<()> {
     let base = args.url.trim_end_matches('/').to_string();
     let client = reqwest::Client::new();
+    wait_until_ready(&client, &base, Duration::from_secs(args.wait)).await?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => {
@@ -152,6 +157,25 @@ async fn bench(args: BenchServeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Polls `/health` until the model is loaded (it answers 503 while loading).
+async fn wait_until_ready(client: &reqwest::Client, base: &str, wait: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let last = match client.get(format!("{base}/health")).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => format!("/health answered {}", r.status()),
+            Err(e) => format!("cannot reach {base}: {e}"),
+        };
+        if start.elapsed() >= wait {
+            anyhow::bail!(
+                "the server was not ready within {} s ({last})",
+                wait.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Valid token ids for prompts: the server's tokenization of a sample text.
