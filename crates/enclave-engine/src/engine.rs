@@ -177,8 +177,15 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads a Hugging Face model folder.
+    /// Loads a Hugging Face model folder, or a GGUF file.
     pub fn load(dir: &Path, config: &EngineConfig) -> Result<Self> {
+        if dir.is_file()
+            && dir
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return Self::load_gguf(dir, config);
+        }
         if !dir.is_dir() {
             return Err(EngineError::File {
                 path: dir.to_path_buf(),
@@ -200,21 +207,7 @@ impl Engine {
             device: config.device.clone(),
         };
         let model = Model::load(dir, &options)?;
-        let limit = model.info().max_position_embeddings;
-        let max_model_len = match config.max_model_len {
-            Some(n) if n > limit => {
-                return Err(EngineError::InvalidRequest(format!(
-                    "--max-model-len {n} exceeds the model's max_position_embeddings ({limit})"
-                )))
-            }
-            Some(0) => {
-                return Err(EngineError::InvalidRequest(
-                    "--max-model-len must be at least 1".into(),
-                ))
-            }
-            Some(n) => n,
-            None => limit,
-        };
+        let max_model_len = Self::context_limit(&model, config)?;
         Ok(Self {
             model,
             tokenizer,
@@ -223,6 +216,63 @@ impl Engine {
             max_model_len,
             model_dir: dir.to_path_buf(),
         })
+    }
+
+    /// A GGUF file: weights, tokenizer, chat template and stop tokens all come from it.
+    fn load_gguf(path: &Path, config: &EngineConfig) -> Result<Self> {
+        let file = enclave_models::GgufFile::open(path)?;
+        let tokenizer = Tokenizer::from_gguf(file.metadata(), path)?;
+        let chat_template = match tokenizer
+            .config()
+            .get("chat_template")
+            .and_then(|t| t.as_str())
+        {
+            Some(source) => Some(ChatTemplate::new(
+                source.to_string(),
+                tokenizer.special_tokens().clone(),
+            )?),
+            None => None,
+        };
+        let mut generation_config = GenerationConfig::default();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+            if let Some(id) = file.metadata().get(key).and_then(|v| v.to_u32().ok()) {
+                generation_config.eos_token_ids.push(id);
+            }
+        }
+        let checkpoint = if file.all_f32() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        let options = LoadOptions {
+            dtype: config.dtype.resolve(&config.device, Some(checkpoint)),
+            device: config.device.clone(),
+        };
+        let model = Model::from_gguf(file, &options)?;
+        let max_model_len = Self::context_limit(&model, config)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            chat_template,
+            generation_config,
+            max_model_len,
+            model_dir: path.to_path_buf(),
+        })
+    }
+
+    /// `--max-model-len` checked against the model's context.
+    fn context_limit(model: &Model, config: &EngineConfig) -> Result<usize> {
+        let limit = model.info().max_position_embeddings;
+        match config.max_model_len {
+            Some(n) if n > limit => Err(EngineError::InvalidRequest(format!(
+                "--max-model-len {n} exceeds the model's max_position_embeddings ({limit})"
+            ))),
+            Some(0) => Err(EngineError::InvalidRequest(
+                "--max-model-len must be at least 1".into(),
+            )),
+            Some(n) => Ok(n),
+            None => Ok(limit),
+        }
     }
 
     /// One line for start-up logs: architecture, size, dtype and KV-cache bytes per token.

@@ -11,6 +11,7 @@ pub mod detokenizer;
 mod engine;
 mod error;
 pub mod generation_config;
+mod gguf_tokenizer;
 pub mod sampler;
 pub mod scheduler;
 pub mod serving;

@@ -1,7 +1,11 @@
 //! The model's tokenizer: `tokenizer.json` through the `tokenizers` crate, with the special-token
 //! settings of `tokenizer_config.json` applied as Hugging Face `transformers` 4.x applies them.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::quantized::gguf_file::Value as GgufValue;
 
 use serde_json::Value;
 use tokenizers::processors::template::TemplateProcessing;
@@ -65,13 +69,33 @@ impl Tokenizer {
             Some(path) => read_json(path)?,
             None => Value::Object(Default::default()),
         };
-        Self::new(inner, config, tokenizer_config.map(Path::to_path_buf))
+        Self::new(
+            inner,
+            config,
+            tokenizer_config.map(Path::to_path_buf),
+            false,
+        )
     }
 
+    /// The tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.*`), rebuilt as the
+    /// Hugging Face tokenizer it was converted from; BOS/EOS are added as its
+    /// `tokenizer.ggml.add_bos_token` / `add_eos_token` say, as llama.cpp does.
+    pub fn from_gguf(metadata: &HashMap<String, GgufValue>, path: &Path) -> Result<Self> {
+        let (json, config) = crate::gguf_tokenizer::hf_tokenizer(metadata)?;
+        let inner =
+            tokenizers::Tokenizer::from_str(&json.to_string()).map_err(|e| EngineError::File {
+                path: path.to_path_buf(),
+                message: format!("cannot build the tokenizer from the GGUF metadata: {e}"),
+            })?;
+        Self::new(inner, config, Some(path.to_path_buf()), true)
+    }
+
+    /// `flags_decide`: BOS/EOS come from `add_bos_token`/`add_eos_token` whatever the class.
     fn new(
         mut inner: tokenizers::Tokenizer,
         config: Value,
         config_path: Option<PathBuf>,
+        flags_decide: bool,
     ) -> Result<Self> {
         let special = SpecialTokens {
             bos: token_field(&config, "bos_token"),
@@ -83,7 +107,7 @@ impl Tokenizer {
             .get("tokenizer_class")
             .and_then(Value::as_str)
             .unwrap_or("");
-        if BOS_EOS_FLAG_CLASSES.contains(&class) {
+        if flags_decide || BOS_EOS_FLAG_CLASSES.contains(&class) {
             let add_bos = config
                 .get("add_bos_token")
                 .and_then(Value::as_bool)

@@ -8,6 +8,7 @@
 
 pub mod deepseek;
 mod error;
+pub mod gguf;
 mod hf_defaults;
 pub mod kv_cache;
 pub mod layers;
@@ -19,6 +20,7 @@ pub mod weights;
 pub use candle_core::{DType, Device, Tensor};
 pub use deepseek::{ExpertStats, MlaForm};
 pub use error::{ModelError, Result};
+pub use gguf::GgufFile;
 pub use kv_cache::{KvCache, KvLayout, PagedKvCache, SeqSlice};
 pub use layers::decoder::activation_dtype;
 pub use model::{checkpoint_dtype, Architecture, LoadOptions, Logits, Model, ModelInfo};

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::deepseek::{self, Deepseek, ExpertStats, MlaForm};
 use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, KvLayout, PagedKvCache, SeqSlice};
 use crate::layers::decoder::{Decoder, DecoderSpec};
 use crate::weights::{SafetensorsWeights, DEFAULT_FP8_BLOCK};
@@ -129,6 +130,40 @@ impl Model {
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = read_config(dir)?;
+        let fp8_block = fp8_block_size(&config).map_err(|message| ModelError::Config {
+            path: config_path.clone(),
+            message,
+        })?;
+        Self::build(&config, &config_path, options, || {
+            let mut weights = SafetensorsWeights::open_dir(dir)?;
+            weights.set_fp8_block(fp8_block);
+            Ok(weights.into_var_builder(options.dtype, &options.device))
+        })
+    }
+
+    /// Loads a GGUF file (llama.cpp's format): config from its metadata, tensors dequantised
+    /// into `options.dtype`.
+    pub fn load_gguf(path: &Path, options: &LoadOptions) -> Result<Self> {
+        Self::from_gguf(GgufFile::open(path)?, options)
+    }
+
+    /// Builds the model of an opened GGUF file.
+    pub fn from_gguf(file: GgufFile, options: &LoadOptions) -> Result<Self> {
+        let config = file.hf_config()?;
+        let path = file.path().to_path_buf();
+        Self::build(&config, &path, options, || {
+            file.into_var_builder(options.dtype, &options.device)
+        })
+    }
+
+    /// Parses and validates the config, then asks for the weights and builds the network.
+    fn build<'a>(
+        config: &Value,
+        config_path: &Path,
+        options: &LoadOptions,
+        weights: impl FnOnce() -> Result<candle_nn::VarBuilder<'a>>,
+    ) -> Result<Self> {
+        let config_path = config_path.to_path_buf();
         let arch_name = config
             .get("architectures")
             .and_then(|a| a.get(0))
@@ -147,7 +182,6 @@ impl Model {
             .get("max_position_embeddings")
             .and_then(Value::as_u64)
             .unwrap_or(0) as usize;
-        let fp8_block = fp8_block_size(&config).map_err(config_error)?;
         // Parse and validate the whole config before reading any weights.
         enum Parsed {
             Dense(DecoderSpec),
@@ -155,12 +189,12 @@ impl Model {
         }
         let parsed = match architecture {
             Architecture::Llama => Parsed::Dense(
-                parse_config::<llama::Config>(&config, &config_path)?
+                parse_config::<llama::Config>(config, &config_path)?
                     .spec()
                     .map_err(config_error)?,
             ),
             Architecture::Qwen2 => Parsed::Dense(
-                parse_config::<qwen2::Config>(&config, &config_path)?
+                parse_config::<qwen2::Config>(config, &config_path)?
                     .spec()
                     .map_err(config_error)?,
             ),
@@ -171,15 +205,13 @@ impl Model {
                     deepseek::Generation::V3
                 };
                 Parsed::Deepseek(
-                    parse_config::<deepseek::Config>(&config, &config_path)?
+                    parse_config::<deepseek::Config>(config, &config_path)?
                         .spec(generation)
                         .map_err(config_error)?,
                 )
             }
         };
-        let mut weights = SafetensorsWeights::open_dir(dir)?;
-        weights.set_fp8_block(fp8_block);
-        let vb = weights.into_var_builder(options.dtype, &options.device);
+        let vb = weights()?;
         let network = match parsed {
             Parsed::Dense(spec) => Network::Dense(match architecture {
                 Architecture::Llama => llama::load(spec, vb)?,

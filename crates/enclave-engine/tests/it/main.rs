@@ -7,6 +7,7 @@
 mod chat_template;
 mod detokenizer;
 mod engine;
+mod gguf;
 mod sampler;
 mod serving;
 mod tokenizer;

@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod deepseek;
+mod gguf;
 mod numerics;
 mod paged;
 

@@ -259,3 +259,29 @@ fn bench_reports_throughput_and_latency_per_concurrency_level() {
         stderr(&bad)
     );
 }
+
+/// `--model file.gguf` gives what the safetensors folder it was converted from gives.
+#[test]
+fn a_gguf_file_generates_like_its_folder() {
+    let gguf = model_dir("qwen2").join("../../gguf/qwen2-f32.gguf");
+    let run = |model: &str| {
+        json_out(&[
+            "generate",
+            "--model",
+            model,
+            "--chat",
+            "Why is the sky blue?",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+        ])
+    };
+    let from_gguf = run(gguf.to_str().unwrap());
+    let from_dir = run(model_dir("qwen2").to_str().unwrap());
+    assert_eq!(from_gguf["prompt_ids"], from_dir["prompt_ids"]);
+    assert_eq!(from_gguf["ids"], from_dir["ids"]);
+    assert_eq!(from_gguf["text"], from_dir["text"]);
+}

@@ -1,0 +1,353 @@
+//! GGUF files (llama.cpp's format): metadata turned into the Hugging Face `config.json` our
+//! architectures already parse, and tensors served under their Hugging Face names.
+//!
+//! Tensors are dequantised to the compute dtype as they load (F32, F16, BF16, Q8_0, Q4_0,
+//! Q4_K, Q5_K, Q6_K and the other types candle reads); quantized compute comes later. The
+//! name map mirrors llama.cpp's `convert_hf_to_gguf.py` (`gguf-py`'s `TensorNameMap`).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::quantized::gguf_file::{Content, Value as GgufValue};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use serde_json::{json, Value};
+
+use crate::error::{ModelError, Result};
+
+/// An open GGUF file: its metadata and tensor directory (the data is read on demand).
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: Mutex<BufReader<File>>,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| ModelError::Config {
+            path: path.to_path_buf(),
+            message: format!("not a readable GGUF file: {e}"),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader: Mutex::new(reader),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, GgufValue> {
+        &self.content.metadata
+    }
+
+    /// `general.architecture` (`llama`, `qwen2`, …).
+    pub fn architecture(&self) -> Result<&str> {
+        self.string("general.architecture")?
+            .ok_or_else(|| self.error("general.architecture is missing"))
+    }
+
+    fn error(&self, message: impl Into<String>) -> ModelError {
+        ModelError::Config {
+            path: self.path.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<Option<&str>> {
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_string()
+                .map(|s| Some(s.as_str()))
+                .map_err(|_| self.error(format!("{key} must be a string"))),
+        }
+    }
+
+    fn number(&self, key: &str) -> Result<Option<f64>> {
+        let Some(v) = self.content.metadata.get(key) else {
+            return Ok(None);
+        };
+        let n = match v {
+            GgufValue::U8(x) => *x as f64,
+            GgufValue::I8(x) => *x as f64,
+            GgufValue::U16(x) => *x as f64,
+            GgufValue::I16(x) => *x as f64,
+            GgufValue::U32(x) => *x as f64,
+            GgufValue::I32(x) => *x as f64,
+            GgufValue::U64(x) => *x as f64,
+            GgufValue::I64(x) => *x as f64,
+            GgufValue::F32(x) => *x as f64,
+            GgufValue::F64(x) => *x,
+            _ => return Err(self.error(format!("{key} must be a number"))),
+        };
+        Ok(Some(n))
+    }
+
+    fn required(&self, key: &str) -> Result<f64> {
+        self.number(key)?
+            .ok_or_else(|| self.error(format!("{key} is missing")))
+    }
+
+    /// The Hugging Face `config.json` equivalent of the metadata.
+    pub fn hf_config(&self) -> Result<Value> {
+        let arch = self.architecture()?;
+        let hf_arch = match arch {
+            "llama" => "LlamaForCausalLM",
+            "qwen2" => "Qwen2ForCausalLM",
+            other => {
+                return Err(self.error(format!(
+                    "GGUF architecture {other:?} is not supported yet (supported: llama, qwen2)"
+                )))
+            }
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let hidden = self.required(&key("embedding_length"))?;
+        let heads = self.required(&key("attention.head_count"))?;
+        let vocab = match self.number(&key("vocab_size"))? {
+            Some(v) => v as usize,
+            None => match self.content.metadata.get("tokenizer.ggml.tokens") {
+                Some(GgufValue::Array(tokens)) => tokens.len(),
+                _ => {
+                    return Err(self
+                        .error("neither {arch}.vocab_size nor tokenizer.ggml.tokens is present"))
+                }
+            },
+        };
+        let mut config = json!({
+            "architectures": [hf_arch],
+            "model_type": arch,
+            "hidden_size": hidden as usize,
+            "intermediate_size": self.required(&key("feed_forward_length"))? as usize,
+            "num_hidden_layers": self.required(&key("block_count"))? as usize,
+            "num_attention_heads": heads as usize,
+            "num_key_value_heads": self.number(&key("attention.head_count_kv"))?.unwrap_or(heads) as usize,
+            "max_position_embeddings": self.required(&key("context_length"))? as usize,
+            "rms_norm_eps": self.number(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
+            "rope_theta": self.number(&key("rope.freq_base"))?.unwrap_or(10000.0),
+            "vocab_size": vocab,
+            "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+        });
+        if let Some(head_dim) = self.number(&key("attention.key_length"))? {
+            config["head_dim"] = json!(head_dim as usize);
+        }
+        if let Some(bos) = self.number("tokenizer.ggml.bos_token_id")? {
+            config["bos_token_id"] = json!(bos as u64);
+        }
+        if let Some(eos) = self.number("tokenizer.ggml.eos_token_id")? {
+            config["eos_token_id"] = json!(eos as u64);
+        }
+        if let Some(kind) = self.string(&key("rope.scaling.type"))? {
+            if kind != "none" {
+                let factor = self.number(&key("rope.scaling.factor"))?.unwrap_or(1.0);
+                config["rope_scaling"] = json!({"rope_type": kind, "type": kind, "factor": factor});
+            }
+        }
+        Ok(config)
+    }
+
+    /// Whether every matrix is stored as f32 (so `auto` keeps f32 rather than bf16).
+    pub fn all_f32(&self) -> bool {
+        self.content
+            .tensor_infos
+            .values()
+            .all(|t| t.ggml_dtype == candle_core::quantized::GgmlDType::F32)
+    }
+
+    /// Serves the tensors under Hugging Face names to the architecture code.
+    pub fn into_var_builder(
+        self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
+        let arch = self.architecture()?.to_string();
+        let heads = self.required(&format!("{arch}.attention.head_count"))? as usize;
+        let kv_heads = self
+            .number(&format!("{arch}.attention.head_count_kv"))?
+            .map_or(heads, |n| n as usize);
+        let backend = GgufWeights {
+            // llama.cpp's converter permutes llama's q/k rows for its interleaved rotary.
+            unpermute: (arch == "llama").then_some((heads, kv_heads)),
+            file: self,
+        };
+        Ok(candle_nn::VarBuilder::from_backend(
+            Box::new(backend),
+            dtype,
+            device.clone(),
+        ))
+    }
+}
+
+struct GgufWeights {
+    file: GgufFile,
+    /// (query heads, key/value heads) when q/k rows must be un-permuted.
+    unpermute: Option<(usize, usize)>,
+}
+
+/// The GGUF name of a Hugging Face tensor name (`None`: no counterpart).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let (stem, suffix) = hf.rsplit_once('.')?;
+    let mapped = match stem {
+        "model.embed_tokens" => "token_embd".to_string(),
+        "model.norm" => "output_norm".to_string(),
+        "lm_head" => "output".to_string(),
+        _ => {
+            let rest = stem.strip_prefix("model.layers.")?;
+            let (layer, part) = rest.split_once('.')?;
+            let part = match part {
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                _ => return None,
+            };
+            format!("blk.{layer}.{part}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
+impl GgufWeights {
+    fn load(&self, hf: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let path = self.file.path.display();
+        let name = gguf_name(hf).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{path}: no GGUF tensor corresponds to `{hf}`"))
+        })?;
+        if !self.file.content.tensor_infos.contains_key(&name) {
+            return Err(candle_core::Error::Msg(format!(
+                "{path}: tensor `{name}` (for `{hf}`) is missing"
+            )));
+        }
+        let qtensor = {
+            let mut reader = self
+                .file
+                .reader
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("GGUF reader lock poisoned".into()))?;
+            self.file
+                .content
+                .tensor(&mut *reader, &name, &Device::Cpu)
+                .map_err(|e| candle_core::Error::Msg(format!("{path}: tensor `{name}`: {e}")))?
+        };
+        let mut tensor = qtensor.dequantize(&Device::Cpu)?;
+        if let Some((heads, kv_heads)) = self.unpermute {
+            if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
+                tensor = unpermute_rows(&tensor, heads)?;
+            } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
+                tensor = unpermute_rows(&tensor, kv_heads)?;
+            }
+        }
+        tensor.to_dtype(dtype)?.to_device(device)
+    }
+}
+
+/// Undoes `convert_hf_to_gguf.py`'s llama q/k permutation: per head, the converter interleaves
+/// the two rotary halves (rows `[a0, a1, …, b0, b1, …]` become `[a0, b0, a1, b1, …]`).
+fn unpermute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(candle_core::Error::Msg(format!(
+            "cannot un-permute {rows} rows over {heads} heads"
+        )));
+    }
+    let half = rows / heads / 2;
+    t.reshape((heads, half, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+impl SimpleBackend for GgufWeights {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.load(name, dtype, device)?;
+        if tensor.dims() != shape.dims() {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: tensor for `{name}` has shape {:?}, but the metadata implies {:?}",
+                self.file.path.display(),
+                tensor.dims(),
+                shape.dims()
+            )));
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|n| self.file.content.tensor_infos.contains_key(&n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_llama_cpp() {
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").as_deref(),
+            Some("token_embd.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.k_proj.bias").as_deref(),
+            Some("blk.3.attn_k.bias")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(),
+            Some("blk.0.ffn_down.weight")
+        );
+        assert_eq!(
+            gguf_name("lm_head.weight").as_deref(),
+            Some("output.weight")
+        );
+        assert_eq!(gguf_name("model.layers.0.mystery.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_the_converters_interleave() {
+        // Two heads of 4 rows: the converter maps rows [0 1 2 3] to [0 2 1 3] per head.
+        let permuted = Tensor::new(
+            &[[0f32], [2.], [1.], [3.], [4.], [6.], [5.], [7.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let rows: Vec<f32> = unpermute_rows(&permuted, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(rows, [0., 1., 2., 3., 4., 5., 6., 7.]);
+    }
+}
