@@ -1,19 +1,22 @@
-//! Linear layers, with our own kernel for the few-row products of decoding.
+//! Linear layers, with our own kernel for products of up to a few hundred rows.
 //!
 //! candle's CPU matmul runs a one-row product (one decode step) on a single thread and has no
-//! bf16 kernel (it widens the whole weight matrix to f32 on every call). Decoding reads every
-//! weight once per token, so it is bound by memory bandwidth: this kernel splits the output
-//! features across threads and reads bf16 weights as they are stored, converting in registers.
-//! Longer inputs (prefill) stay on candle's GEMM, which is compute-bound and good at it.
+//! bf16 kernel (it widens the whole weight matrix to f32 on every call). Decoding one sequence
+//! reads every weight once per token, so it is bound by memory bandwidth; decoding many is
+//! bound by arithmetic. This kernel splits the output features across threads, reads bf16
+//! weights as they are stored (widening in registers), and on AVX-512 keeps a 4 × 4 tile of
+//! (feature, row) accumulators in registers so each load feeds four multiply-adds. Long prefill
+//! chunks stay on candle's GEMM, which wins past a few hundred rows.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
-/// Inputs with at most this many rows take the small-batch kernel: batched decoding (one row per
-/// sequence). Past it, prefill chunks go to candle's GEMM.
-pub const SMALL_BATCH_ROWS: usize = 64;
+/// Inputs with at most this many rows take our kernel: batched decoding (one row per sequence)
+/// and short prefill chunks. Past it, candle's GEMM is faster even after widening bf16 weights
+/// (measured crossover 256–512 rows on Zen 4: `examples/small_batch_matmul.rs`, BENCHMARKS.md).
+pub const SMALL_BATCH_ROWS: usize = 256;
 /// Output features per parallel task: large enough to amortise scheduling, small enough to
 /// balance two to a few dozen threads.
 const FEATURES_PER_TASK: usize = 64;
@@ -54,6 +57,20 @@ impl Linear {
 
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// `x W^T` (no bias) through our kernel whatever the number of rows (benchmarks compare it
+    /// with the GEMM path).
+    pub fn forward_small_batch(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?
+            .apply_op2_no_bwd(&self.weight.contiguous()?, &SmallBatchMatmul)
+    }
+
+    /// `x W^T` (no bias) through candle's GEMM, weights widened to `x`'s dtype as the prefill
+    /// path does.
+    pub fn forward_gemm(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = widen(&self.weight, x.dtype())?;
+        candle_nn::Linear::new(weight, None).forward(x)
     }
 
     fn takes_small_batch_kernel(&self, x: &Tensor) -> bool {
@@ -166,6 +183,13 @@ impl CustomOp2 for SmallBatchMatmul {
 /// A weight element the kernel can widen to f32.
 pub trait WeightElem: Copy + Send + Sync {
     fn widen(self) -> f32;
+
+    /// Sixteen consecutive weights widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512F must be available and `ptr..ptr + 16` readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(ptr: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl WeightElem for f32 {
@@ -173,12 +197,165 @@ impl WeightElem for f32 {
     fn widen(self) -> f32 {
         self
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(ptr: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees 16 readable f32 and AVX-512F.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(ptr) }
+    }
 }
 
 impl WeightElem for bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(ptr: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 16 readable bf16 (32 bytes) and AVX-512F. A bf16 is the
+        // top half of an f32: zero-extend to 32 bits and shift left by 16.
+        unsafe {
+            let half = _mm256_loadu_si256(ptr.cast::<__m256i>());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)))
+        }
+    }
+}
+
+/// The register-tiled AVX-512 kernel: tiles of up to 4 features × 4 rows keep 16 accumulators
+/// in registers, so each 16-wide load of weights feeds 4 rows and each load of inputs feeds 4
+/// features (the per-row dot products it replaces re-read every weight per row).
+///
+/// Every (row, feature) pair is computed the same way whatever its tile — one 16-lane
+/// accumulator over `k` in steps of 16, a fixed reduction, then the tail — so a sequence's
+/// output does not depend on which other sequences share the batch.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::WeightElem;
+
+    /// Input rows swept per pass over a task's weights (16 rows of 8960 f32 are 573 KB).
+    const ROW_CHUNK: usize = 16;
+
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_block<W: WeightElem>(
+        x: &[f32],
+        rows: usize,
+        w: &[W],
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let n = w.len() / k;
+        assert!(x.len() >= rows * k && out.len() >= n * rows);
+        // One row (plain decoding): 8 features per tile for enough independent FMA chains.
+        let feature_tile = if rows == 1 { 8 } else { 4 };
+        // Rows in chunks whose inputs stay in L2 while the task's weights are swept over them.
+        for r0 in (0..rows).step_by(ROW_CHUNK) {
+            let chunk_end = (r0 + ROW_CHUNK).min(rows);
+            let mut o = 0;
+            while o < n {
+                let nf = (n - o).min(feature_tile);
+                let mut r = r0;
+                while r < chunk_end {
+                    let nr = (chunk_end - r).min(4);
+                    // SAFETY: o + nf <= n and r + nr <= rows, so every pointer the tile forms
+                    // stays inside `w`, `x` and `out` (checked by the assert above).
+                    unsafe { tiles(x, w, k, rows, out, o, nf, r, nr) };
+                    r += nr;
+                }
+                o += nf;
+            }
+        }
+    }
+
+    /// Dispatches a tile of `nf` features × `nr` rows to its monomorphised kernel.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments, reason = "the tile's coordinates")]
+    unsafe fn tiles<W: WeightElem>(
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        rows: usize,
+        out: &mut [f32],
+        o: usize,
+        nf: usize,
+        r: usize,
+        nr: usize,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match (nf, nr) {
+                (8, 1) => tile::<W, 8, 1>(x, w, k, rows, out, o, r),
+                (4, 4) => tile::<W, 4, 4>(x, w, k, rows, out, o, r),
+                (4, 3) => tile::<W, 4, 3>(x, w, k, rows, out, o, r),
+                (4, 2) => tile::<W, 4, 2>(x, w, k, rows, out, o, r),
+                (4, 1) => tile::<W, 4, 1>(x, w, k, rows, out, o, r),
+                (_, nr) => {
+                    for f in 0..nf {
+                        match nr {
+                            4 => tile::<W, 1, 4>(x, w, k, rows, out, o + f, r),
+                            3 => tile::<W, 1, 3>(x, w, k, rows, out, o + f, r),
+                            2 => tile::<W, 1, 2>(x, w, k, rows, out, o + f, r),
+                            _ => tile::<W, 1, 1>(x, w, k, rows, out, o + f, r),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Features `o..o + NF` for rows `r..r + NR`, written to `out[feature * rows + row]`.
+    #[inline(always)]
+    #[allow(
+        clippy::needless_range_loop,
+        reason = "indexed loops over const-sized register arrays unroll into registers"
+    )]
+    unsafe fn tile<W: WeightElem, const NF: usize, const NR: usize>(
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        rows: usize,
+        out: &mut [f32],
+        o: usize,
+        r: usize,
+    ) {
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        let k16 = k / 16 * 16;
+        // SAFETY (whole body): the caller guarantees features o..o+NF < n and rows r..r+NR <
+        // rows, so offsets below stay within `w` ([n, k]) and `x` ([rows, k]); AVX-512F is on.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NR]; NF];
+            let mut i = 0;
+            while i < k16 {
+                let mut wv = [_mm512_setzero_ps(); NF];
+                for (f, v) in wv.iter_mut().enumerate() {
+                    *v = W::load16(wp.add((o + f) * k + i));
+                }
+                for rr in 0..NR {
+                    let xv = _mm512_loadu_ps(xp.add((r + rr) * k + i));
+                    for f in 0..NF {
+                        acc[f][rr] = _mm512_fmadd_ps(xv, wv[f], acc[f][rr]);
+                    }
+                }
+                i += 16;
+            }
+            for f in 0..NF {
+                for rr in 0..NR {
+                    let mut sum = _mm512_reduce_add_ps(acc[f][rr]);
+                    for j in k16..k {
+                        sum += *xp.add((r + rr) * k + j) * (*wp.add((o + f) * k + j)).widen();
+                    }
+                    out[(o + f) * rows + r + rr] = sum;
+                }
+            }
+        }
     }
 }
 
@@ -233,7 +410,8 @@ unsafe fn dot_block_avx512<W: WeightElem>(
     k: usize,
     out: &mut [f32],
 ) {
-    dot_block_generic(x, rows, w, k, out)
+    // SAFETY: the caller checked AVX-512F; slices are bounds-checked inside.
+    unsafe { avx512::dot_block(x, rows, w, k, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -248,9 +426,8 @@ unsafe fn dot_block_avx2<W: WeightElem>(
     dot_block_generic(x, rows, w, k, out)
 }
 
-/// Each weight row is read from memory once and used for every input row while in L1. (Widening
-/// each weight once for four rows at a time measured no faster here: 54 against 66 GFLOP/s; a
-/// register-tiled microkernel is what batched decoding needs next.)
+/// The portable kernel (and AVX2): each weight row is read from memory once and used for every
+/// input row while in L1.
 #[inline(always)]
 fn dot_block_generic<W: WeightElem>(x: &[f32], rows: usize, w: &[W], k: usize, out: &mut [f32]) {
     for (o, w_row) in w.chunks_exact(k).enumerate() {
@@ -343,13 +520,41 @@ mod tests {
         }
     }
 
+    /// A row's output is bit-identical whether it is computed alone or among other rows, at any
+    /// position of the batch (what makes batched serving give each request's own tokens).
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_batch() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let (k, n) = (1000, 37);
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let layer = Linear::new(w, None);
+            let xs = Tensor::randn(0f32, 1.0, (1, 64, k), &dev).unwrap();
+            let row = |t: &Tensor, i: usize| -> Vec<f32> {
+                t.get(0).unwrap().get(i).unwrap().to_vec1().unwrap()
+            };
+            let alone: Vec<Vec<f32>> = (0..64)
+                .map(|i| row(&layer.forward(&xs.narrow(1, i, 1).unwrap()).unwrap(), 0))
+                .collect();
+            for batch in [2, 3, 4, 5, 7, 16, 17, 64] {
+                let out = layer.forward(&xs.narrow(1, 0, batch).unwrap()).unwrap();
+                for (i, want) in alone.iter().enumerate().take(batch) {
+                    assert_eq!(&row(&out, i), want, "{dtype:?}: row {i} of {batch}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn bias_is_added_and_long_inputs_use_gemm() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (5, 16), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
         let layer = Linear::new(w.clone(), Some(b.clone()));
-        for rows in [1, 100] {
+        for rows in [1, 300] {
             let x = Tensor::randn(0f32, 1.0, (1, rows, 16), &dev).unwrap();
             assert_eq!(layer.takes_small_batch_kernel(&x), rows <= SMALL_BATCH_ROWS);
             let ours: Vec<f32> = layer
