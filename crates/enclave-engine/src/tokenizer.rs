@@ -156,6 +156,24 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The bytes a token stands for. A byte-level BPE token can be part of a UTF-8 character,
+    /// which decoding it alone turns into U+FFFD; its bytes are exact (OpenAI's `bytes` field).
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let token = self.inner.id_to_token(id)?;
+        let byte_level = matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        if byte_level {
+            // Added tokens (`<｜User｜>`) are stored as text, not in the byte alphabet.
+            if let Some(bytes) = token.chars().map(byte_of).collect::<Option<Vec<u8>>>() {
+                return Some(bytes);
+            }
+            return Some(token.into_bytes());
+        }
+        self.decode(&[id], false).ok().map(String::into_bytes)
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -176,6 +194,22 @@ impl Tokenizer {
     pub fn config(&self) -> &Value {
         &self.config
     }
+}
+
+/// The byte a character of GPT-2's byte-level alphabet stands for: printable bytes map to
+/// themselves, the other 68 to U+0100 onwards in byte order (`bytes_to_unicode`).
+fn byte_of(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if printable(code) {
+        return u8::try_from(code).ok();
+    }
+    let offset = code.checked_sub(256)?;
+    (0u32..=255)
+        .filter(|&b| !printable(b))
+        .nth(offset as usize)
+        .and_then(|b| u8::try_from(b).ok())
 }
 
 /// `bos_token` and friends are either a string or an `AddedToken` object with `content`.

@@ -426,21 +426,19 @@ fn split_delta(
     out
 }
 
-/// One `logprobs.content` entry.
+/// One `logprobs.content` entry: the token's text, and its exact bytes (a byte-level token
+/// can be part of a character).
 fn logprob_entry(engine: &Engine, t: &TokenLogprob) -> Value {
     let entry = |id: u32, logprob: f32| {
         let token = token_text(engine, id);
-        let bytes: Vec<u8> = token.as_bytes().to_vec();
-        (token, bytes, logprob)
+        let bytes = engine
+            .tokenizer()
+            .token_bytes(id)
+            .unwrap_or_else(|| token.as_bytes().to_vec());
+        json!({"token": token, "logprob": logprob, "bytes": bytes})
     };
-    let (token, bytes, logprob) = entry(t.id, t.logprob);
-    let top: Vec<Value> = t
-        .top
-        .iter()
-        .map(|&(id, lp)| {
-            let (token, bytes, logprob) = entry(id, lp);
-            json!({"token": token, "logprob": logprob, "bytes": bytes})
-        })
-        .collect();
-    json!({"token": token, "logprob": logprob, "bytes": bytes, "top_logprobs": top})
+    let mut chosen = entry(t.id, t.logprob);
+    let top: Vec<Value> = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+    chosen["top_logprobs"] = json!(top);
+    chosen
 }

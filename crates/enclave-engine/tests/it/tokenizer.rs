@@ -77,3 +77,27 @@ fn a_missing_tokenizer_file_is_named() {
         .to_string();
     assert!(err.contains("/nonexistent/tokenizer.json"), "{err}");
 }
+
+/// Token bytes are exact even where a token is half a character: concatenated, they are the
+/// text's UTF-8, which decoding tokens one by one cannot give.
+#[test]
+fn token_bytes_rebuild_the_text_exactly() {
+    let tok = enclave_engine::Tokenizer::from_dir(
+        &crate::shared_fixtures().join("deepseek-v3-tokenizer"),
+    )
+    .unwrap();
+    for text in [
+        "Hello, world!\n\tTabs",
+        "中文和日本語のテキスト 🤖🚀",
+        "café naïve Ünïcödé",
+    ] {
+        let ids = tok.encode(text, false).unwrap();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| tok.token_bytes(id).unwrap())
+            .collect();
+        assert_eq!(bytes, text.as_bytes(), "{text:?}");
+    }
+    let user = tok.token_to_id("<｜User｜>").unwrap();
+    assert_eq!(tok.token_bytes(user).unwrap(), "<｜User｜>".as_bytes());
+}
