@@ -125,6 +125,9 @@ pub(crate) fn hf_tokenizer(metadata: &HashMap<String, GgufValue>) -> Result<(Val
         }
     }
     let (pre_tokenizer, normalizer) = pre_tokenizer(pre)?;
+    // Llama 3's tokenizer.json takes whole vocabulary words before merges (`ignore_merges`),
+    // and llama.cpp adds its BOS unless the file says otherwise.
+    let llama3 = matches!(pre, "llama-bpe" | "llama3");
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
@@ -137,7 +140,7 @@ pub(crate) fn hf_tokenizer(metadata: &HashMap<String, GgufValue>) -> Result<(Val
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-            "ignore_merges": false, "vocab": vocab, "merges": merges,
+            "ignore_merges": llama3, "vocab": vocab, "merges": merges,
         },
     });
     let token_at = |key: &str| {
@@ -158,7 +161,7 @@ pub(crate) fn hf_tokenizer(metadata: &HashMap<String, GgufValue>) -> Result<(Val
     if let Some(pad) = token_at("tokenizer.ggml.padding_token_id") {
         config["pad_token"] = pad;
     }
-    config["add_bos_token"] = json!(flag("tokenizer.ggml.add_bos_token").unwrap_or(false));
+    config["add_bos_token"] = json!(flag("tokenizer.ggml.add_bos_token").unwrap_or(llama3));
     config["add_eos_token"] = json!(flag("tokenizer.ggml.add_eos_token").unwrap_or(false));
     if let Some(template) = metadata
         .get("tokenizer.chat_template")

@@ -28,6 +28,8 @@ pub struct Tokenizer {
     special: SpecialTokens,
     /// The parsed `tokenizer_config.json`, for the chat template and other settings.
     config: Value,
+    /// Added tokens by id (their text is not in the byte-level alphabet).
+    added: HashMap<u32, String>,
 }
 
 /// Fast-tokenizer classes whose `transformers` 4.x implementation rebuilds the post-processor
@@ -125,10 +127,16 @@ impl Tokenizer {
                 })?;
             inner.with_post_processor(Some(processor));
         }
+        let added = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, token)| (id, token.content))
+            .collect();
         Ok(Self {
             inner,
             special,
             config,
+            added,
         })
     }
 
@@ -159,13 +167,16 @@ impl Tokenizer {
     /// The bytes a token stands for. A byte-level BPE token can be part of a UTF-8 character,
     /// which decoding it alone turns into U+FFFD; its bytes are exact (OpenAI's `bytes` field).
     pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        // Added tokens (`<｜User｜>`, `<think>`) are stored as text, not in the byte alphabet.
+        if let Some(added) = self.added.get(&id) {
+            return Some(added.clone().into_bytes());
+        }
         let token = self.inner.id_to_token(id)?;
         let byte_level = matches!(
             self.inner.get_decoder(),
             Some(tokenizers::DecoderWrapper::ByteLevel(_))
         );
         if byte_level {
-            // Added tokens (`<｜User｜>`) are stored as text, not in the byte alphabet.
             if let Some(bytes) = token.chars().map(byte_of).collect::<Option<Vec<u8>>>() {
                 return Some(bytes);
             }

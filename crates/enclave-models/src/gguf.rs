@@ -147,10 +147,20 @@ impl GgufFile {
         if let Some(eos) = self.number("tokenizer.ggml.eos_token_id")? {
             config["eos_token_id"] = json!(eos as u64);
         }
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            // Llama 3.1's rope scaling, stored by the converter as per-dimension factors.
+            return Err(self.error(
+                "rope_freqs.weight (llama3 rope scaling as per-dimension factors) is not supported yet",
+            ));
+        }
         if let Some(kind) = self.string(&key("rope.scaling.type"))? {
             if kind != "none" {
                 let factor = self.number(&key("rope.scaling.factor"))?.unwrap_or(1.0);
-                config["rope_scaling"] = json!({"rope_type": kind, "type": kind, "factor": factor});
+                let mut scaling = json!({"rope_type": kind, "type": kind, "factor": factor});
+                if let Some(original) = self.number(&key("rope.scaling.original_context_length"))? {
+                    scaling["original_max_position_embeddings"] = json!(original as usize);
+                }
+                config["rope_scaling"] = scaling;
             }
         }
         Ok(config)

@@ -183,10 +183,11 @@ impl CompletionReply {
         for (index, (result, echo)) in results.into_iter().zip(echoes).enumerate() {
             let done = result?;
             if index % self.n == 0 {
+                // A prompt's tokens (and its cached part) count once for its n choices.
                 prompt_tokens += done.usage.prompt_tokens;
+                cached += done.usage.cached_prompt_tokens;
             }
             completion_tokens += done.usage.completion_tokens;
-            cached += done.usage.cached_prompt_tokens;
             let logprobs = self.logprobs.then(|| {
                 let mut lp = LogprobsJson::new(0);
                 if echo.is_some() {

@@ -51,6 +51,13 @@ impl ApiError {
         }
     }
 
+    pub fn method_not_allowed() -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            ..Self::invalid(None, "this route does not take that method")
+        }
+    }
+
     /// A 503 while the model loads or the queue is full; the client should retry.
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         Self {

@@ -41,12 +41,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/completions", post(completions::create))
         .route("/v1/models", get(models::list))
-        .route("/v1/models/{id}", get(models::get))
+        // Served names may hold slashes (`deepseek-ai/DeepSeek-R1`).
+        .route("/v1/models/{*id}", get(models::get))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(health))
         .route("/livez", get(|| async { StatusCode::OK }))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the server hit a bug while handling this request").into_response()

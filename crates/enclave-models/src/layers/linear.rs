@@ -231,7 +231,9 @@ impl WeightElem for bf16 {
 ///
 /// Every (row, feature) pair is computed the same way whatever its tile — one 16-lane
 /// accumulator over `k` in steps of 16, a fixed reduction, then the tail — so a sequence's
-/// output does not depend on which other sequences share the batch.
+/// output does not depend on which other sequences share the batch, as long as the batch stays
+/// on this kernel (at most [`SMALL_BATCH_ROWS`] packed rows; longer steps go to candle's GEMM,
+/// whose summation order differs).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -361,6 +363,9 @@ mod avx512 {
 
 /// `out[r, o] = sum_i x[r, i] * w[o, i]`, rows of `x` being `k` long, `w` being `[n, k]`.
 pub fn matmul_rows<W: WeightElem>(x: &[f32], rows: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
+    if rows == 0 || n == 0 {
+        return Vec::new();
+    }
     // Computed feature-major so each task owns a contiguous slice; transposed after if needed.
     let mut out_t = vec![0f32; n * rows];
     out_t

@@ -48,7 +48,7 @@ async fn models_and_health() {
     assert_eq!(models["data"][0]["max_model_len"], 512);
     let (status, model) = server.get(&format!("/v1/models/{MODEL}")).await;
     assert_eq!((status, &model["id"]), (200, &json!(MODEL)));
-    let (status, error) = server.get("/v1/models/gpt-4").await;
+    let (status, error) = server.get("/v1/models/openai/gpt-4").await;
     assert_eq!(status, 404);
     assert_eq!(error["error"]["code"], "model_not_found");
     assert_eq!(server.get("/health").await.0, 200);
@@ -275,6 +275,14 @@ async fn completions_take_every_prompt_shape() {
         }
         assert_eq!(reply["usage"]["prompt_tokens"], 2 * ids.len());
         assert_eq!(reply["usage"]["completion_tokens"], 20);
+        let cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            cached <= 2 * ids.len() as u64,
+            "cached {cached} of {}",
+            2 * ids.len()
+        );
     }
     // OpenAI's default of 16 tokens when max_tokens is absent.
     let (_, reply) = server
@@ -336,4 +344,31 @@ async fn echo_with_logprobs_scores_the_prompt() {
 async fn detokenize(server: &TestServer, ids: &[u32]) -> String {
     let (_, reply) = server.post("/detokenize", json!({"tokens": ids})).await;
     reply["prompt"].as_str().unwrap().to_string()
+}
+
+/// Served names are often Hub ids with a slash; the SDK's `models.retrieve` puts them in the
+/// path as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_names_may_hold_slashes() {
+    let config = enclave_server::ServerConfig {
+        served_model_name: "deepseek-ai/tiny-qwen2".into(),
+        ..crate::server_config()
+    };
+    let server = TestServer::start(
+        &fixtures().join("models/qwen2"),
+        config,
+        crate::serving_config(),
+    )
+    .await;
+    let (status, model) = server.get("/v1/models/deepseek-ai/tiny-qwen2").await;
+    assert_eq!(status, 200, "{model}");
+    assert_eq!(model["id"], "deepseek-ai/tiny-qwen2");
+    let (status, _) = server
+        .post(
+            "/v1/completions",
+            json!({"model": "deepseek-ai/tiny-qwen2", "prompt": "hi", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    server.shutdown().await.unwrap();
 }

@@ -204,3 +204,11 @@ async fn a_full_queue_is_503_with_retry_after() {
     drop(holder);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_is_an_openai_error() {
+    let server = TestServer::qwen2().await;
+    let (status, reply) = server.get("/v1/chat/completions").await;
+    assert_error(status, &reply, 405, "invalid_request_error", None);
+    server.shutdown().await.unwrap();
+}
