@@ -37,6 +37,21 @@ struct Seq {
     reuse_prefix: bool,
 }
 
+/// Longest prefill chunk of a sequence that computes its whole prompt for prompt
+/// log-probabilities: the step returns logits for every one of its positions (chunk × vocab
+/// floats, 150 MB for 256 tokens of a 152k vocabulary), so its chunks stay short.
+pub const ALL_LOGITS_CHUNK: usize = 256;
+
+impl Seq {
+    fn max_chunk(&self) -> usize {
+        if self.reuse_prefix {
+            usize::MAX
+        } else {
+            ALL_LOGITS_CHUNK
+        }
+    }
+}
+
 /// One sequence's part of a step: run `tokens[start..start + len]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduledSeq {
@@ -154,7 +169,7 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let remaining = self.running[i].tokens.len() - self.running[i].computed;
-            let len = remaining.min(budget);
+            let len = remaining.min(budget).min(self.running[i].max_chunk());
             if len == 0 {
                 i += 1;
                 continue;
@@ -212,7 +227,9 @@ impl Scheduler {
             };
             seq.table = blocks.table;
             seq.computed = blocks.cached_tokens;
-            let len = (seq.tokens.len() - seq.computed).min(budget);
+            let len = (seq.tokens.len() - seq.computed)
+                .min(budget)
+                .min(seq.max_chunk());
             plan.seqs.push(ScheduledSeq {
                 id: seq.id,
                 start: seq.computed,
@@ -287,6 +304,20 @@ mod tests {
                 s.append(seq.id, 7);
             }
         }
+    }
+
+    #[test]
+    fn prompts_that_need_every_logit_come_in_short_chunks() {
+        let mut s = scheduler(1024, 8, 2048);
+        s.add(1, vec![1; 600], false);
+        s.add(2, vec![2; 600], true);
+        let plan = s.schedule();
+        let lens: Vec<(SeqId, usize)> = plan.seqs.iter().map(|q| (q.id, q.len)).collect();
+        assert_eq!(lens, [(1, ALL_LOGITS_CHUNK), (2, 600)]);
+        run(&mut s, &plan);
+        let plan = s.schedule();
+        assert_eq!(plan.seqs[0].start, ALL_LOGITS_CHUNK);
+        assert_eq!(plan.seqs[0].len, ALL_LOGITS_CHUNK);
     }
 
     #[test]
