@@ -235,8 +235,12 @@ impl Engine {
         };
         let mut generation_config = GenerationConfig::default();
         for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
-            if let Some(id) = file.metadata().get(key).and_then(|v| v.to_u32().ok()) {
-                generation_config.eos_token_ids.push(id);
+            if let Some(id) = file
+                .metadata()
+                .get(key)
+                .and_then(enclave_models::gguf::number)
+            {
+                generation_config.eos_token_ids.push(id as u32);
             }
         }
         let checkpoint = if file.all_f32() {

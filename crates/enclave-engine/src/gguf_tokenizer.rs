@@ -36,17 +36,7 @@ fn strings<'a>(metadata: &'a HashMap<String, GgufValue>, key: &str) -> Result<Ve
 }
 
 fn integer(value: &GgufValue) -> Option<i64> {
-    Some(match value {
-        GgufValue::U8(x) => *x as i64,
-        GgufValue::I8(x) => *x as i64,
-        GgufValue::U16(x) => *x as i64,
-        GgufValue::I16(x) => *x as i64,
-        GgufValue::U32(x) => *x as i64,
-        GgufValue::I32(x) => *x as i64,
-        GgufValue::U64(x) => *x as i64,
-        GgufValue::I64(x) => *x,
-        _ => return None,
-    })
+    enclave_models::gguf::number(value).map(|n| n as i64)
 }
 
 /// The pre-tokenizer of `tokenizer.ggml.pre`, as in the original `tokenizer.json`.

@@ -75,23 +75,12 @@ impl GgufFile {
     }
 
     fn number(&self, key: &str) -> Result<Option<f64>> {
-        let Some(v) = self.content.metadata.get(key) else {
-            return Ok(None);
-        };
-        let n = match v {
-            GgufValue::U8(x) => *x as f64,
-            GgufValue::I8(x) => *x as f64,
-            GgufValue::U16(x) => *x as f64,
-            GgufValue::I16(x) => *x as f64,
-            GgufValue::U32(x) => *x as f64,
-            GgufValue::I32(x) => *x as f64,
-            GgufValue::U64(x) => *x as f64,
-            GgufValue::I64(x) => *x as f64,
-            GgufValue::F32(x) => *x as f64,
-            GgufValue::F64(x) => *x,
-            _ => return Err(self.error(format!("{key} must be a number"))),
-        };
-        Ok(Some(n))
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => number(v)
+                .map(Some)
+                .ok_or_else(|| self.error(format!("{key} must be a number"))),
+        }
     }
 
     fn required(&self, key: &str) -> Result<f64> {
@@ -198,6 +187,23 @@ impl GgufFile {
     }
 }
 
+/// A metadata value as a number, whichever integer or float type the writer chose.
+pub fn number(value: &GgufValue) -> Option<f64> {
+    Some(match value {
+        GgufValue::U8(x) => *x as f64,
+        GgufValue::I8(x) => *x as f64,
+        GgufValue::U16(x) => *x as f64,
+        GgufValue::I16(x) => *x as f64,
+        GgufValue::U32(x) => *x as f64,
+        GgufValue::I32(x) => *x as f64,
+        GgufValue::U64(x) => *x as f64,
+        GgufValue::I64(x) => *x as f64,
+        GgufValue::F32(x) => *x as f64,
+        GgufValue::F64(x) => *x,
+        _ => return None,
+    })
+}
+
 struct GgufWeights {
     file: GgufFile,
     /// (query heads, key/value heads) when q/k rows must be un-permuted.
@@ -270,8 +276,10 @@ impl GgufWeights {
 /// the two rotary halves (rows `[a0, a1, …, b0, b1, …]` become `[a0, b0, a1, b1, …]`).
 fn unpermute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
-    let rows = dims[0];
-    let rest: usize = dims[1..].iter().product();
+    let Some((&rows, rest)) = dims.split_first() else {
+        return Err(candle_core::Error::Msg("cannot un-permute a scalar".into()));
+    };
+    let rest: usize = rest.iter().product();
     if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(candle_core::Error::Msg(format!(
             "cannot un-permute {rows} rows over {heads} heads"

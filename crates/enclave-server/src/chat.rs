@@ -15,12 +15,12 @@ use tokio::sync::mpsc;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{
-    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, SamplingFields, Stop,
-    StreamOptions, TokenLogprob,
+    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, ReplyHeader,
+    SamplingFields, Stop, StreamOptions, TokenLogprob,
 };
 use crate::reasoning::ReasoningSplitter;
 use crate::sse::{merge, send, sse_response};
-use crate::state::{new_id, unix_time, AppState};
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct ChatRequest {
@@ -102,9 +102,7 @@ pub(crate) async fn create(
     let streams = submit_choices(served, generate, n, "messages")?;
 
     let reply = ChatReply {
-        id: new_id("chatcmpl"),
-        created: unix_time(),
-        model: state.config.served_model_name.clone(),
+        header: ReplyHeader::new("chatcmpl", &state.config.served_model_name),
         reasoning: state.config.reasoning_split,
         template_opens_think: served.template_opens_think,
         logprobs: top_logprobs.is_some(),
@@ -206,9 +204,7 @@ fn text_parts(i: usize, parts: &[Value]) -> Result<String, ApiError> {
 
 /// What a response needs besides the generated tokens.
 struct ChatReply {
-    id: String,
-    created: u64,
-    model: String,
+    header: ReplyHeader,
     reasoning: bool,
     template_opens_think: bool,
     logprobs: bool,
@@ -260,31 +256,16 @@ impl ChatReply {
                 "finish_reason": done.finish_reason.as_str(),
             }));
         }
-        Ok(axum::Json(json!({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": usage_json(prompt_tokens, completion_tokens, cached),
-            "system_fingerprint": Value::Null,
-        }))
+        let usage = usage_json(prompt_tokens, completion_tokens, cached);
+        Ok(axum::Json(
+            self.header
+                .body("chat.completion", json!(choices), Some(usage)),
+        )
         .into_response())
     }
 
     fn chunk(&self, choices: Value, usage: Option<Value>) -> Value {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": Value::Null,
-            "choices": choices,
-        });
-        if let (Some(usage), Some(map)) = (usage, chunk.as_object_mut()) {
-            map.insert("usage".into(), usage);
-        }
-        chunk
+        self.header.body("chat.completion.chunk", choices, usage)
     }
 
     /// Sends the chunks of every choice as they are produced; returns when all finished or the

@@ -13,11 +13,11 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{
-    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, SamplingFields, Stop,
-    StreamOptions, TokenLogprob,
+    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, ReplyHeader,
+    SamplingFields, Stop, StreamOptions, TokenLogprob,
 };
 use crate::sse::{merge, send, sse_response, EventSender};
-use crate::state::{new_id, unix_time, AppState};
+use crate::state::AppState;
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
 #[derive(Debug, Deserialize)]
@@ -145,9 +145,7 @@ pub(crate) async fn create(
         }
     }
     let reply = CompletionReply {
-        id: new_id("cmpl"),
-        created: unix_time(),
-        model: state.config.served_model_name.clone(),
+        header: ReplyHeader::new("cmpl", &state.config.served_model_name),
         logprobs: logprobs.is_some(),
         n,
     };
@@ -162,9 +160,7 @@ pub(crate) async fn create(
 }
 
 struct CompletionReply {
-    id: String,
-    created: u64,
-    model: String,
+    header: ReplyHeader,
     logprobs: bool,
     /// Choices per prompt (prompt tokens are counted once per prompt).
     n: usize,
@@ -207,31 +203,15 @@ impl CompletionReply {
                 "finish_reason": done.finish_reason.as_str(),
             }));
         }
-        Ok(axum::Json(json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": out,
-            "usage": usage_json(prompt_tokens, completion_tokens, cached),
-            "system_fingerprint": Value::Null,
-        }))
-        .into_response())
+        let usage = usage_json(prompt_tokens, completion_tokens, cached);
+        Ok(
+            axum::Json(self.header.body("text_completion", json!(out), Some(usage)))
+                .into_response(),
+        )
     }
 
     fn chunk(&self, choices: Value, usage: Option<Value>) -> Value {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": Value::Null,
-            "choices": choices,
-        });
-        if let (Some(usage), Some(map)) = (usage, chunk.as_object_mut()) {
-            map.insert("usage".into(), usage);
-        }
-        chunk
+        self.header.body("text_completion", choices, usage)
     }
 
     fn choice(

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::state::Served;
+use crate::state::{new_id, unix_time, Served};
 
 /// `stop`: one string or a list of them.
 #[derive(Debug, Clone, Deserialize)]
@@ -197,6 +197,41 @@ pub(crate) async fn run_to_end(mut stream: RequestStream) -> Result<Finished, Ap
 /// A token's text as logprob entries show it.
 pub(crate) fn token_text(engine: &Engine, id: u32) -> String {
     engine.tokenizer().decode(&[id], false).unwrap_or_default()
+}
+
+/// What every response and stream chunk of one request carries: its id, creation time and
+/// model name.
+pub(crate) struct ReplyHeader {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl ReplyHeader {
+    /// A fresh id with OpenAI's prefix for the endpoint (`chatcmpl`, `cmpl`).
+    pub fn new(prefix: &str, model: &str) -> Self {
+        Self {
+            id: new_id(prefix),
+            created: unix_time(),
+            model: model.to_string(),
+        }
+    }
+
+    /// `{"id", "object", "created", "model", "system_fingerprint", "choices"[, "usage"]}`.
+    pub fn body(&self, object: &str, choices: Value, usage: Option<Value>) -> Value {
+        let mut body = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": Value::Null,
+            "choices": choices,
+        });
+        if let (Some(usage), Some(map)) = (usage, body.as_object_mut()) {
+            map.insert("usage".into(), usage);
+        }
+        body
+    }
 }
 
 /// OpenAI's `usage` object for choices sharing one prompt (counted once) or several.
