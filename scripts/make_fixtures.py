@@ -3,8 +3,9 @@
 
 Run once by a developer (CI never runs it and never needs torch):
 
-    python3 -m venv /tmp/fx && /tmp/fx/bin/pip install "transformers>=4.46,<5" torch safetensors
-    /tmp/fx/bin/python scripts/make_fixtures.py
+    python3 -m venv /tmp/fx && /tmp/fx/bin/pip install "transformers>=4.50,<5" torch safetensors
+    /tmp/fx/bin/python scripts/make_fixtures.py            # everything
+    /tmp/fx/bin/python scripts/make_fixtures.py gemma3     # only models/gemma3
 
 It writes, under fixtures/:
   tiny-tokenizer/                 a small byte-level BPE tokenizer (trained here) with the
@@ -13,6 +14,8 @@ It writes, under fixtures/:
                                   (config.json, generation_config.json, safetensors, tokenizer)
   models/<name>/goldens.json      prompts and greedy continuations from `transformers` (f32)
   models/<name>/goldens.safetensors  logits at every position of every prompt (f32)
+  models/gemma3/                  a tiny Gemma 3 text model (sliding-window and global layers,
+                                  QK-norm, extra norms, GeGLU, scaled embedding), see make_gemma3
   models/deepseek-*/              tiny DeepseekV2/V3 models (MLA, MoE, YaRN; one FP8 checkpoint), see
                                   make_deepseek_models
   tokenizer/deepseek-v3.json      encode/decode goldens for the real DeepSeek-V3 tokenizer
@@ -40,6 +43,8 @@ from transformers import (
     DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizerFast,
@@ -255,6 +260,54 @@ def make_models(tokenizer):
     randomize_(qwen_tied, 0.15)
     qwen_tied.tie_weights()
     save_model("qwen2-tied", qwen_tied, tokenizer, prompts, sources)
+
+
+def make_gemma3(tokenizer):
+    """Gemma 3 with every feature visible in a short prompt: a 6-layer stack (layer 5 global),
+    a window of 5 so the tiny prompts run past it, head_dim unlike hidden/heads, a query scalar
+    unlike head_dim, and linear rope scaling on the global layer only."""
+    texts = [
+        "The quick brown fox",
+        "def add(a, b):\n    return a + b",
+        "你好，世界！ Numbers: 1234567890.",
+        "Hello, how are you today? I am fine, thank you very much. Please think step by step.",
+    ]
+    prompts = [tokenizer.encode(t) for t in texts]
+    sources = [{"text": t} for t in texts]
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        query_pre_attn_scalar=20,
+        max_position_embeddings=512,
+        sliding_window=5,
+        rope_theta=1000000.0,
+        rope_local_base_freq=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+        torch_dtype="float32",
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    randomize_(model, 0.15)
+    with torch.no_grad():
+        # Gemma norms scale by 1 + w: keep the stored w near 0 so scales stay near 1 and the
+        # random model is well conditioned.
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.sub_(1.0)
+    model.tie_weights()
+    assert [t for t in model.config.layer_types] == ["sliding_attention"] * 5 + ["full_attention"]
+    save_model("gemma3", model, tokenizer, prompts, sources)
 
 
 def yarn_mscale(factor, mscale):
@@ -764,10 +817,15 @@ def make_chat_template_goldens():
 def main():
     if not os.path.isdir(SHARED):
         sys.exit(f"shared fixtures not found at {SHARED}")
+    if sys.argv[1:] == ["gemma3"]:
+        # Only the Gemma 3 fixture, on the committed tiny tokenizer.
+        make_gemma3(AutoTokenizer.from_pretrained(os.path.join(FIXTURES, "tiny-tokenizer")))
+        return
     tiny_dir = os.path.join(FIXTURES, "tiny-tokenizer")
     shutil.rmtree(tiny_dir, ignore_errors=True)
     tokenizer = train_tiny_tokenizer(tiny_dir)
     make_models(tokenizer)
+    make_gemma3(tokenizer)
     make_deepseek_models(tokenizer)
     make_routing_goldens()
     make_tokenizer_goldens()

@@ -51,6 +51,20 @@ pub struct EngineConfig {
     /// Longest sequence (prompt + completion) served; defaults to the model's
     /// `max_position_embeddings` and may only lower it.
     pub max_model_len: Option<usize>,
+    /// Quantize the projection matrices at load (see [`WeightFormat`]).
+    pub quantize: WeightFormat,
+}
+
+/// How projection matrices are held in memory (`--quantize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// In the loaded dtype; a GGUF file is dequantised into it.
+    #[default]
+    Dense,
+    /// Quantized into GGML blocks at load (any checkpoint, GGUF files re-quantized).
+    Quantize(enclave_models::Quantization),
+    /// A GGUF file's own blocks, as llama.cpp computes with them (dense for safetensors).
+    Gguf,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +73,7 @@ impl Default for EngineConfig {
             dtype: DTypeChoice::Auto,
             device: Device::Cpu,
             max_model_len: None,
+            quantize: WeightFormat::Dense,
         }
     }
 }
@@ -192,6 +207,13 @@ impl Engine {
                 message: "model folder not found".into(),
             });
         }
+        if config.quantize == WeightFormat::Gguf {
+            return Err(EngineError::File {
+                path: dir.to_path_buf(),
+                message: "--quantize gguf keeps a GGUF file's blocks, but this is a model folder                           (use q8_0 or q4_k)"
+                    .into(),
+            });
+        }
         // Cheap files first, so a broken tokenizer is reported before gigabytes are read.
         let tokenizer = Tokenizer::from_dir(dir)?;
         let chat_template = ChatTemplate::from_model_dir(
@@ -206,7 +228,10 @@ impl Engine {
                 .resolve(&config.device, enclave_models::checkpoint_dtype(dir)?),
             device: config.device.clone(),
         };
-        let model = Model::load(dir, &options)?;
+        let mut model = Model::load(dir, &options)?;
+        if let WeightFormat::Quantize(quantization) = config.quantize {
+            model.quantize(quantization)?;
+        }
         let max_model_len = Self::context_limit(&model, config)?;
         Ok(Self {
             model,
@@ -243,6 +268,11 @@ impl Engine {
                 generation_config.eos_token_ids.push(id as u32);
             }
         }
+        // Chat models end a turn with their end-of-turn token (Gemma's `<end_of_turn>`), which
+        // llama.cpp recognises by its text; files rarely name it.
+        generation_config
+            .eos_token_ids
+            .extend(crate::gguf_tokenizer::end_of_turn_ids(file.metadata()));
         let checkpoint = if file.all_f32() {
             DType::F32
         } else {
@@ -252,7 +282,15 @@ impl Engine {
             dtype: config.dtype.resolve(&config.device, Some(checkpoint)),
             device: config.device.clone(),
         };
-        let model = Model::from_gguf(file, &options)?;
+        let mut model = match config.quantize {
+            WeightFormat::Gguf => Model::from_gguf(file, &options)?,
+            WeightFormat::Dense | WeightFormat::Quantize(_) => {
+                Model::from_gguf_dequantized(file, &options)?
+            }
+        };
+        if let WeightFormat::Quantize(quantization) = config.quantize {
+            model.quantize(quantization)?;
+        }
         let max_model_len = Self::context_limit(&model, config)?;
         Ok(Self {
             model,

@@ -182,6 +182,12 @@ impl Tokenizer {
             }
             return Some(token.into_bytes());
         }
+        // SentencePiece byte-fallback tokens stand for one byte, maybe half a character.
+        if let Some(hex) = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')) {
+            if let (2, Ok(byte)) = (hex.len(), u8::from_str_radix(hex, 16)) {
+                return Some(vec![byte]);
+            }
+        }
         self.decode(&[id], false).ok().map(String::into_bytes)
     }
 

@@ -581,6 +581,18 @@ impl MlaAttention {
             .matmul(&self.w_uv.transpose(1, 2)?)
     }
 
+    fn for_each_linear_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        match &mut self.q {
+            QueryProjection::Direct(q) => f(q)?,
+            QueryProjection::LowRank { a, b, .. } => {
+                f(a)?;
+                f(b)?;
+            }
+        }
+        f(&mut self.kv_a)?;
+        f(&mut self.o_proj)
+    }
+
     fn weight_bytes(&self, linear: &dyn Fn(&Linear) -> usize) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let q = match &self.q {
@@ -694,7 +706,11 @@ impl Deepseek {
             embed_tokens: Embedding::new(embed_weight, spec.hidden_size),
             layers,
             norm,
-            lm_head: Linear::new(lm_head_weight, None),
+            lm_head: Linear::new(lm_head_weight, None).with_name(if spec.tie_word_embeddings {
+                "model.embed_tokens.weight"
+            } else {
+                "lm_head.weight"
+            }),
             rotary,
             spec,
             activations,
@@ -767,11 +783,30 @@ impl Deepseek {
     }
 
     /// Bytes of weights held (the tied head counted once).
+    /// Every projection matrix (attention, MLPs, experts, head), for quantizing after load.
+    pub fn for_each_linear_mut(
+        &mut self,
+        f: &mut dyn FnMut(&mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        for layer in &mut self.layers {
+            layer.self_attn.for_each_linear_mut(f)?;
+            match &mut layer.mlp {
+                FeedForward::Dense(mlp) => {
+                    for linear in mlp.linears_mut() {
+                        f(linear)?;
+                    }
+                }
+                FeedForward::Moe(moe) => moe.for_each_linear_mut(f)?,
+            }
+        }
+        f(&mut self.lm_head)
+    }
+
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let linear = |l: &Linear| bytes(l.weight()) + l.bias().map_or(0, bytes);
+        let linear = |l: &Linear| l.weight_bytes();
         let mut total = bytes(self.embed_tokens.embeddings());
-        if !self.spec.tie_word_embeddings {
+        if !self.spec.tie_word_embeddings || self.lm_head.quantized_dtype().is_some() {
             total += linear(&self.lm_head);
         }
         for layer in &self.layers {

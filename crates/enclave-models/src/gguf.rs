@@ -1,17 +1,20 @@
 //! GGUF files (llama.cpp's format): metadata turned into the Hugging Face `config.json` our
 //! architectures already parse, and tensors served under their Hugging Face names.
 //!
-//! Tensors are dequantised to the compute dtype as they load (F32, F16, BF16, Q8_0, Q4_0,
-//! Q4_K, Q5_K, Q6_K and the other types candle reads); quantized compute comes later. The
-//! name map mirrors llama.cpp's `convert_hf_to_gguf.py` (`gguf-py`'s `TensorNameMap`).
+//! Tensors are served dequantised to the compute dtype (F32, F16, BF16, Q8_0, Q4_0, Q4_K,
+//! Q5_K, Q6_K and the other types candle reads); block-quantized matrices are also kept as they
+//! are in a [`QuantizedWeights`] stash, which the model swaps in for its linear layers after
+//! building, so products run on the quantized blocks as in llama.cpp. The name map mirrors
+//! llama.cpp's `convert_hf_to_gguf.py` (`gguf-py`'s `TensorNameMap`).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file::{Content, Value as GgufValue};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use serde_json::{json, Value};
@@ -94,9 +97,10 @@ impl GgufFile {
         let hf_arch = match arch {
             "llama" => "LlamaForCausalLM",
             "qwen2" => "Qwen2ForCausalLM",
+            "gemma3" => "Gemma3ForCausalLM",
             other => {
                 return Err(self.error(format!(
-                    "GGUF architecture {other:?} is not supported yet (supported: llama, qwen2)"
+                    "GGUF architecture {other:?} is not supported yet (supported: llama, qwen2, gemma3)"
                 )))
             }
         };
@@ -130,6 +134,9 @@ impl GgufFile {
         if let Some(head_dim) = self.number(&key("attention.key_length"))? {
             config["head_dim"] = json!(head_dim as usize);
         }
+        if arch == "gemma3" {
+            self.gemma3_config(&mut config)?;
+        }
         if let Some(bos) = self.number("tokenizer.ggml.bos_token_id")? {
             config["bos_token_id"] = json!(bos as u64);
         }
@@ -155,6 +162,30 @@ impl GgufFile {
         Ok(config)
     }
 
+    /// What llama.cpp fixes for `gemma3` rather than reading from the file (`llama-model.cpp`):
+    /// every 6th layer global, local layers rotating with base 10000, queries scaled by
+    /// `1/sqrt(head_dim)` (27B: `1/sqrt(hidden / heads)`), and norms stored as `1 + w`.
+    fn gemma3_config(&self, config: &mut Value) -> Result<()> {
+        let window = self
+            .number("gemma3.attention.sliding_window")?
+            .ok_or_else(|| self.error("gemma3.attention.sliding_window is missing"))?;
+        let head_dim = config["head_dim"].as_u64().unwrap_or(256) as f64;
+        let layers = config["num_hidden_layers"].as_u64().unwrap_or(0);
+        let query_scalar = if layers == 62 {
+            config["hidden_size"].as_f64().unwrap_or(0.0)
+                / config["num_attention_heads"].as_f64().unwrap_or(1.0)
+        } else {
+            head_dim
+        };
+        config["sliding_window"] = json!(window as usize);
+        config["sliding_window_pattern"] = json!(6);
+        config["rope_local_base_freq"] = json!(10000.0);
+        config["query_pre_attn_scalar"] = json!(query_scalar);
+        config["hidden_activation"] = json!("gelu_pytorch_tanh");
+        config["norm_weight_offset"] = json!(0.0);
+        Ok(())
+    }
+
     /// Whether every matrix is stored as f32 (so `auto` keeps f32 rather than bf16).
     pub fn all_f32(&self) -> bool {
         self.content
@@ -163,26 +194,29 @@ impl GgufFile {
             .all(|t| t.ggml_dtype == candle_core::quantized::GgmlDType::F32)
     }
 
-    /// Serves the tensors under Hugging Face names to the architecture code.
+    /// Serves the tensors under Hugging Face names to the architecture code; the stash fills
+    /// with the block-quantized ones as they are read.
     pub fn into_var_builder(
         self,
         dtype: DType,
         device: &Device,
-    ) -> Result<candle_nn::VarBuilder<'static>> {
+    ) -> Result<(candle_nn::VarBuilder<'static>, QuantizedWeights)> {
         let arch = self.architecture()?.to_string();
         let heads = self.required(&format!("{arch}.attention.head_count"))? as usize;
         let kv_heads = self
             .number(&format!("{arch}.attention.head_count_kv"))?
             .map_or(heads, |n| n as usize);
+        let stash = QuantizedWeights::default();
         let backend = GgufWeights {
             // llama.cpp's converter permutes llama's q/k rows for its interleaved rotary.
             unpermute: (arch == "llama").then_some((heads, kv_heads)),
+            arch,
             file: self,
+            stash: stash.clone(),
         };
-        Ok(candle_nn::VarBuilder::from_backend(
-            Box::new(backend),
-            dtype,
-            device.clone(),
+        Ok((
+            candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+            stash,
         ))
     }
 }
@@ -204,14 +238,44 @@ pub fn number(value: &GgufValue) -> Option<f64> {
     })
 }
 
+/// Block-quantized tensors by Hugging Face name, as read from a GGUF file.
+#[derive(Clone, Default)]
+pub struct QuantizedWeights(Arc<Mutex<HashMap<String, Arc<QTensor>>>>);
+
+impl QuantizedWeights {
+    /// Takes the quantized form of `hf_name` out of the stash, if it was quantized.
+    pub fn take(&self, hf_name: &str) -> Option<Arc<QTensor>> {
+        self.0.lock().ok()?.remove(hf_name)
+    }
+
+    /// Looks at the quantized form of `hf_name` without taking it (a tied head shares the
+    /// embedding's).
+    pub fn get(&self, hf_name: &str) -> Option<Arc<QTensor>> {
+        self.0.lock().ok()?.get(hf_name).cloned()
+    }
+
+    fn insert(&self, hf_name: &str, tensor: QTensor) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(hf_name.to_string(), Arc::new(tensor));
+        }
+    }
+}
+
+/// Whether candle computes with this type without widening it (its block-quantized types).
+fn is_block_quantized(dtype: GgmlDType) -> bool {
+    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
 struct GgufWeights {
     file: GgufFile,
+    arch: String,
+    stash: QuantizedWeights,
     /// (query heads, key/value heads) when q/k rows must be un-permuted.
     unpermute: Option<(usize, usize)>,
 }
 
-/// The GGUF name of a Hugging Face tensor name (`None`: no counterpart).
-pub fn gguf_name(hf: &str) -> Option<String> {
+/// The GGUF name of a Hugging Face tensor name in architecture `arch` (`None`: no counterpart).
+pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
     let (stem, suffix) = hf.rsplit_once('.')?;
     let mapped = match stem {
         "model.embed_tokens" => "token_embd".to_string(),
@@ -222,7 +286,14 @@ pub fn gguf_name(hf: &str) -> Option<String> {
             let (layer, part) = rest.split_once('.')?;
             let part = match part {
                 "input_layernorm" => "attn_norm",
+                // Gemma normalises the attention output; Llama's norm of that name is the
+                // feed-forward's input norm.
+                "post_attention_layernorm" if arch == "gemma3" => "post_attention_norm",
                 "post_attention_layernorm" => "ffn_norm",
+                "pre_feedforward_layernorm" => "ffn_norm",
+                "post_feedforward_layernorm" => "post_ffw_norm",
+                "self_attn.q_norm" => "attn_q_norm",
+                "self_attn.k_norm" => "attn_k_norm",
                 "self_attn.q_proj" => "attn_q",
                 "self_attn.k_proj" => "attn_k",
                 "self_attn.v_proj" => "attn_v",
@@ -241,7 +312,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 impl GgufWeights {
     fn load(&self, hf: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let path = self.file.path.display();
-        let name = gguf_name(hf).ok_or_else(|| {
+        let name = gguf_name(&self.arch, hf).ok_or_else(|| {
             candle_core::Error::Msg(format!("{path}: no GGUF tensor corresponds to `{hf}`"))
         })?;
         if !self.file.content.tensor_infos.contains_key(&name) {
@@ -261,12 +332,24 @@ impl GgufWeights {
                 .map_err(|e| candle_core::Error::Msg(format!("{path}: tensor `{name}`: {e}")))?
         };
         let mut tensor = qtensor.dequantize(&Device::Cpu)?;
+        let mut qtensor = Some(qtensor).filter(|q| is_block_quantized(q.dtype()));
         if let Some((heads, kv_heads)) = self.unpermute {
-            if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
-                tensor = unpermute_rows(&tensor, heads)?;
+            let heads = if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
+                Some(heads)
             } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
-                tensor = unpermute_rows(&tensor, kv_heads)?;
+                Some(kv_heads)
+            } else {
+                None
+            };
+            if let Some(heads) = heads {
+                tensor = unpermute_rows(&tensor, heads)?;
+                qtensor = qtensor
+                    .map(|q| unpermute_quantized_rows(&q, heads))
+                    .transpose()?;
             }
+        }
+        if let (Some(q), true) = (qtensor, device.is_cpu()) {
+            self.stash.insert(hf, q);
         }
         tensor.to_dtype(dtype)?.to_device(device)
     }
@@ -290,6 +373,31 @@ fn unpermute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape(dims)
+}
+
+/// [`unpermute_rows`] on a block-quantized matrix: rows are whole blocks, so they move as bytes.
+fn unpermute_quantized_rows(q: &QTensor, heads: usize) -> candle_core::Result<QTensor> {
+    let (rows, _) = q.shape().dims2()?;
+    let data = q.data()?;
+    if heads == 0 || !rows.is_multiple_of(2 * heads) || !data.len().is_multiple_of(rows) {
+        return Err(candle_core::Error::Msg(format!(
+            "cannot un-permute {rows} quantized rows over {heads} heads"
+        )));
+    }
+    let row_bytes = data.len() / rows;
+    let half = rows / heads / 2;
+    let mut out = Vec::with_capacity(data.len());
+    // Output row (h, j, i) of shape [heads, 2, half] comes from input row (h, i, j).
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let src = (h * half + i) * 2 + j;
+                out.extend_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(out), &Device::Cpu, q.dtype())?;
+    QTensor::new(storage, q.shape().clone())
 }
 
 impl SimpleBackend for GgufWeights {
@@ -323,7 +431,7 @@ impl SimpleBackend for GgufWeights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        gguf_name(name).is_some_and(|n| self.file.content.tensor_infos.contains_key(&n))
+        gguf_name(&self.arch, name).is_some_and(|n| self.file.content.tensor_infos.contains_key(&n))
     }
 }
 
@@ -334,22 +442,30 @@ mod tests {
     #[test]
     fn names_follow_llama_cpp() {
         assert_eq!(
-            gguf_name("model.embed_tokens.weight").as_deref(),
+            gguf_name("llama", "model.embed_tokens.weight").as_deref(),
             Some("token_embd.weight")
         );
         assert_eq!(
-            gguf_name("model.layers.3.self_attn.k_proj.bias").as_deref(),
+            gguf_name("llama", "model.layers.3.self_attn.k_proj.bias").as_deref(),
             Some("blk.3.attn_k.bias")
         );
         assert_eq!(
-            gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(),
+            gguf_name("llama", "model.layers.0.mlp.down_proj.weight").as_deref(),
             Some("blk.0.ffn_down.weight")
         );
         assert_eq!(
-            gguf_name("lm_head.weight").as_deref(),
+            gguf_name("llama", "lm_head.weight").as_deref(),
             Some("output.weight")
         );
-        assert_eq!(gguf_name("model.layers.0.mystery.weight"), None);
+        assert_eq!(gguf_name("llama", "model.layers.0.mystery.weight"), None);
+        assert_eq!(
+            gguf_name("gemma3", "model.layers.2.post_attention_layernorm.weight").as_deref(),
+            Some("blk.2.post_attention_norm.weight")
+        );
+        assert_eq!(
+            gguf_name("llama", "model.layers.2.post_attention_layernorm.weight").as_deref(),
+            Some("blk.2.ffn_norm.weight")
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod deepseek;
 mod error;
+pub mod gemma3;
 pub mod gguf;
 mod hf_defaults;
 pub mod kv_cache;
@@ -23,4 +24,6 @@ pub use error::{ModelError, Result};
 pub use gguf::GgufFile;
 pub use kv_cache::{KvCache, KvLayout, PagedKvCache, SeqSlice};
 pub use layers::decoder::activation_dtype;
-pub use model::{checkpoint_dtype, Architecture, LoadOptions, Logits, Model, ModelInfo};
+pub use model::{
+    checkpoint_dtype, Architecture, LoadOptions, Logits, Model, ModelInfo, Quantization,
+};

@@ -2,12 +2,14 @@
 
 use std::path::Path;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::deepseek::{self, Deepseek, ExpertStats, MlaForm};
 use crate::error::{ModelError, Result};
+use crate::gemma3::{self, Gemma3};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, KvLayout, PagedKvCache, SeqSlice};
 use crate::layers::decoder::{Decoder, DecoderSpec};
@@ -21,10 +23,17 @@ pub enum Architecture {
     Qwen2,
     DeepseekV2,
     DeepseekV3,
+    Gemma3,
 }
 
 impl Architecture {
-    pub const ALL: [Self; 4] = [Self::Llama, Self::Qwen2, Self::DeepseekV2, Self::DeepseekV3];
+    pub const ALL: [Self; 5] = [
+        Self::Llama,
+        Self::Qwen2,
+        Self::DeepseekV2,
+        Self::DeepseekV3,
+        Self::Gemma3,
+    ];
 
     pub fn from_hf(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|a| a.hf_name() == name)
@@ -36,6 +45,36 @@ impl Architecture {
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::DeepseekV2 => "DeepseekV2ForCausalLM",
             Self::DeepseekV3 => "DeepseekV3ForCausalLM",
+            Self::Gemma3 => "Gemma3ForCausalLM",
+        }
+    }
+}
+
+/// Weights quantized into GGML blocks after load (`--quantize`); products then quantize their
+/// activations per block as llama.cpp does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// 8-bit, one f16 scale per 32 weights (8.5 bits per weight).
+    Q8_0,
+    /// 4-bit k-quants, 256-weight super-blocks (4.5 bits per weight); matrices whose rows are not
+    /// a multiple of 256 take Q5_0 instead, as llama.cpp's quantizer does.
+    Q4K,
+}
+
+impl Quantization {
+    /// The GGML type for a matrix with rows of `in_features`.
+    pub fn ggml_dtype(self, in_features: usize) -> GgmlDType {
+        let preferred = match self {
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+        };
+        if in_features.is_multiple_of(preferred.block_size()) {
+            preferred
+        } else if in_features.is_multiple_of(GgmlDType::Q5_0.block_size()) {
+            GgmlDType::Q5_0
+        } else {
+            // No block type fits (rows not a multiple of 32): such a matrix stays dense.
+            GgmlDType::F32
         }
     }
 }
@@ -91,6 +130,7 @@ enum Network {
     /// The Llama-family stack (Llama, Qwen2).
     Dense(Decoder),
     Deepseek(Deepseek),
+    Gemma3(Gemma3),
 }
 
 /// The dtype the checkpoint is stored in, as `config.json` declares it (`torch_dtype`, or
@@ -147,13 +187,104 @@ impl Model {
         Self::from_gguf(GgufFile::open(path)?, options)
     }
 
-    /// Builds the model of an opened GGUF file.
+    /// Builds the model of an opened GGUF file; block-quantized matrices stay quantized on CPU
+    /// (products quantize activations per block, as llama.cpp does), the rest is loaded in
+    /// `options.dtype`.
     pub fn from_gguf(file: GgufFile, options: &LoadOptions) -> Result<Self> {
+        Self::from_gguf_inner(file, options, options.device.is_cpu())
+    }
+
+    /// Builds the model of an opened GGUF file with every tensor dequantised into
+    /// `options.dtype`: the reference arithmetic on the file's values (twice to four times the
+    /// memory of the quantized blocks).
+    pub fn from_gguf_dequantized(file: GgufFile, options: &LoadOptions) -> Result<Self> {
+        Self::from_gguf_inner(file, options, false)
+    }
+
+    fn from_gguf_inner(
+        file: GgufFile,
+        options: &LoadOptions,
+        keep_quantized: bool,
+    ) -> Result<Self> {
         let config = file.hf_config()?;
         let path = file.path().to_path_buf();
-        Self::build(&config, &path, options, || {
-            file.into_var_builder(options.dtype, &options.device)
-        })
+        let mut stash = None;
+        let mut model = Self::build(&config, &path, options, || {
+            let (vb, quantized) = file.into_var_builder(options.dtype, &options.device)?;
+            stash = Some(quantized);
+            Ok(vb)
+        })?;
+        if let Some(stash) = stash.filter(|_| keep_quantized) {
+            model.for_each_linear_mut(&mut |linear| {
+                // A tied head shares the embedding's blocks, hence `get`, not `take`.
+                if let Some(q) = stash.get(linear.name()) {
+                    linear.set_quantized(q)?;
+                }
+                Ok(())
+            })?;
+            model.info.weight_bytes = model.network_weight_bytes();
+        }
+        Ok(model)
+    }
+
+    /// Quantizes every projection matrix (attention, MLP, experts, head; not the embedding,
+    /// norms, MoE router or MLA's latent up-projections) into `quantization`'s blocks (CPU).
+    pub fn quantize(&mut self, quantization: Quantization) -> Result<()> {
+        if !self.device.is_cpu() {
+            return Err(ModelError::Candle(candle_core::Error::Msg(
+                "--quantize runs on CPU only for now".into(),
+            )));
+        }
+        self.for_each_linear_mut(&mut |linear| {
+            let Some(weight) = linear.dense_weight() else {
+                return Ok(()); // already quantized (a GGUF file's blocks)
+            };
+            let in_features = weight.dim(1)?;
+            let dtype = quantization.ggml_dtype(in_features);
+            if dtype == GgmlDType::F32 {
+                return Ok(());
+            }
+            let q = QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?;
+            linear.set_quantized(std::sync::Arc::new(q))
+        })?;
+        self.info.weight_bytes = self.network_weight_bytes();
+        Ok(())
+    }
+
+    /// Visits every projection matrix (see [`Model::quantize`]).
+    fn for_each_linear_mut(
+        &mut self,
+        f: &mut dyn FnMut(&mut crate::layers::linear::Linear) -> candle_core::Result<()>,
+    ) -> Result<()> {
+        match &mut self.network {
+            Network::Dense(decoder) => decoder.for_each_linear_mut(f)?,
+            Network::Gemma3(model) => model.for_each_linear_mut(f)?,
+            Network::Deepseek(model) => model.for_each_linear_mut(f)?,
+        }
+        Ok(())
+    }
+
+    /// The GGML types the projection matrices are held in, with how many matrices have each
+    /// (`None`: dense).
+    pub fn weight_formats(&mut self) -> Vec<(Option<GgmlDType>, usize)> {
+        let mut counts: Vec<(Option<GgmlDType>, usize)> = Vec::new();
+        let _ = self.for_each_linear_mut(&mut |linear| {
+            let format = linear.quantized_dtype();
+            match counts.iter_mut().find(|(f, _)| *f == format) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((format, 1)),
+            }
+            Ok(())
+        });
+        counts
+    }
+
+    fn network_weight_bytes(&self) -> usize {
+        match &self.network {
+            Network::Dense(decoder) => decoder.weight_bytes(),
+            Network::Deepseek(model) => model.weight_bytes(),
+            Network::Gemma3(model) => model.weight_bytes(),
+        }
     }
 
     /// Parses and validates the config, then asks for the weights and builds the network.
@@ -186,6 +317,7 @@ impl Model {
         enum Parsed {
             Dense(DecoderSpec),
             Deepseek(deepseek::Spec),
+            Gemma3(gemma3::Spec),
         }
         let parsed = match architecture {
             Architecture::Llama => Parsed::Dense(
@@ -210,6 +342,11 @@ impl Model {
                         .map_err(config_error)?,
                 )
             }
+            Architecture::Gemma3 => Parsed::Gemma3(
+                parse_config::<gemma3::Config>(config, &config_path)?
+                    .spec()
+                    .map_err(config_error)?,
+            ),
         };
         let vb = weights()?;
         let network = match parsed {
@@ -218,6 +355,7 @@ impl Model {
                 _ => qwen2::load(spec, vb)?,
             }),
             Parsed::Deepseek(spec) => Network::Deepseek(Deepseek::new(spec, vb)?),
+            Parsed::Gemma3(spec) => Network::Gemma3(Gemma3::new(spec, vb)?),
         };
         let info = match &network {
             Network::Dense(decoder) => {
@@ -248,6 +386,17 @@ impl Model {
                     weight_bytes: model.weight_bytes(),
                 }
             }
+            Network::Gemma3(model) => ModelInfo {
+                architecture,
+                vocab_size: model.spec().vocab_size,
+                num_layers: model.num_layers(),
+                hidden_size: model.spec().hidden_size,
+                kv_bytes_per_token: model.kv_layout().bytes_per_token(),
+                max_position_embeddings,
+                dtype: options.dtype,
+                activation_dtype: model.activations(),
+                weight_bytes: model.weight_bytes(),
+            },
         };
         Ok(Self {
             info,
@@ -269,6 +418,7 @@ impl Model {
         match &self.network {
             Network::Dense(decoder) => decoder.kv_layout(),
             Network::Deepseek(model) => model.kv_layout(),
+            Network::Gemma3(model) => model.kv_layout(),
         }
     }
 
@@ -294,7 +444,7 @@ impl Model {
     pub fn expert_stats(&self) -> ExpertStats {
         match &self.network {
             Network::Deepseek(model) => model.expert_stats(),
-            Network::Dense(_) => ExpertStats::default(),
+            Network::Dense(_) | Network::Gemma3(_) => ExpertStats::default(),
         }
     }
 
@@ -337,6 +487,7 @@ impl Model {
         Ok(match &self.network {
             Network::Dense(decoder) => decoder.forward(seqs, cache, which)?,
             Network::Deepseek(model) => model.forward(seqs, cache, which)?,
+            Network::Gemma3(model) => model.forward(seqs, cache, which)?,
         })
     }
 

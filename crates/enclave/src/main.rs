@@ -10,7 +10,8 @@ mod serve;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use enclave_engine::{DTypeChoice, EngineConfig, ServingConfig};
+use enclave_engine::{DTypeChoice, EngineConfig, ServingConfig, WeightFormat};
+use enclave_models::Quantization;
 
 #[derive(Parser)]
 #[command(
@@ -104,8 +105,8 @@ pub struct ModelArgs {
     pub revision: String,
 
     /// Dtype of the weights in memory. `auto`: a bf16 checkpoint stays bf16 (half the memory,
-    /// faster decoding; on CPU activations are computed in f32 whatever this says), anything
-    /// else is loaded as f32.
+    /// faster decoding; on CPU activations are computed in f32 whatever this says), and so does
+    /// a quantized GGUF file (dequantised at load); anything else is loaded as f32.
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
 
@@ -117,6 +118,22 @@ pub struct ModelArgs {
     /// Worker threads for the math kernels (default: one per core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+
+    /// Hold the projection matrices quantized: `q8_0` (8.5 bits per weight) or `q4_k` (4.5;
+    /// rows not a multiple of 256 take q5_0) quantize any model at load; `gguf` keeps a GGUF
+    /// file's own blocks. Products then quantize activations per block, as llama.cpp does.
+    /// Default: dense, in --dtype (a GGUF file is dequantised).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub quantize: Option<QuantizeArg>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantizeArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
+    Gguf,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +154,12 @@ impl ModelArgs {
                 DTypeArg::F16 => DTypeChoice::F16,
             },
             max_model_len: self.max_model_len,
+            quantize: match self.quantize {
+                None => WeightFormat::Dense,
+                Some(QuantizeArg::Q8_0) => WeightFormat::Quantize(Quantization::Q8_0),
+                Some(QuantizeArg::Q4K) => WeightFormat::Quantize(Quantization::Q4K),
+                Some(QuantizeArg::Gguf) => WeightFormat::Gguf,
+            },
             ..EngineConfig::default()
         }
     }

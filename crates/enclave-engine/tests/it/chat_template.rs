@@ -69,3 +69,39 @@ fn r1_strips_earlier_reasoning_and_opens_think() {
     assert!(!text.contains("secret"), "{text}");
     assert!(text.ends_with("<｜Assistant｜><think>\n"), "{text}");
 }
+
+/// Gemma's template (built in for Gemma GGUF files, which carry none) byte for byte against
+/// `apply_chat_template`, and a conversation that does not alternate is refused as it is there.
+#[test]
+fn gemma_template_renders_byte_for_byte() {
+    let source = include_str!("../../src/templates/gemma.jinja").to_string();
+    let special = enclave_engine::SpecialTokens {
+        bos: Some("<bos>".into()),
+        ..Default::default()
+    };
+    let template = ChatTemplate::new(source, special).unwrap();
+    let goldens = read_json(fixtures().join("chat-template/gemma.json"));
+    let cases = goldens["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let add = case["add_generation_prompt"].as_bool().unwrap();
+        let text = template
+            .render(case["messages"].as_array().unwrap(), None, add)
+            .unwrap();
+        assert_eq!(
+            text,
+            case["text"].as_str().unwrap(),
+            "{}",
+            case["conversation"]
+        );
+    }
+    let broken = [
+        serde_json::json!({"role": "user", "content": "a"}),
+        serde_json::json!({"role": "user", "content": "b"}),
+    ];
+    let err = template
+        .render(&broken, None, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("alternate"), "{err}");
+}

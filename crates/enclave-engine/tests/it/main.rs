@@ -7,6 +7,7 @@
 mod chat_template;
 mod detokenizer;
 mod engine;
+mod gemma3_llamacpp;
 mod gguf;
 mod sampler;
 mod serving;

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::linear::Linear;
-
+use super::norm::RmsNorm;
 use super::rotary::RotaryEmbedding;
 use crate::kv_cache::{PagedKvCache, SeqSlice};
 
@@ -27,6 +27,10 @@ pub struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// RMSNorm of each query and key head before the rotation (Gemma 3's QK-norm).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    /// Only the last this-many positions are visible (Gemma 3's local layers).
+    sliding_window: Option<usize>,
     shape: AttentionShape,
     scale: f64,
 }
@@ -76,9 +80,29 @@ impl Attention {
                 activations,
                 vb.pp("o_proj"),
             )?,
+            qk_norm: None,
+            sliding_window: None,
             shape,
             scale: 1.0 / (head_dim as f64).sqrt(),
         })
+    }
+
+    /// Normalises every query and key head (`q_norm`, `k_norm`: `[head_dim]`) before the rotation.
+    pub fn with_qk_norm(mut self, q_norm: RmsNorm, k_norm: RmsNorm) -> Self {
+        self.qk_norm = Some((q_norm, k_norm));
+        self
+    }
+
+    /// Scores are `q·k · scale` instead of `q·k / sqrt(head_dim)`.
+    pub fn with_scale(mut self, scale: f64) -> Self {
+        self.scale = scale;
+        self
+    }
+
+    /// A query at position `p` sees keys `p - window + 1 ..= p` only.
+    pub fn with_sliding_window(mut self, window: usize) -> Self {
+        self.sliding_window = Some(window.max(1));
+        self
     }
 
     /// Attention for a packed batch: `xs` is `[1, T, hidden]`, the new tokens of every sequence
@@ -101,13 +125,20 @@ impl Attention {
             head_dim,
             ..
         } = self.shape;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((1, total_tokens, n, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+        let heads = |t: Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let t = t.reshape((1, total_tokens, n, head_dim))?;
+            let t = match norm {
+                Some(norm) => norm.forward(&t)?,
+                None => t,
+            };
+            t.transpose(1, 2)?.contiguous()
         };
-        let q = heads(self.q_proj.forward(xs)?, num_heads)?;
-        let k = heads(self.k_proj.forward(xs)?, num_kv_heads)?;
+        let (q_norm, k_norm) = match &self.qk_norm {
+            Some((q, k)) => (Some(q), Some(k)),
+            None => (None, None),
+        };
+        let q = heads(self.q_proj.forward(xs)?, num_heads, q_norm)?;
+        let k = heads(self.k_proj.forward(xs)?, num_kv_heads, k_norm)?;
         let q = RotaryEmbedding::apply(&q, cos, sin)?.squeeze(0)?; // [heads, T, d]
         let k = RotaryEmbedding::apply(&k, cos, sin)?
             .squeeze(0)?
@@ -130,14 +161,20 @@ impl Attention {
                 &k.narrow(0, offset, len)?,
                 &v.narrow(0, offset, len)?,
             )?;
+            // Keys no query of this chunk can see (behind a sliding window) are left out.
+            let first_key = self
+                .sliding_window
+                .map_or(0, |window| (seq.start + 1).saturating_sub(window));
+            let visible = total - first_key;
             let per_head = |t: Tensor| -> Result<Tensor> {
-                t.reshape((total, num_kv_heads, head_dim))?
+                t.narrow(0, first_key, visible)?
+                    .reshape((visible, num_kv_heads, head_dim))?
                     .transpose(0, 1)?
                     .contiguous()
             };
-            let (k_all, v_all) = (per_head(k_all)?, per_head(v_all)?); // [kv_heads, total, d]
-                                                                       // Grouped heads without copying keys: the `group` query heads that share one KV head
-                                                                       // are stacked along the row dimension, so one matmul per KV head covers them all.
+            let (k_all, v_all) = (per_head(k_all)?, per_head(v_all)?); // [kv_heads, visible, d]
+                                                                       // Grouped heads without copying keys: the `group` query heads that share one KV
+                                                                       // head are stacked along the row dimension, so one matmul per KV head covers them.
             let q_seq = q.narrow(1, offset, len)?.contiguous()?.reshape((
                 num_kv_heads,
                 group * len,
@@ -145,11 +182,12 @@ impl Attention {
             ))?;
             let scores = (q_seq.matmul(&k_all.t()?)? * self.scale)?.to_dtype(DType::F32)?;
             let scores = if len > 1 {
-                let mask = causal_mask(len, seq.start, xs.device())?;
+                let mask =
+                    attention_mask(len, seq.start, first_key, self.sliding_window, xs.device())?;
                 scores
-                    .reshape((num_kv_heads, group, len, total))?
+                    .reshape((num_kv_heads, group, len, visible))?
                     .broadcast_add(&mask)?
-                    .reshape((num_kv_heads, group * len, total))?
+                    .reshape((num_kv_heads, group * len, visible))?
             } else {
                 scores
             };
@@ -170,11 +208,26 @@ impl Attention {
 /// The additive causal mask for `len` new positions after `offset` cached ones:
 /// `[len, offset + len]`, 0 where visible and -inf where in the future.
 pub fn causal_mask(len: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    attention_mask(len, offset, 0, None, device)
+}
+
+/// The additive mask for `len` new positions after `offset` cached ones over the keys from
+/// `first_key` on: `[len, offset + len - first_key]`, 0 where the key is neither in the future
+/// nor (with a sliding `window`) `window` or more positions back, -inf elsewhere.
+pub fn attention_mask(
+    len: usize,
+    offset: usize,
+    first_key: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let total = offset + len;
+    let window = window.unwrap_or(usize::MAX);
     let mask: Vec<f32> = (0..len)
         .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > offset + i {
+            let query = offset + i;
+            (first_key..total).map(move |key| {
+                if key > query || query - key >= window {
                     f32::NEG_INFINITY
                 } else {
                     0.0
@@ -182,10 +235,19 @@ pub fn causal_mask(len: usize, offset: usize, device: &Device) -> Result<Tensor>
             })
         })
         .collect();
-    Tensor::from_vec(mask, (len, total), device)
+    Tensor::from_vec(mask, (len, total - first_key), device)
 }
 
 impl Attention {
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+        ]
+    }
+
     pub(crate) fn weight_bytes(&self, linear: &dyn Fn(&Linear) -> usize) -> usize {
         linear(&self.q_proj) + linear(&self.k_proj) + linear(&self.v_proj) + linear(&self.o_proj)
     }

@@ -122,7 +122,11 @@ impl Decoder {
             embed_tokens,
             layers,
             norm,
-            lm_head: Linear::new(lm_head_weight, None),
+            lm_head: Linear::new(lm_head_weight, None).with_name(if spec.tie_word_embeddings {
+                "model.embed_tokens.weight"
+            } else {
+                "lm_head.weight"
+            }),
             rotary,
             spec,
             activations,
@@ -240,14 +244,30 @@ impl<'a> PackedBatch<'a> {
 }
 
 impl Decoder {
+    /// Every matrix of the stack (attention, MLP, head), for quantizing after load.
+    pub fn for_each_linear_mut(
+        &mut self,
+        f: &mut dyn FnMut(&mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        for layer in &mut self.layers {
+            for linear in layer.self_attn.linears_mut() {
+                f(linear)?;
+            }
+            for linear in layer.mlp.linears_mut() {
+                f(linear)?;
+            }
+        }
+        f(&mut self.lm_head)
+    }
+
     /// Bytes of weights held (the tied head counted once).
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let mut total = bytes(self.embed_tokens.embeddings());
-        if !self.spec.tie_word_embeddings {
-            total += bytes(self.lm_head.weight());
+        if !self.spec.tie_word_embeddings || self.lm_head.quantized_dtype().is_some() {
+            total += self.lm_head.weight_bytes();
         }
-        let linear = |l: &Linear| bytes(l.weight()) + l.bias().map_or(0, bytes);
+        let linear = |l: &Linear| l.weight_bytes();
         for layer in &self.layers {
             total += layer.self_attn.weight_bytes(&linear);
             total += layer.mlp.weight_bytes(&linear);

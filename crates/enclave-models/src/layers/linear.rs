@@ -8,6 +8,9 @@
 //! (feature, row) accumulators in registers so each load feeds four multiply-adds. Long prefill
 //! chunks stay on candle's GEMM, which wins past a few hundred rows.
 
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
@@ -25,12 +28,74 @@ const FEATURES_PER_TASK: usize = 64;
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
+    /// Set when the weight is held in a block-quantized GGML type (Q8_0, Q4_K, …): then
+    /// `weight` is an empty placeholder and products go through candle's quantized kernels,
+    /// which quantize the activations per block as llama.cpp does.
+    quantized: Option<QMatMul>,
     bias: Option<Tensor>,
+    /// The checkpoint name of the weight (`model.layers.0.mlp.up_proj.weight`), so a loader can
+    /// find its quantized form.
+    name: String,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            quantized: None,
+            bias,
+            name: String::new(),
+        }
+    }
+
+    /// Names the weight (see [`Linear::name`]).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The checkpoint name of the weight; empty when built from a bare tensor.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Replaces the weight by its block-quantized form (same shape), dropping the dense copy.
+    pub fn set_quantized(&mut self, weight: Arc<QTensor>) -> Result<()> {
+        if weight.shape().dims() != self.weight.dims() {
+            candle_core::bail!(
+                "{}: quantized weight {:?} does not match {:?}",
+                self.name,
+                weight.shape().dims(),
+                self.weight.dims()
+            );
+        }
+        self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
+        self.quantized = Some(QMatMul::from_arc(weight)?);
+        Ok(())
+    }
+
+    /// The dense weight, `None` once quantized.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        self.quantized.is_none().then_some(&self.weight)
+    }
+
+    /// The GGML type of a quantized weight, `None` for a dense one.
+    pub fn quantized_dtype(&self) -> Option<candle_core::quantized::GgmlDType> {
+        match &self.quantized {
+            Some(QMatMul::QTensor(q)) => Some(q.dtype()),
+            _ => None,
+        }
+    }
+
+    /// Bytes held by the weight and bias.
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let weight = match &self.quantized {
+            Some(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => bytes(t),
+            None => bytes(&self.weight),
+        };
+        weight + self.bias.as_ref().map_or(0, bytes)
     }
 
     /// Loads `weight` in the builder's dtype and `bias` in `activations`, the dtype the
@@ -48,7 +113,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias).with_name(format!("{}.weight", vb.prefix())))
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -85,7 +150,12 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.takes_small_batch_kernel(x) {
+        let y = if let Some(quantized) = &self.quantized {
+            let dtype = x.dtype();
+            quantized
+                .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                .to_dtype(dtype)?
+        } else if self.takes_small_batch_kernel(x) {
             x.contiguous()?
                 .apply_op2_no_bwd(&self.weight.contiguous()?, &SmallBatchMatmul)?
         } else if self.weight.dtype() != x.dtype() {

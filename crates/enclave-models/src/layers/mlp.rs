@@ -67,6 +67,10 @@ impl GatedMlp {
 }
 
 impl GatedMlp {
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 3] {
+        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
+    }
+
     pub(crate) fn weight_bytes(&self, linear: &dyn Fn(&Linear) -> usize) -> usize {
         linear(&self.gate_proj) + linear(&self.up_proj) + linear(&self.down_proj)
     }

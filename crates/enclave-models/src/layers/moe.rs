@@ -257,6 +257,19 @@ impl SparseMoe {
         }
     }
 
+    /// The experts' matrices (routed and shared; the router stays f32).
+    pub(crate) fn for_each_linear_mut(
+        &mut self,
+        f: &mut dyn FnMut(&mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        for mlp in self.experts.iter_mut().chain(self.shared.as_mut()) {
+            for linear in mlp.linears_mut() {
+                f(linear)?;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn weight_bytes(&self, linear: &dyn Fn(&Linear) -> usize) -> usize {
         linear(&self.router)
             + self

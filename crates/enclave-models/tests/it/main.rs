@@ -9,6 +9,7 @@ mod deepseek;
 mod gguf;
 mod numerics;
 mod paged;
+mod quantize;
 
 use std::path::PathBuf;
 
@@ -24,6 +25,7 @@ pub const MODELS: &[&str] = &[
     "llama-llama3-rope",
     "qwen2",
     "qwen2-tied",
+    "gemma3",
     "deepseek-v2-lite",
     "deepseek-v3",
     "deepseek-v3-fp8",
