@@ -93,16 +93,25 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) 
     (tokens, rows)
 }
 
-/// Logits after each prefix of `prompt + continuation` that predicts a continuation token.
+/// Logits predicting each token of `continuation` after `prompt`, decoded one token at a time
+/// (the path generated tokens take: one-row products, on quantized weights with quantized
+/// activations).
 fn teacher_forced(model: &Model, prompt: &[u32], continuation: &[u32]) -> Vec<Vec<f32>> {
-    let seq: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
     let mut cache = model.new_cache();
-    let rows: Vec<Vec<f32>> = model
-        .forward(&seq, &mut cache, Logits::All)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    rows[prompt.len() - 1..seq.len() - 1].to_vec()
+    let mut input = prompt.to_vec();
+    let mut rows = Vec::new();
+    for &token in continuation {
+        let row: Vec<f32> = model
+            .forward(&input, &mut cache, Logits::Last)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        rows.push(row);
+        input = vec![token];
+    }
+    rows
 }
 
 #[test]
@@ -174,7 +183,7 @@ fn gemma3_agrees_with_llama_cpp_where_it_is_decided() {
     let goldens = goldens();
     for (label, model, min_percent) in [
         ("dequantised", load(&path, false, None), 100),
-        ("gguf blocks", load(&path, true, None), 0),
+        ("gguf blocks", load(&path, true, None), 95),
     ] {
         let (mut decided, mut agreed, mut total) = (0, 0, 0);
         for case in goldens["greedy"].as_array().unwrap() {

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
@@ -151,10 +151,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if let Some(quantized) = &self.quantized {
-            let dtype = x.dtype();
-            quantized
-                .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
-                .to_dtype(dtype)?
+            forward_quantized(quantized, x)?
         } else if self.takes_small_batch_kernel(x) {
             x.contiguous()?
                 .apply_op2_no_bwd(&self.weight.contiguous()?, &SmallBatchMatmul)?
@@ -171,6 +168,53 @@ impl Module for Linear {
             None => Ok(y),
         }
     }
+}
+
+/// Past this many rows a product with block-quantized weights dequantises the weight once and
+/// runs the GEMM: beyond it the integer kernels lose to the GEMM, whose extra pass over the
+/// weight is cheap against a compute-bound product (`examples/q8_0_matmul.rs`).
+pub const QUANTIZED_GEMV_ROWS: usize = 16;
+
+/// `x Wᵀ` for block-quantized `W`: Q8_0 through our kernel (`layers/quantized.rs`), other types
+/// through candle's one row at a time (its multi-row path is several times slower than that),
+/// and past [`QUANTIZED_GEMV_ROWS`] rows the dequantised weight through the GEMM.
+fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
+    let QMatMul::QTensor(q) = weight else {
+        return weight.forward(x);
+    };
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (n, k) = q.shape().dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    let y = if !x.device().is_cpu() {
+        weight.forward(&x)?
+    } else if rows > QUANTIZED_GEMV_ROWS {
+        let dense = q.dequantize(x.device())?;
+        candle_nn::Linear::new(dense, None).forward(&x)?
+    } else if rows > 1 && q.dtype() == GgmlDType::Q8_0 && k.is_multiple_of(super::quantized::QK8_0)
+    {
+        let data = q.data()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let out = super::quantized::matmul_q8_0(&xs, rows, k, &data, n);
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Tensor::from_vec(out, dims, x.device())?
+    } else if rows > 1 {
+        let flat = x.reshape((rows, k))?;
+        let ys = (0..rows)
+            .map(|r| weight.forward(&flat.narrow(0, r, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Tensor::cat(&ys, 0)?.reshape(dims)?
+    } else {
+        weight.forward(&x)?
+    };
+    y.to_dtype(dtype)
 }
 
 /// `weight` converted to `dtype`; bf16 to f32 in parallel (candle's conversion is serial).
@@ -650,6 +694,43 @@ mod tests {
                 .unwrap();
             for (a, e) in ours.iter().zip(&expected) {
                 assert!((a - e).abs() < 1e-4);
+            }
+        }
+    }
+
+    /// Every route a quantized product takes (one row, 2–16 rows, a long chunk; Q8_0 and a
+    /// k-quant) gives the product of the dequantised weight up to activation rounding, and a
+    /// row's result does not depend on the route by more than that.
+    #[test]
+    fn quantized_products_agree_across_row_counts_and_types() {
+        let dev = Device::Cpu;
+        let (n, k) = (48, 256);
+        let dense = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let q = Arc::new(QTensor::quantize(&dense, dtype).unwrap());
+            let dequantised = q.dequantize(&dev).unwrap();
+            let mut layer = Linear::new(dense.clone(), None);
+            layer.set_quantized(q).unwrap();
+            assert_eq!(layer.quantized_dtype(), Some(dtype));
+            let x = Tensor::randn(0f32, 1.0, (1, 20, k), &dev).unwrap();
+            let exact = reference(&x, &dequantised);
+            for rows in [1, 5, QUANTIZED_GEMV_ROWS, 20] {
+                let part = x.narrow(1, 0, rows).unwrap();
+                let got: Vec<f32> = layer
+                    .forward(&part)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(got.len(), rows * n);
+                for (i, (a, b)) in got.iter().zip(&exact).enumerate() {
+                    // |x·w| sums 256 products of ~0.05·1: 8-bit activations move it by < 2 %.
+                    assert!(
+                        (a - b).abs() < 0.05,
+                        "{dtype:?} rows {rows} [{i}]: {a} vs {b}"
+                    );
+                }
             }
         }
     }
