@@ -210,7 +210,8 @@ impl Engine {
         if config.quantize == WeightFormat::Gguf {
             return Err(EngineError::File {
                 path: dir.to_path_buf(),
-                message: "--quantize gguf keeps a GGUF file's blocks, but this is a model folder                           (use q8_0 or q4_k)"
+                message: "--quantize gguf keeps a GGUF file's blocks, but this is a model folder \
+                          (use q8_0 or q4_k)"
                     .into(),
             });
         }
@@ -259,7 +260,11 @@ impl Engine {
             None => None,
         };
         let mut generation_config = GenerationConfig::default();
-        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
             if let Some(id) = file
                 .metadata()
                 .get(key)
@@ -282,6 +287,12 @@ impl Engine {
             dtype: config.dtype.resolve(&config.device, Some(checkpoint)),
             device: config.device.clone(),
         };
+        if config.quantize == WeightFormat::Gguf && !config.device.is_cpu() {
+            return Err(EngineError::File {
+                path: path.to_path_buf(),
+                message: "--quantize gguf computes on the CPU only for now".into(),
+            });
+        }
         let mut model = match config.quantize {
             WeightFormat::Gguf => Model::from_gguf(file, &options)?,
             WeightFormat::Dense | WeightFormat::Quantize(_) => {

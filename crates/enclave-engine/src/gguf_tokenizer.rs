@@ -35,7 +35,8 @@ const END_OF_TURN_TEXTS: &[&str] = &[
     "<｜end▁of▁sentence｜>",
 ];
 
-/// The ids of control tokens that end a turn (see [`END_OF_TURN_TEXTS`]).
+/// The ids of tokens that end a turn (see [`END_OF_TURN_TEXTS`]); like llama.cpp, whatever
+/// type the file gives them.
 pub(crate) fn end_of_turn_ids(metadata: &HashMap<String, GgufValue>) -> Vec<u32> {
     let Ok(tokens) = strings(metadata, "tokenizer.ggml.tokens") else {
         return Vec::new();
@@ -45,7 +46,7 @@ pub(crate) fn end_of_turn_ids(metadata: &HashMap<String, GgufValue>) -> Vec<u32>
         .iter()
         .zip(types)
         .enumerate()
-        .filter(|(_, (token, kind))| *kind == CONTROL && END_OF_TURN_TEXTS.contains(token))
+        .filter(|(_, (token, _))| END_OF_TURN_TEXTS.contains(token))
         .map(|(id, _)| id as u32)
         .collect()
 }
@@ -267,13 +268,14 @@ pub(crate) fn hf_tokenizer(metadata: &HashMap<String, GgufValue>) -> Result<(Val
     Ok((tokenizer, config))
 }
 
-/// SentencePiece's merge order as BPE merges: every split of every normal entry into two
-/// vocabulary entries, highest-scoring result first (ties: lower id first).
+/// SentencePiece's merge order as BPE merges: every split of every normal or user-defined entry
+/// into two vocabulary entries, highest-scoring result first (ties: lower id first). (llama.cpp
+/// may also merge into control tokens; those only occur as parsed special tokens here.)
 fn sentencepiece_merges(tokens: &[&str], types: &[i64], scores: &[f32]) -> Vec<[String; 2]> {
     let known: std::collections::HashSet<&str> = tokens.iter().copied().collect();
     let mut merges: Vec<(f32, usize, &str, &str)> = Vec::new();
     for (id, ((&token, &kind), &score)) in tokens.iter().zip(types).zip(scores).enumerate() {
-        if kind != NORMAL {
+        if kind != NORMAL && kind != USER_DEFINED {
             continue;
         }
         for (split, _) in token.char_indices().skip(1) {

@@ -188,6 +188,11 @@ impl Tokenizer {
                 return Some(vec![byte]);
             }
         }
+        // SentencePiece pieces spell spaces `▁`; decoding one alone would strip its leading
+        // space where the tokenizer adds a prefix space.
+        if token.contains('\u{2581}') {
+            return Some(token.replace('\u{2581}', " ").into_bytes());
+        }
         self.decode(&[id], false).ok().map(String::into_bytes)
     }
 

@@ -782,7 +782,6 @@ impl Deepseek {
         self.lm_head.forward(&xs)?.squeeze(0)?.to_dtype(DType::F32)
     }
 
-    /// Bytes of weights held (the tied head counted once).
     /// Every projection matrix (attention, MLPs, experts, head), for quantizing after load.
     pub fn for_each_linear_mut(
         &mut self,
@@ -802,6 +801,7 @@ impl Deepseek {
         f(&mut self.lm_head)
     }
 
+    /// Bytes of weights held (the tied head counted once unless quantized apart).
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let linear = |l: &Linear| l.weight_bytes();

@@ -37,7 +37,7 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| ModelError::Config {
             path: path.to_path_buf(),
-            message: format!("not a readable GGUF file: {e}"),
+            message: read_error_message(&e.to_string()),
         })?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -194,12 +194,16 @@ impl GgufFile {
             .all(|t| t.ggml_dtype == candle_core::quantized::GgmlDType::F32)
     }
 
-    /// Serves the tensors under Hugging Face names to the architecture code; the stash fills
-    /// with the block-quantized ones as they are read.
+    /// Serves the tensors under Hugging Face names to the architecture code. With `keep_blocks`
+    /// (CPU), block-quantized matrices other than the embedding go into the stash and are served
+    /// as zero-cost placeholders of their shape, which the model must replace by the stashed
+    /// blocks before computing (`Model::from_gguf` does, and checks that each was taken); the
+    /// file is never held dense and quantized at once.
     pub fn into_var_builder(
         self,
         dtype: DType,
         device: &Device,
+        keep_blocks: bool,
     ) -> Result<(candle_nn::VarBuilder<'static>, QuantizedWeights)> {
         let arch = self.architecture()?.to_string();
         let heads = self.required(&format!("{arch}.attention.head_count"))? as usize;
@@ -213,11 +217,55 @@ impl GgufFile {
             arch,
             file: self,
             stash: stash.clone(),
+            keep_blocks: keep_blocks && device.is_cpu(),
         };
         Ok((
             candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
             stash,
         ))
+    }
+}
+
+/// llama.cpp's tensor type names by `ggml_type` id (`ggml.h`).
+const GGML_TYPE_NAMES: &[(u32, &str)] = &[
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (20, "IQ4_NL"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (23, "IQ4_XS"),
+    (24, "I8"),
+    (25, "I16"),
+    (26, "I32"),
+    (27, "I64"),
+    (28, "F64"),
+    (29, "IQ1_M"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (39, "MXFP4"),
+];
+
+/// Why candle could not read the header, in our words: an unsupported tensor type is named.
+fn read_error_message(candle: &str) -> String {
+    // candle may append a backtrace: only the first line is the message.
+    let first_line = candle.lines().next().unwrap_or_default();
+    let unknown = first_line
+        .strip_prefix("unknown dtype for tensor ")
+        .and_then(|id| id.trim().parse::<u32>().ok());
+    match unknown {
+        Some(id) => {
+            let name = GGML_TYPE_NAMES
+                .iter()
+                .find(|(known, _)| *known == id)
+                .map_or("unknown", |(_, name)| name);
+            format!(
+                "a tensor is stored in GGML type {id} ({name}), which is not supported (supported: \
+                 F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)"
+            )
+        }
+        None => format!("not a readable GGUF file: {first_line}"),
     }
 }
 
@@ -243,15 +291,17 @@ pub fn number(value: &GgufValue) -> Option<f64> {
 pub struct QuantizedWeights(Arc<Mutex<HashMap<String, Arc<QTensor>>>>);
 
 impl QuantizedWeights {
-    /// Takes the quantized form of `hf_name` out of the stash, if it was quantized.
-    pub fn take(&self, hf_name: &str) -> Option<Arc<QTensor>> {
-        self.0.lock().ok()?.remove(hf_name)
-    }
-
-    /// Looks at the quantized form of `hf_name` without taking it (a tied head shares the
-    /// embedding's).
+    /// Looks at the quantized form of `hf_name` (a tied head shares the embedding's).
     pub fn get(&self, hf_name: &str) -> Option<Arc<QTensor>> {
         self.0.lock().ok()?.get(hf_name).cloned()
+    }
+
+    /// The names in the stash.
+    pub fn names(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|map| map.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn insert(&self, hf_name: &str, tensor: QTensor) {
@@ -270,6 +320,8 @@ struct GgufWeights {
     file: GgufFile,
     arch: String,
     stash: QuantizedWeights,
+    /// Stash block-quantized matrices and serve placeholders (see `into_var_builder`).
+    keep_blocks: bool,
     /// (query heads, key/value heads) when q/k rows must be un-permuted.
     unpermute: Option<(usize, usize)>,
 }
@@ -331,8 +383,26 @@ impl GgufWeights {
                 .tensor(&mut *reader, &name, &Device::Cpu)
                 .map_err(|e| candle_core::Error::Msg(format!("{path}: tensor `{name}`: {e}")))?
         };
+        // The embedding is looked up by rows, so it is always served dense.
+        let stash = self.keep_blocks
+            && is_block_quantized(qtensor.dtype())
+            && hf != "model.embed_tokens.weight";
+        if stash {
+            let mut q = qtensor;
+            if let Some((heads, kv_heads)) = self.unpermute {
+                if name.ends_with("attn_q.weight") {
+                    q = unpermute_quantized_rows(&q, heads)?;
+                } else if name.ends_with("attn_k.weight") {
+                    q = unpermute_quantized_rows(&q, kv_heads)?;
+                }
+            }
+            let shape = q.shape().clone();
+            self.stash.insert(hf, q);
+            return Tensor::zeros((), dtype, device)?.broadcast_as(shape);
+        }
         let mut tensor = qtensor.dequantize(&Device::Cpu)?;
-        let mut qtensor = Some(qtensor).filter(|q| is_block_quantized(q.dtype()));
+        let mut qtensor =
+            Some(qtensor).filter(|q| self.keep_blocks && is_block_quantized(q.dtype()));
         if let Some((heads, kv_heads)) = self.unpermute {
             let heads = if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
                 Some(heads)

@@ -210,18 +210,35 @@ impl Model {
         let path = file.path().to_path_buf();
         let mut stash = None;
         let mut model = Self::build(&config, &path, options, || {
-            let (vb, quantized) = file.into_var_builder(options.dtype, &options.device)?;
+            let (vb, quantized) =
+                file.into_var_builder(options.dtype, &options.device, keep_quantized)?;
             stash = Some(quantized);
             Ok(vb)
         })?;
-        if let Some(stash) = stash.filter(|_| keep_quantized) {
+        if let Some(stash) = stash {
+            let mut taken = std::collections::HashSet::new();
             model.for_each_linear_mut(&mut |linear| {
-                // A tied head shares the embedding's blocks, hence `get`, not `take`.
                 if let Some(q) = stash.get(linear.name()) {
                     linear.set_quantized(q)?;
+                    taken.insert(linear.name().to_string());
                 }
                 Ok(())
             })?;
+            // Every stashed matrix was served as a placeholder: one no linear layer took would
+            // compute with zeros.
+            if let Some(orphan) = stash
+                .names()
+                .into_iter()
+                .find(|n| n != "model.embed_tokens.weight" && !taken.contains(n))
+            {
+                return Err(ModelError::Config {
+                    path,
+                    message: format!(
+                        "tensor `{orphan}` is block-quantized but not a projection matrix; \
+                         load this file dequantised (without --quantize gguf)"
+                    ),
+                });
+            }
             model.info.weight_bytes = model.network_weight_bytes();
         }
         Ok(model)

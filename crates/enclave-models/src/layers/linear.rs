@@ -170,14 +170,20 @@ impl Module for Linear {
     }
 }
 
-/// Past this many rows a product with block-quantized weights dequantises the weight once and
-/// runs the GEMM: beyond it the integer kernels lose to the GEMM, whose extra pass over the
-/// weight is cheap against a compute-bound product (`examples/q8_0_matmul.rs`).
+/// Past this many rows a product with block-quantized weights dequantises the weight and runs
+/// the GEMM: beyond it the integer kernels lose to the GEMM, whose extra pass over the weight
+/// is cheap against a compute-bound product (`examples/q8_0_matmul.rs`).
 pub const QUANTIZED_GEMV_ROWS: usize = 16;
+/// Matrices this large (elements) are never dequantised per call — an output head over a big
+/// vocabulary would be rewritten in f32 every decoding step (671 MB for Gemma 3's) — and take
+/// the integer kernel up to [`SMALL_BATCH_ROWS`] rows instead.
+const DEQUANTIZE_LIMIT: usize = 1 << 24;
 
-/// `x Wᵀ` for block-quantized `W`: Q8_0 through our kernel (`layers/quantized.rs`), other types
-/// through candle's one row at a time (its multi-row path is several times slower than that),
-/// and past [`QUANTIZED_GEMV_ROWS`] rows the dequantised weight through the GEMM.
+/// `x Wᵀ` for block-quantized `W`: Q8_0 through our kernel (`layers/quantized.rs`) for 2 to
+/// [`QUANTIZED_GEMV_ROWS`] rows (and for any batch up to [`SMALL_BATCH_ROWS`] rows of a matrix
+/// too large to dequantise per call), one row and other types through candle's one row at a
+/// time (its multi-row path is several times slower than that), and long inputs through the
+/// GEMM on the dequantised weight.
 fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let QMatMul::QTensor(q) = weight else {
         return weight.forward(x);
@@ -185,14 +191,21 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let (n, k) = q.shape().dims2()?;
+    if x.dims().last() != Some(&k) {
+        candle_core::bail!(
+            "quantized linear: input {:?} vs weight [{n}, {k}]",
+            x.dims()
+        );
+    }
     let rows = x.elem_count() / k.max(1);
+    let q8_kernel = q.dtype() == GgmlDType::Q8_0 && k.is_multiple_of(super::quantized::QK8_0);
+    let large = n * k >= DEQUANTIZE_LIMIT;
     let y = if !x.device().is_cpu() {
         weight.forward(&x)?
-    } else if rows > QUANTIZED_GEMV_ROWS {
+    } else if rows > SMALL_BATCH_ROWS || (rows > QUANTIZED_GEMV_ROWS && !(large && q8_kernel)) {
         let dense = q.dequantize(x.device())?;
         candle_nn::Linear::new(dense, None).forward(&x)?
-    } else if rows > 1 && q.dtype() == GgmlDType::Q8_0 && k.is_multiple_of(super::quantized::QK8_0)
-    {
+    } else if rows > 1 && q8_kernel {
         let data = q.data()?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let out = super::quantized::matmul_q8_0(&xs, rows, k, &data, n);

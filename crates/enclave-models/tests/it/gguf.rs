@@ -132,6 +132,24 @@ fn broken_gguf_files_name_the_problem() {
         "{error}"
     );
 
+    // The embedding's type field rewritten to 16 (IQ2_XXS), a type candle has no kernel for.
+    let mut iq = source.clone();
+    let name = b"token_embd.weight";
+    let at = iq.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let dims = u32::from_le_bytes(iq[at..at + 4].try_into().unwrap()) as usize;
+    let type_at = at + 4 + 8 * dims;
+    iq[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes());
+    let iq_path = dir.path().join("iq2.gguf");
+    std::fs::write(&iq_path, &iq).unwrap();
+    let error = Model::load_gguf(&iq_path, &options)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("iq2.gguf") && error.contains("IQ2_XXS") && error.contains("not supported"),
+        "{error}"
+    );
+
     let not_gguf = dir.path().join("notes.gguf");
     std::fs::write(&not_gguf, b"hello world, not a model").unwrap();
     let error = Model::load_gguf(&not_gguf, &options)
