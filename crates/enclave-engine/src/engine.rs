@@ -331,8 +331,18 @@ impl Engine {
     /// One line for start-up logs: architecture, size, dtype and KV-cache bytes per token.
     pub fn summary(&self) -> String {
         let info = self.model.info();
+        let quantized = if info.quantized_projections.is_empty() {
+            String::new()
+        } else {
+            let formats: Vec<String> = info
+                .quantized_projections
+                .iter()
+                .map(|(dtype, n)| format!("{n} {dtype:?}"))
+                .collect();
+            format!(" (projections in blocks: {})", formats.join(", "))
+        };
         format!(
-            "{}: {} layers, {:.1} MB of {:?} weights, {:?} activations, KV cache {} bytes/token, context {} tokens",
+            "{}: {} layers, {:.1} MB of {:?} weights{quantized}, {:?} activations, KV cache {} bytes/token, context {} tokens",
             info.architecture.hf_name(),
             info.num_layers,
             info.weight_bytes as f64 / 1e6,

@@ -115,6 +115,8 @@ pub struct ModelInfo {
     pub activation_dtype: DType,
     /// Bytes of weights in memory.
     pub weight_bytes: usize,
+    /// Projection matrices held in GGML blocks, by type (empty: all dense in `dtype`).
+    pub quantized_projections: Vec<(GgmlDType, usize)>,
 }
 
 /// A loaded model: weights only; the caller owns the [`KvCache`].
@@ -239,7 +241,7 @@ impl Model {
                     ),
                 });
             }
-            model.info.weight_bytes = model.network_weight_bytes();
+            model.refresh_weight_info();
         }
         Ok(model)
     }
@@ -264,7 +266,7 @@ impl Model {
             let q = QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?;
             linear.set_quantized(std::sync::Arc::new(q))
         })?;
-        self.info.weight_bytes = self.network_weight_bytes();
+        self.refresh_weight_info();
         Ok(())
     }
 
@@ -294,6 +296,16 @@ impl Model {
             Ok(())
         });
         counts
+    }
+
+    /// Recomputes the weight bytes and formats after matrices were quantized.
+    fn refresh_weight_info(&mut self) {
+        self.info.weight_bytes = self.network_weight_bytes();
+        self.info.quantized_projections = self
+            .weight_formats()
+            .into_iter()
+            .filter_map(|(format, n)| format.map(|f| (f, n)))
+            .collect();
     }
 
     fn network_weight_bytes(&self) -> usize {
@@ -387,6 +399,7 @@ impl Model {
                     dtype: options.dtype,
                     activation_dtype: decoder.activations(),
                     weight_bytes: decoder.weight_bytes(),
+                    quantized_projections: Vec::new(),
                 }
             }
             Network::Deepseek(model) => {
@@ -401,6 +414,7 @@ impl Model {
                     dtype: options.dtype,
                     activation_dtype: model.activations(),
                     weight_bytes: model.weight_bytes(),
+                    quantized_projections: Vec::new(),
                 }
             }
             Network::Gemma3(model) => ModelInfo {
@@ -413,6 +427,7 @@ impl Model {
                 dtype: options.dtype,
                 activation_dtype: model.activations(),
                 weight_bytes: model.weight_bytes(),
+                quantized_projections: Vec::new(),
             },
         };
         Ok(Self {

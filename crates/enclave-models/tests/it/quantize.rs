@@ -52,6 +52,21 @@ fn check(quantization: Quantization, max_mean_delta: f64) {
         );
         eprintln!("{name}: {formats:?}");
         assert!(quantized.info().weight_bytes < reference.info().weight_bytes);
+        let counted: usize = quantized
+            .info()
+            .quantized_projections
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
+        let blocks: usize = formats
+            .iter()
+            .filter(|(f, _)| f.is_some())
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(
+            counted, blocks,
+            "{name}: info reports the quantized projections"
+        );
         for golden in goldens(name) {
             // One token at a time after the prompt: the path generated tokens take (one-row
             // products, quantized activations).
