@@ -283,15 +283,15 @@ impl Model {
         Ok(())
     }
 
-    /// The GGML types the projection matrices are held in, with how many matrices have each
-    /// (`None`: dense).
-    pub fn weight_formats(&mut self) -> Vec<(Option<GgmlDType>, usize)> {
-        let mut counts: Vec<(Option<GgmlDType>, usize)> = Vec::new();
+    /// The GGML types the quantized projection matrices are held in, with how many have each.
+    fn quantized_formats(&mut self) -> Vec<(GgmlDType, usize)> {
+        let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
         let _ = self.for_each_linear_mut(&mut |linear| {
-            let format = linear.quantized_dtype();
-            match counts.iter_mut().find(|(f, _)| *f == format) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((format, 1)),
+            if let Some(format) = linear.quantized_dtype() {
+                match counts.iter_mut().find(|(f, _)| *f == format) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((format, 1)),
+                }
             }
             Ok(())
         });
@@ -301,11 +301,7 @@ impl Model {
     /// Recomputes the weight bytes and formats after matrices were quantized.
     fn refresh_weight_info(&mut self) {
         self.info.weight_bytes = self.network_weight_bytes();
-        self.info.quantized_projections = self
-            .weight_formats()
-            .into_iter()
-            .filter_map(|(format, n)| format.map(|f| (f, n)))
-            .collect();
+        self.info.quantized_projections = self.quantized_formats();
     }
 
     fn network_weight_bytes(&self) -> usize {

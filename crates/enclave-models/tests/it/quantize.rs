@@ -1,6 +1,7 @@
 //! `--quantize`: every fixture architecture quantized at load keeps f32's greedy tokens, with
 //! the chosen tokens' log-probabilities close (numbers printed, bounds asserted).
 
+use candle_core::quantized::GgmlDType;
 use enclave_models::{DType, Logits, Model, Quantization};
 
 use crate::numerics::{argmax, goldens, load_model};
@@ -44,29 +45,14 @@ fn check(quantization: Quantization, max_mean_delta: f64) {
         let reference = load_model(name, DType::F32);
         let mut quantized = load_model(name, DType::F32);
         quantized.quantize(quantization).unwrap();
-        let formats = quantized.weight_formats();
         // Matrices whose rows are not a multiple of 32 (some tiny DeepSeek shapes) stay dense.
+        let formats = &quantized.info().quantized_projections;
         assert!(
-            formats.iter().any(|(f, _)| f.is_some()),
+            formats.iter().any(|(f, n)| *f == GgmlDType::Q8_0 && *n > 0),
             "{name}: nothing quantized: {formats:?}"
         );
         eprintln!("{name}: {formats:?}");
         assert!(quantized.info().weight_bytes < reference.info().weight_bytes);
-        let counted: usize = quantized
-            .info()
-            .quantized_projections
-            .iter()
-            .map(|(_, n)| n)
-            .sum();
-        let blocks: usize = formats
-            .iter()
-            .filter(|(f, _)| f.is_some())
-            .map(|(_, n)| n)
-            .sum();
-        assert_eq!(
-            counted, blocks,
-            "{name}: info reports the quantized projections"
-        );
         for golden in goldens(name) {
             // One token at a time after the prompt: the path generated tokens take (one-row
             // products, quantized activations).
