@@ -98,9 +98,15 @@ impl GgufFile {
             "llama" => "LlamaForCausalLM",
             "qwen2" => "Qwen2ForCausalLM",
             "gemma3" => "Gemma3ForCausalLM",
+            // V3's sigmoid router (gating function 2) tells the generations apart.
+            "deepseek2" if self.number("deepseek2.expert_gating_func")? == Some(2.0) => {
+                "DeepseekV3ForCausalLM"
+            }
+            "deepseek2" => "DeepseekV2ForCausalLM",
             other => {
                 return Err(self.error(format!(
-                    "GGUF architecture {other:?} is not supported yet (supported: llama, qwen2, gemma3)"
+                    "GGUF architecture {other:?} is not supported yet (supported: llama, qwen2, \
+                     gemma3, deepseek2)"
                 )))
             }
         };
@@ -137,6 +143,7 @@ impl GgufFile {
         if arch == "gemma3" {
             self.gemma3_config(&mut config)?;
         }
+        let yarn_log_multiplier = self.number(&key("rope.scaling.yarn_log_multiplier"))?;
         if let Some(bos) = self.number("tokenizer.ggml.bos_token_id")? {
             config["bos_token_id"] = json!(bos as u64);
         }
@@ -156,10 +163,123 @@ impl GgufFile {
                 if let Some(original) = self.number(&key("rope.scaling.original_context_length"))? {
                     scaling["original_max_position_embeddings"] = json!(original as usize);
                 }
+                for (gguf_key, hf_key) in [
+                    ("rope.scaling.yarn_beta_fast", "beta_fast"),
+                    ("rope.scaling.yarn_beta_slow", "beta_slow"),
+                    ("rope.scaling.yarn_attn_factor", "attention_factor"),
+                ] {
+                    if let Some(v) = self.number(&key(gguf_key))? {
+                        scaling[hf_key] = json!(v);
+                    }
+                }
+                if let (Some(log_mul), "deepseek2") = (yarn_log_multiplier, arch) {
+                    // The converter stores 0.1 × `mscale_all_dim`; llama.cpp takes DeepSeek's
+                    // `mscale` to equal it (as in every released checkpoint), which makes the
+                    // rotary tables unscaled and the softmax scale `mscale(factor)²`.
+                    let m = log_mul / 0.1;
+                    scaling["mscale"] = json!(m);
+                    scaling["mscale_all_dim"] = json!(m);
+                }
                 config["rope_scaling"] = scaling;
             }
         }
+        if arch == "deepseek2" {
+            self.deepseek2_config(&mut config)?;
+        }
         Ok(config)
+    }
+
+    /// DeepSeek-V2/V3 (`deepseek2`): MLA and DeepSeekMoE sizes, as `convert_hf_to_gguf.py`
+    /// writes them. Newer files store MLA as multi-query attention over the latent
+    /// (`key_length` = rank + rope, `head_count_kv` = 1) with the per-head sizes under
+    /// `*_length_mla`; older ones store the per-head sizes in `key_length`/`value_length`.
+    fn deepseek2_config(&self, config: &mut Value) -> Result<()> {
+        let key = |k: &str| format!("deepseek2.{k}");
+        let rope = self.required(&key("rope.dimension_count"))?;
+        let rank = self.required(&key("attention.kv_lora_rank"))?;
+        let qk = match self.number(&key("attention.key_length_mla"))? {
+            Some(v) => v,
+            None => self.required(&key("attention.key_length"))?,
+        };
+        let v = match self.number(&key("attention.value_length_mla"))? {
+            Some(v) => v,
+            None => self.required(&key("attention.value_length"))?,
+        };
+        if qk <= rope {
+            return Err(self.error(format!(
+                "deepseek2: key length {qk} must exceed the rotary dimension {rope}"
+            )));
+        }
+        let obj = config
+            .as_object_mut()
+            .ok_or_else(|| self.error("config is not an object"))?;
+        obj.remove("head_dim");
+        let heads = obj.get("num_attention_heads").cloned().unwrap_or(json!(1));
+        obj.insert("num_key_value_heads".into(), heads);
+        obj.insert("qk_rope_head_dim".into(), json!(rope as usize));
+        obj.insert("qk_nope_head_dim".into(), json!((qk - rope) as usize));
+        obj.insert("v_head_dim".into(), json!(v as usize));
+        obj.insert("kv_lora_rank".into(), json!(rank as usize));
+        let q_rank = self
+            .number(&key("attention.q_lora_rank"))?
+            .filter(|r| *r > 0.0);
+        obj.insert("q_lora_rank".into(), json!(q_rank.map(|r| r as usize)));
+        // llama.cpp's rotary for deepseek2 is the interleaved (GPT-J) form, as DeepSeek's.
+        obj.insert("rope_interleave".into(), json!(true));
+        obj.insert("num_nextn_predict_layers".into(), json!(0));
+        obj.insert(
+            "first_k_dense_replace".into(),
+            json!(self
+                .number(&key("leading_dense_block_count"))?
+                .unwrap_or(0.0) as usize),
+        );
+        obj.insert("moe_layer_freq".into(), json!(1));
+        let experts = self.number(&key("expert_count"))?.unwrap_or(0.0) as usize;
+        if experts > 0 {
+            let sigmoid = self.number(&key("expert_gating_func"))? == Some(2.0);
+            let groups = self.number(&key("expert_group_count"))?.unwrap_or(1.0) as usize;
+            let groups_used = self
+                .number(&key("expert_group_used_count"))?
+                .unwrap_or(groups as f64) as usize;
+            let method = if sigmoid {
+                "noaux_tc"
+            } else if groups > 1 && groups_used < groups {
+                "group_limited_greedy"
+            } else {
+                "greedy"
+            };
+            obj.insert("n_routed_experts".into(), json!(experts));
+            obj.insert(
+                "num_experts_per_tok".into(),
+                json!(self.required(&key("expert_used_count"))? as usize),
+            );
+            obj.insert(
+                "n_shared_experts".into(),
+                json!(self.number(&key("expert_shared_count"))?.unwrap_or(0.0) as usize),
+            );
+            obj.insert(
+                "moe_intermediate_size".into(),
+                json!(self.required(&key("expert_feed_forward_length"))? as usize),
+            );
+            obj.insert(
+                "routed_scaling_factor".into(),
+                json!(self.number(&key("expert_weights_scale"))?.unwrap_or(1.0)),
+            );
+            let norm = match self.content.metadata.get(&key("expert_weights_norm")) {
+                Some(GgufValue::Bool(b)) => *b,
+                Some(other) => number(other).is_some_and(|n| n != 0.0),
+                None => false,
+            };
+            obj.insert("norm_topk_prob".into(), json!(norm));
+            obj.insert(
+                "scoring_func".into(),
+                json!(if sigmoid { "sigmoid" } else { "softmax" }),
+            );
+            obj.insert("topk_method".into(), json!(method));
+            obj.insert("n_group".into(), json!(groups));
+            obj.insert("topk_group".into(), json!(groups_used));
+        }
+        Ok(())
     }
 
     /// What llama.cpp fixes for `gemma3` rather than reading from the file (`llama-model.cpp`):
@@ -326,7 +446,8 @@ struct GgufWeights {
     unpermute: Option<(usize, usize)>,
 }
 
-/// The GGUF name of a Hugging Face tensor name in architecture `arch` (`None`: no counterpart).
+/// The GGUF name of a Hugging Face tensor name in architecture `arch` (`None`: no counterpart;
+/// routed experts are slices of stacked tensors, see [`gguf_expert`]).
 pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
     let (stem, suffix) = hf.rsplit_once('.')?;
     let mapped = match stem {
@@ -350,9 +471,22 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
                 "self_attn.k_proj" => "attn_k",
                 "self_attn.v_proj" => "attn_v",
                 "self_attn.o_proj" => "attn_output",
+                "self_attn.q_a_proj" => "attn_q_a",
+                "self_attn.q_a_layernorm" => "attn_q_a_norm",
+                "self_attn.q_b_proj" => "attn_q_b",
+                "self_attn.kv_a_proj_with_mqa" => "attn_kv_a_mqa",
+                "self_attn.kv_a_layernorm" => "attn_kv_a_norm",
+                "self_attn.kv_b_proj" => "attn_kv_b",
+                "mlp.gate" if suffix == "e_score_correction_bias" => {
+                    return Some(format!("blk.{layer}.exp_probs_b.bias"));
+                }
+                "mlp.gate" => "ffn_gate_inp",
                 "mlp.gate_proj" => "ffn_gate",
                 "mlp.up_proj" => "ffn_up",
                 "mlp.down_proj" => "ffn_down",
+                "mlp.shared_experts.gate_proj" => "ffn_gate_shexp",
+                "mlp.shared_experts.up_proj" => "ffn_up_shexp",
+                "mlp.shared_experts.down_proj" => "ffn_down_shexp",
                 _ => return None,
             };
             format!("blk.{layer}.{part}")
@@ -361,32 +495,161 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
     Some(format!("{mapped}.{suffix}"))
 }
 
+/// A routed expert's matrix: the converter stacks `mlp.experts.{i}.{gate,up,down}_proj` into one
+/// `[experts, rows, cols]` tensor per layer, `blk.{layer}.ffn_{gate,up,down}_exps`; returns that
+/// name and `i`.
+pub fn gguf_expert(hf: &str) -> Option<(String, usize)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once(".mlp.experts.")?;
+    let (index, projection) = rest.split_once('.')?;
+    let which = match projection {
+        "gate_proj.weight" => "gate",
+        "up_proj.weight" => "up",
+        "down_proj.weight" => "down",
+        _ => return None,
+    };
+    let layer: usize = layer.parse().ok()?;
+    Some((
+        format!("blk.{layer}.ffn_{which}_exps.weight"),
+        index.parse().ok()?,
+    ))
+}
+
+/// Matrices the model reads whole rather than as a projection's weight (MLA's latent
+/// up-projection, the MoE router): served dense and never stashed.
+fn whole_matrix(hf: &str) -> bool {
+    hf.ends_with(".self_attn.kv_b_proj.weight") || hf.ends_with(".mlp.gate.weight")
+}
+
 impl GgufWeights {
-    fn load(&self, hf: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn has(&self, name: &str) -> bool {
+        self.file.content.tensor_infos.contains_key(name)
+    }
+
+    fn missing(&self, name: &str, hf: &str) -> candle_core::Error {
+        candle_core::Error::Msg(format!(
+            "{}: tensor `{name}` (for `{hf}`) is missing",
+            self.file.path.display()
+        ))
+    }
+
+    /// Reads tensor `name` whole.
+    fn read(&self, name: &str) -> candle_core::Result<QTensor> {
+        let mut reader = self
+            .file
+            .reader
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("GGUF reader lock poisoned".into()))?;
+        self.file
+            .content
+            .tensor(&mut *reader, name, &Device::Cpu)
+            .map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "{}: tensor `{name}`: {e}",
+                    self.file.path.display()
+                ))
+            })
+    }
+
+    /// Reads matrix `index` of the stacked `[n, rows, cols]` tensor `name`, and only its bytes.
+    fn read_slice(&self, name: &str, index: usize) -> candle_core::Result<QTensor> {
+        use std::io::{Read, Seek, SeekFrom};
         let path = self.file.path.display();
-        let name = gguf_name(&self.arch, hf).ok_or_else(|| {
-            candle_core::Error::Msg(format!("{path}: no GGUF tensor corresponds to `{hf}`"))
+        let info = self.file.content.tensor_infos.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{path}: tensor `{name}` is missing"))
         })?;
-        if !self.file.content.tensor_infos.contains_key(&name) {
+        let (n, rows, cols) = info.shape.dims3().map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "{path}: tensor `{name}` has shape {:?}, expected [experts, rows, columns]",
+                info.shape.dims()
+            ))
+        })?;
+        let dtype = info.ggml_dtype;
+        if index >= n || !cols.is_multiple_of(dtype.block_size()) {
             return Err(candle_core::Error::Msg(format!(
-                "{path}: tensor `{name}` (for `{hf}`) is missing"
+                "{path}: tensor `{name}` of shape {:?} has no matrix {index} in whole {dtype:?} blocks",
+                info.shape.dims()
             )));
         }
-        let qtensor = {
+        let bytes = rows * cols / dtype.block_size() * dtype.type_size();
+        let start = self.file.content.tensor_data_offset + info.offset + (index * bytes) as u64;
+        let mut data = vec![0u8; bytes];
+        {
             let mut reader = self
                 .file
                 .reader
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("GGUF reader lock poisoned".into()))?;
-            self.file
-                .content
-                .tensor(&mut *reader, &name, &Device::Cpu)
-                .map_err(|e| candle_core::Error::Msg(format!("{path}: tensor `{name}`: {e}")))?
+            reader
+                .seek(SeekFrom::Start(start))
+                .and_then(|_| reader.read_exact(&mut data))
+                .map_err(|e| {
+                    candle_core::Error::Msg(format!(
+                        "{path}: tensor `{name}`, matrix {index}: {e} (is the file truncated?)"
+                    ))
+                })?;
+        }
+        let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &Device::Cpu, dtype)?;
+        QTensor::new(storage, (rows, cols))
+    }
+
+    /// MLA's `kv_b_proj` (`[heads × (nope + v), rank]`): the legacy `attn_kv_b`, or rebuilt from
+    /// the converter's split `attn_k_b` (`[heads, rank, nope]`, transposed) and `attn_v_b`
+    /// (`[heads, v, rank]`).
+    fn load_kv_b(&self, hf: &str, legacy: &str) -> candle_core::Result<Tensor> {
+        let layer = legacy.trim_end_matches("attn_kv_b.weight");
+        let (k_name, v_name) = (
+            format!("{layer}attn_k_b.weight"),
+            format!("{layer}attn_v_b.weight"),
+        );
+        for name in [&k_name, &v_name] {
+            if !self.has(name) {
+                return Err(self.missing(name, hf));
+            }
+        }
+        let k_b = self.read(&k_name)?.dequantize(&Device::Cpu)?;
+        let v_b = self.read(&v_name)?.dequantize(&Device::Cpu)?;
+        let (heads, rank, _) = k_b.dims3()?;
+        let (v_heads, _, v_rank) = v_b.dims3()?;
+        if (v_heads, v_rank) != (heads, rank) {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: `{k_name}` {:?} and `{v_name}` {:?} disagree on heads or rank",
+                self.file.path.display(),
+                k_b.dims(),
+                v_b.dims()
+            )));
+        }
+        let kv_b = Tensor::cat(&[&k_b.transpose(1, 2)?, &v_b], 1)?;
+        let per_head = kv_b.dim(1)?;
+        kv_b.reshape((heads * per_head, rank))
+    }
+
+    fn load(&self, hf: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let path = self.file.path.display();
+        let (name, qtensor) = if let Some((stacked, index)) = gguf_expert(hf) {
+            (stacked.clone(), self.read_slice(&stacked, index)?)
+        } else {
+            let name = gguf_name(&self.arch, hf).ok_or_else(|| {
+                candle_core::Error::Msg(format!("{path}: no GGUF tensor corresponds to `{hf}`"))
+            })?;
+            if !self.has(&name) {
+                if name.ends_with("attn_kv_b.weight") {
+                    return self
+                        .load_kv_b(hf, &name)?
+                        .to_dtype(dtype)?
+                        .to_device(device);
+                }
+                return Err(self.missing(&name, hf));
+            }
+            let qtensor = self.read(&name)?;
+            (name, qtensor)
         };
-        // The embedding is looked up by rows, so it is always served dense.
+        // The embedding is looked up by rows, so it is always served dense (its blocks stay in
+        // the stash for a tied output head).
         let stash = self.keep_blocks
             && is_block_quantized(qtensor.dtype())
-            && hf != "model.embed_tokens.weight";
+            && hf != "model.embed_tokens.weight"
+            && !whole_matrix(hf);
         if stash {
             let mut q = qtensor;
             if let Some((heads, kv_heads)) = self.unpermute {
@@ -401,8 +664,8 @@ impl GgufWeights {
             return Tensor::zeros((), dtype, device)?.broadcast_as(shape);
         }
         let mut tensor = qtensor.dequantize(&Device::Cpu)?;
-        let mut qtensor =
-            Some(qtensor).filter(|q| self.keep_blocks && is_block_quantized(q.dtype()));
+        let mut qtensor = Some(qtensor)
+            .filter(|q| self.keep_blocks && is_block_quantized(q.dtype()) && !whole_matrix(hf));
         if let Some((heads, kv_heads)) = self.unpermute {
             let heads = if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
                 Some(heads)
@@ -501,7 +764,14 @@ impl SimpleBackend for GgufWeights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        gguf_name(&self.arch, name).is_some_and(|n| self.file.content.tensor_infos.contains_key(&n))
+        if let Some((stacked, _)) = gguf_expert(name) {
+            return self.has(&stacked);
+        }
+        gguf_name(&self.arch, name).is_some_and(|n| {
+            self.has(&n)
+                || n.strip_suffix("attn_kv_b.weight")
+                    .is_some_and(|layer| self.has(&format!("{layer}attn_k_b.weight")))
+        })
     }
 }
 
@@ -535,6 +805,36 @@ mod tests {
         assert_eq!(
             gguf_name("llama", "model.layers.2.post_attention_layernorm.weight").as_deref(),
             Some("blk.2.ffn_norm.weight")
+        );
+    }
+
+    #[test]
+    fn deepseek2_names_follow_llama_cpp() {
+        let name = |hf| gguf_name("deepseek2", hf);
+        assert_eq!(
+            name("model.layers.1.self_attn.kv_a_proj_with_mqa.weight").as_deref(),
+            Some("blk.1.attn_kv_a_mqa.weight")
+        );
+        assert_eq!(
+            name("model.layers.1.mlp.gate.e_score_correction_bias").as_deref(),
+            Some("blk.1.exp_probs_b.bias")
+        );
+        assert_eq!(
+            name("model.layers.1.mlp.gate.weight").as_deref(),
+            Some("blk.1.ffn_gate_inp.weight")
+        );
+        assert_eq!(
+            name("model.layers.2.mlp.shared_experts.down_proj.weight").as_deref(),
+            Some("blk.2.ffn_down_shexp.weight")
+        );
+        assert_eq!(
+            gguf_expert("model.layers.2.mlp.experts.17.up_proj.weight"),
+            Some(("blk.2.ffn_up_exps.weight".to_string(), 17))
+        );
+        assert_eq!(gguf_expert("model.layers.2.mlp.up_proj.weight"), None);
+        assert_eq!(
+            gguf_expert("model.layers.x.mlp.experts.1.up_proj.weight"),
+            None
         );
     }
 

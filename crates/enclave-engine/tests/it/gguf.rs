@@ -192,3 +192,37 @@ fn an_engine_on_the_gguf_generates_what_the_folder_generates() {
     };
     assert_eq!(run(&from_gguf), run(&from_dir));
 }
+
+/// The DeepSeek-V3 fixture as a `deepseek2` GGUF (real vocabulary, DeepSeek-R1's template in
+/// `tokenizer.chat_template`): its prompts, text and chat, become exactly the ids transformers
+/// gave them, and the engine generates from it.
+#[test]
+fn an_engine_on_the_deepseek_v3_gguf_tokenizes_as_transformers() {
+    let config = EngineConfig {
+        dtype: DTypeChoice::Auto,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::load(&fixtures().join("gguf/deepseek-v3-bf16.gguf"), &config).unwrap();
+    let goldens = crate::read_json(fixtures().join("models/deepseek-v3/goldens.json"));
+    let mut chats = 0;
+    for golden in goldens["prompts"].as_array().unwrap() {
+        let prompt = match (golden.get("text"), golden.get("chat")) {
+            (Some(text), _) => Prompt::Text(text.as_str().unwrap().to_string()),
+            (None, Some(chat)) => {
+                chats += 1;
+                Prompt::Chat(chat.as_array().unwrap().clone())
+            }
+            _ => panic!("golden without a prompt: {golden}"),
+        };
+        let request = GenerateRequest {
+            sampling: Some(SamplingParams::greedy()),
+            max_tokens: Some(8),
+            ..GenerateRequest::new(prompt)
+        };
+        let valid = engine.validate(request).unwrap();
+        assert_eq!(valid.prompt_ids, crate::ids(&golden["ids"]), "{golden}");
+        let generation = engine.generate(&valid, |_| {}).unwrap();
+        assert!(!generation.ids.is_empty());
+    }
+    assert!(chats > 0);
+}
