@@ -6,7 +6,7 @@ layout — stacked experts, MLA's split `attn_k_b`/`attn_v_b`, MLA stored as mul
 attention over the latent — follows `conversion/deepseek.py` of llama.cpp as vendored by
 llama-cpp-python 0.3.36).
 
-    python3 -m venv /tmp/gguf-env && /tmp/gguf-env/bin/pip install gguf safetensors numpy
+    python3 -m venv /tmp/gguf-env && /tmp/gguf-env/bin/pip install gguf numpy
     /tmp/gguf-env/bin/python scripts/make_gguf_fixtures.py      # writes fixtures/gguf/*.gguf
 
 Run by hand; the files are committed, so tests need no Python.
@@ -21,7 +21,6 @@ import tempfile
 
 import gguf
 import numpy as np
-from safetensors.numpy import load_file
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = os.path.join(ROOT, "fixtures", "gguf")
@@ -115,7 +114,7 @@ def write_qwen2(name, qtype):
     """fixtures/models/qwen2 as a `qwen2` GGUF; matrices stored as `qtype`."""
     src = os.path.join(ROOT, "fixtures", "models", "qwen2")
     config = json.load(open(os.path.join(src, "config.json")))
-    tensors = load_file(os.path.join(src, "model.safetensors"))
+    tensors = load_tensors(os.path.join(src, "model.safetensors"))
     path = os.path.join(OUT, name)
     writer = gguf.GGUFWriter(path, "qwen2")
     writer.add_name("enclave tiny qwen2 fixture")

@@ -170,20 +170,42 @@ impl Module for Linear {
     }
 }
 
-/// Past this many rows a product with block-quantized weights dequantises the weight and runs
-/// the GEMM: beyond it the integer kernels lose to the GEMM, whose extra pass over the weight
-/// is cheap against a compute-bound product (`examples/q8_0_matmul.rs`).
+/// Past this many rows a product with weights of a type candle has no SIMD code for (Q4_1,
+/// Q5_0, Q5_1) dequantises the weight and runs the GEMM, which beats scalar dot products once
+/// the extra pass over the weight is shared by enough rows.
 pub const QUANTIZED_GEMV_ROWS: usize = 16;
 /// Matrices this large (elements) are never dequantised per call — an output head over a big
 /// vocabulary would be rewritten in f32 every decoding step (671 MB for Gemma 3's) — and take
 /// the integer kernel up to [`SMALL_BATCH_ROWS`] rows instead.
 const DEQUANTIZE_LIMIT: usize = 1 << 24;
 
-/// `x Wᵀ` for block-quantized `W`: Q8_0 through our kernel (`layers/quantized.rs`) for 2 to
-/// [`QUANTIZED_GEMV_ROWS`] rows (and for any batch up to [`SMALL_BATCH_ROWS`] rows of a matrix
-/// too large to dequantise per call), one row and other types through candle's one row at a
-/// time (its multi-row path is several times slower than that), and long inputs through the
-/// GEMM on the dequantised weight.
+/// Whether candle 0.11 has a SIMD dot product for this type on x86 (AVX2): Q4_0, Q8_0 and the
+/// k-quants. Q4_1, Q5_0 and Q5_1 run its scalar code.
+fn candle_has_simd(dtype: GgmlDType) -> bool {
+    matches!(
+        dtype,
+        GgmlDType::Q4_0
+            | GgmlDType::Q8_0
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K
+            | GgmlDType::Q8K
+    )
+}
+
+/// `x Wᵀ` for block-quantized `W`, by route:
+/// - candle's product for one row (its GEMV) and for any number of rows of the types it has
+///   SIMD code for: it quantizes the activations per block as llama.cpp does, reads each weight
+///   block once for a tile of 16 rows, and gives every row the bits it gets alone (the same
+///   per-row dot products). On prompts this is twice the speed of dequantising the weight for
+///   candle's f32 GEMM (BENCHMARKS.md);
+/// - our Q8_0 kernel (`layers/quantized.rs`) for 2 to [`SMALL_BATCH_ROWS`] rows of a matrix
+///   too large to dequantise (an output head), where it streams the weight twice as fast as
+///   candle's row tiles;
+/// - the GEMM on the dequantised weight for more than [`QUANTIZED_GEMV_ROWS`] rows of types
+///   candle computes in scalar code (Q4_1, Q5_0, Q5_1).
 fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let QMatMul::QTensor(q) = weight else {
         return weight.forward(x);
@@ -200,12 +222,10 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let rows = x.elem_count() / k.max(1);
     let q8_kernel = q.dtype() == GgmlDType::Q8_0 && k.is_multiple_of(super::quantized::QK8_0);
     let large = n * k >= DEQUANTIZE_LIMIT;
-    let y = if !x.device().is_cpu() {
+    let ours = q8_kernel && large && rows > 1 && rows <= SMALL_BATCH_ROWS;
+    let y = if !x.device().is_cpu() || rows == 1 {
         weight.forward(&x)?
-    } else if rows > SMALL_BATCH_ROWS || (rows > QUANTIZED_GEMV_ROWS && !(large && q8_kernel)) {
-        let dense = q.dequantize(x.device())?;
-        candle_nn::Linear::new(dense, None).forward(&x)?
-    } else if rows > 1 && q8_kernel {
+    } else if ours {
         let data = q.data()?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let out = super::quantized::matmul_q8_0(&xs, rows, k, &data, n);
@@ -214,18 +234,11 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
             *last = n;
         }
         Tensor::from_vec(out, dims, x.device())?
-    } else if rows > 1 {
-        let flat = x.reshape((rows, k))?;
-        let ys = (0..rows)
-            .map(|r| weight.forward(&flat.narrow(0, r, 1)?))
-            .collect::<Result<Vec<_>>>()?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
-        Tensor::cat(&ys, 0)?.reshape(dims)?
-    } else {
+    } else if candle_has_simd(q.dtype()) || rows <= QUANTIZED_GEMV_ROWS {
         weight.forward(&x)?
+    } else {
+        let dense = q.dequantize(x.device())?;
+        candle_nn::Linear::new(dense, None).forward(&x)?
     };
     y.to_dtype(dtype)
 }
@@ -711,15 +724,16 @@ mod tests {
         }
     }
 
-    /// Every route a quantized product takes (one row, 2–16 rows, a long chunk; Q8_0 and a
-    /// k-quant) gives the product of the dequantised weight up to activation rounding, and a
-    /// row's result does not depend on the route by more than that.
+    /// Every route a quantized product takes (one row, 2–16 rows, a long chunk; Q8_0, a k-quant
+    /// and Q5_0, which candle computes in scalar code) gives the product of the dequantised
+    /// weight up to activation rounding; on candle's routes a row's bits do not depend on the
+    /// batch.
     #[test]
     fn quantized_products_agree_across_row_counts_and_types() {
         let dev = Device::Cpu;
         let (n, k) = (48, 256);
         let dense = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5_0] {
             let q = Arc::new(QTensor::quantize(&dense, dtype).unwrap());
             let dequantised = q.dequantize(&dev).unwrap();
             let mut layer = Linear::new(dense.clone(), None);
@@ -727,6 +741,17 @@ mod tests {
             assert_eq!(layer.quantized_dtype(), Some(dtype));
             let x = Tensor::randn(0f32, 1.0, (1, 20, k), &dev).unwrap();
             let exact = reference(&x, &dequantised);
+            let alone: Vec<f32> = (0..20)
+                .flat_map(|r| {
+                    layer
+                        .forward(&x.narrow(1, r, 1).unwrap())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect();
             for rows in [1, 5, QUANTIZED_GEMV_ROWS, 20] {
                 let part = x.narrow(1, 0, rows).unwrap();
                 let got: Vec<f32> = layer
@@ -737,6 +762,10 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 assert_eq!(got.len(), rows * n);
+                if candle_has_simd(dtype) || rows <= QUANTIZED_GEMV_ROWS {
+                    // candle's product gives each row the bits it gets alone.
+                    assert_eq!(got, alone[..rows * n], "{dtype:?} rows {rows}");
+                }
                 for (i, (a, b)) in got.iter().zip(&exact).enumerate() {
                     // |x·w| sums 256 products of ~0.05·1: 8-bit activations move it by < 2 %.
                     assert!(
