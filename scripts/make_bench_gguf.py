@@ -11,7 +11,6 @@ are kept. The vocabulary is DeepSeek-V3's (../shared/fixtures) padded with unuse
 151936: benchmarks feed token ids, so only the size matters.
 """
 
-import json
 import os
 import sys
 
@@ -22,21 +21,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SHARED = os.path.join(ROOT, "..", "shared", "fixtures")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_bench_model import QWEN_1_5B, tensor_shapes  # noqa: E402
-from make_gguf_fixtures import tokenizer_metadata  # noqa: E402
+from make_gguf_fixtures import qwen2_metadata, tokenizer_metadata  # noqa: E402
 
 
 def write_f16(path):
     c = QWEN_1_5B
     writer = gguf.GGUFWriter(path, "qwen2")
     writer.add_name("random weights shaped like DeepSeek-R1-Distill-Qwen-1.5B")
-    writer.add_context_length(c["max_position_embeddings"])
-    writer.add_embedding_length(c["hidden_size"])
-    writer.add_block_count(c["num_hidden_layers"])
-    writer.add_feed_forward_length(c["intermediate_size"])
-    writer.add_head_count(c["num_attention_heads"])
-    writer.add_head_count_kv(c["num_key_value_heads"])
-    writer.add_rope_freq_base(c["rope_theta"])
-    writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    qwen2_metadata(writer, c)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     tokenizer_metadata(writer, os.path.join(SHARED, "deepseek-v3-tokenizer"), "deepseek-v3", c["vocab_size"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, c["num_hidden_layers"])

@@ -110,14 +110,8 @@ def tokenizer_metadata(writer, model_dir, pre, vocab_size=None):
     return size
 
 
-def write_qwen2(name, qtype):
-    """fixtures/models/qwen2 as a `qwen2` GGUF; matrices stored as `qtype`."""
-    src = os.path.join(ROOT, "fixtures", "models", "qwen2")
-    config = json.load(open(os.path.join(src, "config.json")))
-    tensors = load_tensors(os.path.join(src, "model.safetensors"))
-    path = os.path.join(OUT, name)
-    writer = gguf.GGUFWriter(path, "qwen2")
-    writer.add_name("enclave tiny qwen2 fixture")
+def qwen2_metadata(writer, config):
+    """A `qwen2` file's hyperparameters from its `config.json`, as the converter writes them."""
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -126,6 +120,17 @@ def write_qwen2(name, qtype):
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+
+
+def write_qwen2(name, qtype):
+    """fixtures/models/qwen2 as a `qwen2` GGUF; matrices stored as `qtype`."""
+    src = os.path.join(ROOT, "fixtures", "models", "qwen2")
+    config = json.load(open(os.path.join(src, "config.json")))
+    tensors = load_tensors(os.path.join(src, "model.safetensors"))
+    path = os.path.join(OUT, name)
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_name("enclave tiny qwen2 fixture")
+    qwen2_metadata(writer, config)
     writer.add_file_type(
         gguf.LlamaFileType.ALL_F32 if qtype == gguf.GGMLQuantizationType.F32 else gguf.LlamaFileType.MOSTLY_Q8_0
     )
