@@ -184,6 +184,12 @@ const DEQUANTIZE_LIMIT: usize = 1 << 24;
 /// while on a 1.5B model's 1536 × 8960 layers it is 1.5× faster than dequantising.
 const SMALL_Q8_0_ELEMENTS: usize = 1 << 22;
 
+/// Q4_K and Q6_K products of at most this many rows take our kernel on the file's own blocks
+/// (`layers/kquants.rs`): it streams them at up to the memory bandwidth where candle's repacked
+/// tiles read a third more bytes; past 4 rows candle's tiles, which share each decoded weight
+/// among more rows, are faster (`examples/kquant_matmul.rs`, BENCHMARKS.md).
+pub const K_QUANT_ROWS: usize = 4;
+
 /// Whether candle 0.11 has a SIMD dot product for this type on x86 (AVX2): Q4_0, Q8_0 and the
 /// k-quants. Q4_1, Q5_0 and Q5_1 run its scalar code.
 fn candle_has_simd(dtype: GgmlDType) -> bool {
@@ -201,6 +207,7 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 }
 
 /// `x Wᵀ` for block-quantized `W`, by route:
+/// - our k-quant kernel for up to [`K_QUANT_ROWS`] rows of Q4_K and Q6_K weights;
 /// - candle's product for one row (its GEMV) and for any number of rows of the types it has
 ///   SIMD code for: it quantizes the activations per block as llama.cpp does, reads each weight
 ///   block once for a tile of 16 rows, and gives every row the bits it gets alone (the same
@@ -225,6 +232,18 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
         );
     }
     let rows = x.elem_count() / k.max(1);
+    let k_quant = super::kquants::KQuant::from_ggml(q.dtype())
+        .filter(|_| k.is_multiple_of(super::kquants::QK_K) && rows <= K_QUANT_ROWS);
+    if let (Some(kind), true) = (k_quant, x.device().is_cpu()) {
+        let data = q.data()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let out = super::kquants::matmul_k_quant(kind, &xs, rows, k, &data, n);
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        return Tensor::from_vec(out, dims, x.device())?.to_dtype(dtype);
+    }
     let q8_kernel = q.dtype() == GgmlDType::Q8_0 && k.is_multiple_of(super::quantized::QK8_0);
     let large = n * k >= DEQUANTIZE_LIMIT;
     let ours = q8_kernel && large && rows > 1 && rows <= SMALL_BATCH_ROWS;
@@ -734,7 +753,7 @@ mod tests {
 
     /// Every route a quantized product takes (one row, 2–16 rows, a long chunk; Q8_0, a k-quant
     /// and Q5_0, which candle computes in scalar code) gives the product of the dequantised
-    /// weight up to activation rounding; on candle's routes a row's bits do not depend on the
+    /// weight up to activation rounding; within a route a row's bits do not depend on the
     /// batch.
     #[test]
     fn quantized_products_agree_across_row_counts_and_types() {
@@ -760,7 +779,7 @@ mod tests {
                         .unwrap()
                 })
                 .collect();
-            for rows in [1, 5, QUANTIZED_GEMV_ROWS, 20] {
+            for rows in [1, K_QUANT_ROWS, 5, QUANTIZED_GEMV_ROWS, 20] {
                 let part = x.narrow(1, 0, rows).unwrap();
                 let got: Vec<f32> = layer
                     .forward(&part)
@@ -770,9 +789,15 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 assert_eq!(got.len(), rows * n);
-                if dtype == GgmlDType::Q4K || rows <= QUANTIZED_GEMV_ROWS {
-                    // candle's product gives each row the bits it gets alone (a small Q8_0 or
-                    // a Q5_0 matrix past 16 rows takes the dequantised GEMM instead).
+                let same_route = if dtype == GgmlDType::Q4K {
+                    rows <= K_QUANT_ROWS
+                } else {
+                    rows <= QUANTIZED_GEMV_ROWS
+                };
+                if same_route {
+                    // Our k-quant kernel and candle's product give each row the bits it gets
+                    // alone (past 4 rows a Q4_K product moves to candle's tiles; a small Q8_0
+                    // or a Q5_0 matrix past 16 rows to the dequantised GEMM).
                     assert_eq!(got, alone[..rows * n], "{dtype:?} rows {rows}");
                 }
                 for (i, (a, b)) in got.iter().zip(&exact).enumerate() {

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod decoder;
+pub mod kquants;
 pub mod linear;
 pub mod mlp;
 pub mod moe;

@@ -1,0 +1,96 @@
+//! Micro-benchmark of the Q4_K / Q6_K product (`layers/kquants.rs`) against candle's
+//! (`QMatMul`) on the matrices of a DeepSeek-R1-Distill-Qwen-1.5B layer and its output head,
+//! all threads (`RAYON_NUM_THREADS` sets them):
+//!
+//!     cargo run --release -p enclave-models --example kquant_matmul [rows...]
+//!
+//! Each shape is held in enough copies to overflow the caches (64 MB or more), taken in turn, so
+//! the weights come from memory as in a real decode step. Prints the median of 15 products per
+//! shape and row count, with the bytes of the file's blocks read per second.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use enclave_models::layers::kquants::{matmul_k_quant, KQuant};
+
+fn median(mut f: impl FnMut()) -> f64 {
+    f(); // warm up
+    let mut times: Vec<f64> = (0..15)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[7]
+}
+
+fn main() -> candle_core::Result<()> {
+    let rows: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let rows = if rows.is_empty() {
+        vec![1, 2, 4, 8, 16]
+    } else {
+        rows
+    };
+    let dev = Device::Cpu;
+    // (in, out, type): attention q/o, gate/up, down (Q4_K, and Q6_K as Q4_K_M keeps some), head.
+    for (k, n, dtype, kind) in [
+        (1536, 1536, GgmlDType::Q4K, KQuant::Q4K),
+        (1536, 8960, GgmlDType::Q4K, KQuant::Q4K),
+        (8960, 1536, GgmlDType::Q4K, KQuant::Q4K),
+        (8960, 1536, GgmlDType::Q6K, KQuant::Q6K),
+        (1536, 151936, GgmlDType::Q6K, KQuant::Q6K),
+    ] {
+        let dense = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let q = Arc::new(QTensor::quantize(&dense, dtype)?);
+        let bytes = q.storage_size_in_bytes();
+        let copies = (64usize << 20).div_ceil(bytes).max(1);
+        let weights: Vec<Arc<QTensor>> = (0..copies)
+            .map(|_| QTensor::quantize(&dense, dtype).map(Arc::new))
+            .collect::<candle_core::Result<_>>()?;
+        let candle: Vec<QMatMul> = weights
+            .iter()
+            .map(|w| QMatMul::from_arc(w.clone()))
+            .collect::<candle_core::Result<_>>()?;
+        let raw: Vec<Vec<u8>> = weights
+            .iter()
+            .map(|w| w.data().map(|d| d.to_vec()))
+            .collect::<candle_core::Result<_>>()?;
+        drop(weights);
+        // candle repacks a weight on its first product: do that outside the timings.
+        let one = Tensor::zeros((1, k), candle_core::DType::F32, &dev)?;
+        let two = Tensor::zeros((2, k), candle_core::DType::F32, &dev)?;
+        for layer in &candle {
+            layer.forward(&one)?;
+            layer.forward(&two)?;
+        }
+        for &m in &rows {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let mut turn = 0;
+            let t_ours = median(|| {
+                turn = (turn + 1) % copies;
+                std::hint::black_box(matmul_k_quant(kind, &xs, m, k, &raw[turn], n));
+            });
+            let t_candle = median(|| {
+                turn = (turn + 1) % copies;
+                std::hint::black_box(candle[turn].forward(&x).map(|_| ()).ok());
+            });
+            println!(
+                "{dtype:?} rows {m:>3} [{k} -> {n}]  ours {:7.3} ms {:5.1} GB/s   candle {:7.3} ms {:5.1} GB/s ({:.2}x ours)",
+                t_ours * 1e3,
+                bytes as f64 / t_ours / 1e9,
+                t_candle * 1e3,
+                bytes as f64 / t_candle / 1e9,
+                t_candle / t_ours,
+            );
+        }
+    }
+    Ok(())
+}
