@@ -149,11 +149,36 @@ impl PagedKvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let Some((k_pool, v_pool)) = self.layers.get(layer) else {
-            candle_core::bail!("kv cache has no layer {layer}");
-        };
-        let n = k.dim(0)?;
-        let end = start + n;
+        self.write(layer, block_table, start, k, v)?;
+        self.gather(layer, block_table, start + k.dim(0)?)
+    }
+
+    /// Keys and values of positions `0..end` (`[end, width]`, gathered through the block table).
+    pub(crate) fn gather(
+        &self,
+        layer: usize,
+        block_table: &[u32],
+        end: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (k_pool, v_pool) = self.pools(layer)?;
+        let slots = Tensor::new(self.slots(block_table, 0, end)?, k_pool.device())?;
+        Ok((
+            k_pool.index_select(&slots, 0)?,
+            v_pool.index_select(&slots, 0)?,
+        ))
+    }
+
+    /// Writes `k` and `v` (`[n, width]`) of positions `start..start + n` into their slots.
+    pub(crate) fn write(
+        &self,
+        layer: usize,
+        block_table: &[u32],
+        start: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        let (k_pool, v_pool) = self.pools(layer)?;
+        let end = start + k.dim(0)?;
         let k = k.to_dtype(self.layout.dtype)?.contiguous()?;
         let v = v.to_dtype(self.layout.dtype)?.contiguous()?;
         // Runs of consecutive positions inside one block are consecutive slots: one in-place
@@ -166,11 +191,38 @@ impl PagedKvCache {
             v_pool.slice_set(&v.narrow(0, pos - start, run)?, 0, slot)?;
             pos += run;
         }
-        let slots = Tensor::new(self.slots(block_table, 0, end)?, k_pool.device())?;
-        Ok((
-            k_pool.index_select(&slots, 0)?,
-            v_pool.index_select(&slots, 0)?,
-        ))
+        Ok(())
+    }
+
+    fn pools(&self, layer: usize) -> Result<&(Tensor, Tensor)> {
+        self.layers
+            .get(layer)
+            .ok_or_else(|| candle_core::Error::Msg(format!("kv cache has no layer {layer}")))
+    }
+
+    /// Runs `f` on the layer's key and value pools as `[slots, width]` slices, when they are
+    /// f32 in CPU memory (`None` otherwise).
+    pub(crate) fn with_f32_pools<R>(
+        &self,
+        layer: usize,
+        f: impl FnOnce(&[f32], &[f32]) -> R,
+    ) -> Result<Option<R>> {
+        let (k_pool, v_pool) = self.pools(layer)?;
+        let (k_storage, k_layout) = k_pool.storage_and_layout();
+        let (v_storage, v_layout) = v_pool.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(k)),
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)),
+        ) = (&*k_storage, &*v_storage)
+        else {
+            return Ok(None);
+        };
+        let (Some((k0, k1)), Some((v0, v1))) =
+            (k_layout.contiguous_offsets(), v_layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        Ok(Some(f(&k[k0..k1], &v[v0..v1])))
     }
 }
 

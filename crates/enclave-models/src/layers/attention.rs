@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::decode_attention::{decode_attention, DecodeQuery, HeadShape};
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::rotary::RotaryEmbedding;
@@ -149,22 +150,42 @@ impl Attention {
             .forward(xs)?
             .reshape((total_tokens, num_kv_heads * head_dim))?;
         let group = num_heads / num_kv_heads;
-        let mut outputs = Vec::with_capacity(seqs.len());
+        let first_key = |seq: &SeqSlice| {
+            self.sliding_window
+                .map_or(0, |window| (seq.start + 1).saturating_sub(window))
+        };
         let mut offset = 0;
         for seq in seqs {
             let len = seq.tokens.len();
-            let total = seq.start + len;
-            let (k_all, v_all) = cache.write_and_gather(
+            cache.write(
                 layer,
                 seq.block_table,
                 seq.start,
                 &k.narrow(0, offset, len)?,
                 &v.narrow(0, offset, len)?,
             )?;
-            // Keys no query of this chunk can see (behind a sliding window) are left out.
-            let first_key = self
-                .sliding_window
-                .map_or(0, |window| (seq.start + 1).saturating_sub(window));
+            offset += len;
+        }
+        // Single-token sequences (decode steps) read the pools in place when they are f32.
+        let decoded = if seqs.iter().any(|seq| seq.tokens.len() == 1) {
+            self.decode_single_tokens(&q, seqs, cache, layer, &first_key)?
+        } else {
+            None
+        };
+        let row = num_heads * head_dim;
+        let mut outputs = Vec::with_capacity(seqs.len());
+        let (mut offset, mut decoded_index) = (0, 0);
+        for seq in seqs {
+            let len = seq.tokens.len();
+            if let (1, Some(decoded)) = (len, &decoded) {
+                outputs.push(decoded.narrow(0, decoded_index, 1)?);
+                decoded_index += 1;
+                offset += 1;
+                continue;
+            }
+            let total = seq.start + len;
+            let (k_all, v_all) = cache.gather(layer, seq.block_table, total)?;
+            let first_key = first_key(seq);
             let visible = total - first_key;
             let per_head = |t: Tensor| -> Result<Tensor> {
                 t.narrow(0, first_key, visible)?
@@ -173,8 +194,6 @@ impl Attention {
                     .contiguous()
             };
             let (k_all, v_all) = (per_head(k_all)?, per_head(v_all)?); // [kv_heads, visible, d]
-                                                                       // Grouped heads without copying keys: the `group` query heads that share one KV
-                                                                       // head are stacked along the row dimension, so one matmul per KV head covers them.
             let q_seq = q.narrow(1, offset, len)?.contiguous()?.reshape((
                 num_kv_heads,
                 group * len,
@@ -196,7 +215,7 @@ impl Attention {
             outputs.push(
                 out.reshape((num_heads, len, head_dim))?
                     .transpose(0, 1)?
-                    .reshape((len, num_heads * head_dim))?,
+                    .reshape((len, row))?,
             );
             offset += len;
         }
@@ -207,6 +226,63 @@ impl Attention {
 
 /// The additive causal mask for `len` new positions after `offset` cached ones:
 /// `[len, offset + len]`, 0 where visible and -inf where in the future.
+impl Attention {
+    /// Attention outputs (`[n, heads * head_dim]`) of the single-token sequences among `seqs`,
+    /// in order, computed on the pools in place (`layers/decode_attention.rs`); `None` when the
+    /// pools are not f32 in CPU memory.
+    fn decode_single_tokens(
+        &self,
+        q: &Tensor,
+        seqs: &[SeqSlice],
+        cache: &PagedKvCache,
+        layer: usize,
+        first_key: &dyn Fn(&SeqSlice) -> usize,
+    ) -> Result<Option<Tensor>> {
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            ..
+        } = self.shape;
+        let row = num_heads * head_dim;
+        // [heads, T, d] -> one row of heads * d per token.
+        let q_rows: Vec<f32> = q
+            .transpose(0, 1)?
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1()?;
+        let mut queries = Vec::new();
+        let mut offset = 0;
+        for seq in seqs {
+            let len = seq.tokens.len();
+            if len == 1 {
+                queries.push(DecodeQuery {
+                    q: &q_rows[offset * row..(offset + 1) * row],
+                    slots: cache.slots(seq.block_table, first_key(seq), seq.start + 1)?,
+                });
+            }
+            offset += len;
+        }
+        let shape = HeadShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale: self.scale as f32,
+        };
+        let Some(out) =
+            cache.with_f32_pools(layer, |k, v| decode_attention(shape, &queries, k, v))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Tensor::from_vec(
+            out?,
+            (queries.len(), row),
+            q.device(),
+        )?))
+    }
+}
+
 pub fn causal_mask(len: usize, offset: usize, device: &Device) -> Result<Tensor> {
     attention_mask(len, offset, 0, None, device)
 }

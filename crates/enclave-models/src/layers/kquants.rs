@@ -12,6 +12,8 @@
 
 use half::f16;
 
+use super::quantized::{by_feature_units, nearest_int};
+
 /// Values per k-quant super-block.
 pub const QK_K: usize = 256;
 /// Bytes per Q4_K block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales and mins, 128
@@ -20,8 +22,6 @@ pub const Q4K_BLOCK_BYTES: usize = 144;
 /// Bytes per Q6_K block: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 signed scales,
 /// f16 `d`.
 pub const Q6K_BLOCK_BYTES: usize = 210;
-/// Output features per work unit handed to a thread.
-const FEATURES_PER_UNIT: usize = 4;
 /// Input rows sharing each decoded weight block.
 const ROW_TILE: usize = 4;
 
@@ -103,14 +103,6 @@ pub fn quantize_rows_q8_k(x: &[f32], rows: usize, k: usize) -> Q8KActivations {
     }
 }
 
-/// `v` rounded to the nearest integer, ties to even, for `|v| < 2^22` (llama.cpp's
-/// `nearest_int`): adding 1.5·2^23 leaves the rounded value in the low mantissa bits. Plain
-/// arithmetic, so the loop vectorises where `round_ties_even` would call `rintf` per value.
-#[inline(always)]
-fn nearest_int(v: f32) -> i32 {
-    ((v + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
-}
-
 /// `x [rows, k] · Wᵀ` for `W [n, k]` in `kind` blocks (`w`: `n · k/256` blocks); returns
 /// `[rows, n]`. `k` must be a multiple of 256 and `w` hold exactly `n` rows. A row's result does
 /// not depend on the other rows.
@@ -124,20 +116,6 @@ pub fn matmul_k_quant(
 ) -> Vec<f32> {
     matmul_with(Kernel::detect(), kind, x, rows, k, w, n)
 }
-
-/// A pointer the workers write disjoint ranges through.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-impl OutPtr {
-    /// Through a method, so closures capture the whole (`Sync`) wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: every work unit writes its own features' outputs only (see `matmul_with`).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
 
 fn matmul_with(
     kernel: Kernel,
@@ -154,44 +132,17 @@ fn matmul_with(
         "k-quant product: [{rows}, {k}] x [{n}, {k}] with {} weight bytes",
         w.len()
     );
-    if rows == 0 || n == 0 {
-        return vec![0f32; rows * n];
-    }
     let activations = quantize_rows_q8_k(x, rows, k);
-    // Feature-major (`by_feature[f * rows + r]`) so each unit of FEATURES_PER_UNIT features owns one
-    // contiguous range; transposed at the end.
-    let mut by_feature = vec![0f32; n * rows];
-    let out = OutPtr(by_feature.as_mut_ptr());
-    let units = n.div_ceil(FEATURES_PER_UNIT);
-    let run = |range: std::ops::Range<usize>| {
-        for unit in range {
-            let first = unit * FEATURES_PER_UNIT;
-            let count = (n - first).min(FEATURES_PER_UNIT);
-            // SAFETY: units are disjoint, so features first..first + count (and their outputs
-            // `first * rows .. (first + count) * rows`) belong to this unit alone; the vector
-            // outlives the pool call, which returns only when every unit is done.
-            let out =
-                unsafe { std::slice::from_raw_parts_mut(out.get().add(first * rows), count * rows) };
-            let weights = &w[first * row_bytes..(first + count) * row_bytes];
-            let mut row = 0;
-            while row < rows {
-                let tile = (rows - row).min(ROW_TILE);
-                kernel.dot(kind, weights, row_bytes, &activations, row, tile, out, rows);
-                row += tile;
-            }
+    by_feature_units(n, rows, |first, out| {
+        let count = out.len() / rows;
+        let weights = &w[first * row_bytes..(first + count) * row_bytes];
+        let mut row = 0;
+        while row < rows {
+            let tile = (rows - row).min(ROW_TILE);
+            kernel.dot(kind, weights, row_bytes, &activations, row, tile, out, rows);
+            row += tile;
         }
-    };
-    candle_core::utils::barrier_pool().execute_chunked(units, run);
-    if rows == 1 {
-        return by_feature;
-    }
-    let mut out = vec![0f32; rows * n];
-    for (feature, values) in by_feature.chunks_exact(rows).enumerate() {
-        for (row, &v) in values.iter().enumerate() {
-            out[row * n + feature] = v;
-        }
-    }
-    out
+    })
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -16,6 +16,9 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::kquants::{self, KQuant};
+use super::quantized::{self, Q8Weights, QK8_0};
+
 /// Inputs with at most this many rows take our kernel: batched decoding (one row per sequence)
 /// and short prefill chunks. Past it, candle's GEMM is faster even after widening bf16 weights
 /// (measured crossover 256–512 rows on Zen 4: `examples/small_batch_matmul.rs`, BENCHMARKS.md).
@@ -207,17 +210,20 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 }
 
 /// `x Wᵀ` for block-quantized `W`, by route:
-/// - our k-quant kernel for up to [`K_QUANT_ROWS`] rows of Q4_K and Q6_K weights;
-/// - candle's product for one row (its GEMV) and for any number of rows of the types it has
-///   SIMD code for: it quantizes the activations per block as llama.cpp does, reads each weight
-///   block once for a tile of 16 rows, and gives every row the bits it gets alone (the same
-///   per-row dot products). On prompts this is twice the speed of dequantising the weight for
-///   candle's f32 GEMM (BENCHMARKS.md);
-/// - our Q8_0 kernel (`layers/quantized.rs`) for 2 to [`SMALL_BATCH_ROWS`] rows of a matrix
-///   too large to dequantise (an output head), where it streams the weight twice as fast as
-///   candle's row tiles;
-/// - the GEMM on the dequantised weight for more than [`QUANTIZED_GEMV_ROWS`] rows of types
-///   candle computes in scalar code (Q4_1, Q5_0, Q5_1).
+/// - our k-quant kernel (`layers/kquants.rs`) for up to [`K_QUANT_ROWS`] rows of Q4_K and Q6_K
+///   weights, and our Q5_0 kernel (`layers/quantized.rs`) for up to [`QUANTIZED_GEMV_ROWS`]
+///   rows (candle has only scalar code for Q5_0): both stream the file's blocks at up to the
+///   memory bandwidth;
+/// - our Q8_0 kernel for 2 to [`SMALL_BATCH_ROWS`] rows of a matrix too large to dequantise
+///   (an output head), where it streams the weight twice as fast as candle's row tiles;
+/// - candle's product for one Q8_0 row (its repacked VNNI tiles read the same bytes as the
+///   file) and for more rows of the types it has SIMD code for: it quantizes the activations
+///   per block as llama.cpp does and reads each weight block once for a tile of rows; on
+///   prompts this is twice the speed of dequantising the weight for candle's f32 GEMM;
+/// - the GEMM on the dequantised weight for more than [`QUANTIZED_GEMV_ROWS`] rows of the types
+///   candle computes in scalar code (Q4_1, Q5_0, Q5_1) and of small Q8_0 matrices.
+///
+/// Within a route a row's bits do not depend on the other rows of the batch.
 fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let QMatMul::QTensor(q) = weight else {
         return weight.forward(x);
@@ -232,35 +238,35 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
         );
     }
     let rows = x.elem_count() / k.max(1);
-    let k_quant = super::kquants::KQuant::from_ggml(q.dtype())
-        .filter(|_| k.is_multiple_of(super::kquants::QK_K) && rows <= K_QUANT_ROWS);
-    if let (Some(kind), true) = (k_quant, x.device().is_cpu()) {
+    let dtype_q = q.dtype();
+    let ours = x.device().is_cpu()
+        && match (KQuant::from_ggml(dtype_q), Q8Weights::from_ggml(dtype_q)) {
+            (Some(_), _) => k.is_multiple_of(kquants::QK_K) && rows <= K_QUANT_ROWS,
+            (_, Some(Q8Weights::Q5_0)) => k.is_multiple_of(QK8_0) && rows <= QUANTIZED_GEMV_ROWS,
+            (_, Some(Q8Weights::Q8_0)) => {
+                k.is_multiple_of(QK8_0)
+                    && n * k >= DEQUANTIZE_LIMIT
+                    && (2..=SMALL_BATCH_ROWS).contains(&rows)
+            }
+            _ => false,
+        };
+    let y = if ours {
         let data = q.data()?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let out = super::kquants::matmul_k_quant(kind, &xs, rows, k, &data, n);
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
-        return Tensor::from_vec(out, dims, x.device())?.to_dtype(dtype);
-    }
-    let q8_kernel = q.dtype() == GgmlDType::Q8_0 && k.is_multiple_of(super::quantized::QK8_0);
-    let large = n * k >= DEQUANTIZE_LIMIT;
-    let ours = q8_kernel && large && rows > 1 && rows <= SMALL_BATCH_ROWS;
-    let y = if !x.device().is_cpu() || rows == 1 {
-        weight.forward(&x)?
-    } else if ours {
-        let data = q.data()?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let out = super::quantized::matmul_q8_0(&xs, rows, k, &data, n);
+        let out = match (KQuant::from_ggml(dtype_q), Q8Weights::from_ggml(dtype_q)) {
+            (Some(kind), _) => kquants::matmul_k_quant(kind, &xs, rows, k, &data, n),
+            (_, Some(format)) => quantized::matmul_q8_blocks(format, &xs, rows, k, &data, n),
+            _ => candle_core::bail!("no kernel of ours for {dtype_q:?}"),
+        };
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
         Tensor::from_vec(out, dims, x.device())?
-    } else if rows <= QUANTIZED_GEMV_ROWS
-        || (candle_has_simd(q.dtype())
-            && (q.dtype() != GgmlDType::Q8_0 || n * k >= SMALL_Q8_0_ELEMENTS))
+    } else if !x.device().is_cpu()
+        || rows <= QUANTIZED_GEMV_ROWS
+        || (candle_has_simd(dtype_q)
+            && (dtype_q != GgmlDType::Q8_0 || n * k >= SMALL_Q8_0_ELEMENTS))
     {
         weight.forward(&x)?
     } else {
