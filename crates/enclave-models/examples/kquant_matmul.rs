@@ -1,6 +1,7 @@
-//! Micro-benchmark of the Q4_K / Q6_K product (`layers/kquants.rs`) against candle's
-//! (`QMatMul`) on the matrices of a DeepSeek-R1-Distill-Qwen-1.5B layer and its output head,
-//! all threads (`RAYON_NUM_THREADS` sets them):
+//! Micro-benchmark of our block-quantized products (`layers/kquants.rs` for Q4_K / Q6_K,
+//! `layers/quantized.rs` for Q8_0 / Q5_0) against candle's (`QMatMul`) on the matrices of a
+//! DeepSeek-R1-Distill-Qwen-1.5B layer and its output head, and of Gemma 3 270M, all threads
+//! (`RAYON_NUM_THREADS` sets them):
 //!
 //!     cargo run --release -p enclave-models --example kquant_matmul [rows...]
 //!
@@ -14,6 +15,14 @@ use std::time::Instant;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use enclave_models::layers::kquants::{matmul_k_quant, KQuant};
+use enclave_models::layers::quantized::{matmul_q8_blocks, Q8Weights};
+
+/// Which of our kernels a shape runs on.
+#[derive(Clone, Copy)]
+enum Ours {
+    K(KQuant),
+    Q8(Q8Weights),
+}
 
 fn median(mut f: impl FnMut()) -> f64 {
     f(); // warm up
@@ -41,11 +50,14 @@ fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     // (in, out, type): attention q/o, gate/up, down (Q4_K, and Q6_K as Q4_K_M keeps some), head.
     for (k, n, dtype, kind) in [
-        (1536, 1536, GgmlDType::Q4K, KQuant::Q4K),
-        (1536, 8960, GgmlDType::Q4K, KQuant::Q4K),
-        (8960, 1536, GgmlDType::Q4K, KQuant::Q4K),
-        (8960, 1536, GgmlDType::Q6K, KQuant::Q6K),
-        (1536, 151936, GgmlDType::Q6K, KQuant::Q6K),
+        (1536, 1536, GgmlDType::Q4K, Ours::K(KQuant::Q4K)),
+        (1536, 8960, GgmlDType::Q4K, Ours::K(KQuant::Q4K)),
+        (8960, 1536, GgmlDType::Q4K, Ours::K(KQuant::Q4K)),
+        (8960, 1536, GgmlDType::Q6K, Ours::K(KQuant::Q6K)),
+        (1536, 151936, GgmlDType::Q6K, Ours::K(KQuant::Q6K)),
+        (1536, 8960, GgmlDType::Q8_0, Ours::Q8(Q8Weights::Q8_0)),
+        (640, 262144, GgmlDType::Q8_0, Ours::Q8(Q8Weights::Q8_0)),
+        (640, 2048, GgmlDType::Q5_0, Ours::Q8(Q8Weights::Q5_0)),
     ] {
         let dense = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
         let q = Arc::new(QTensor::quantize(&dense, dtype)?);
@@ -76,7 +88,10 @@ fn main() -> candle_core::Result<()> {
             let mut turn = 0;
             let t_ours = median(|| {
                 turn = (turn + 1) % copies;
-                std::hint::black_box(matmul_k_quant(kind, &xs, m, k, &raw[turn], n));
+                std::hint::black_box(match kind {
+                    Ours::K(kind) => matmul_k_quant(kind, &xs, m, k, &raw[turn], n),
+                    Ours::Q8(format) => matmul_q8_blocks(format, &xs, m, k, &raw[turn], n),
+                });
             });
             let t_candle = median(|| {
                 turn = (turn + 1) % copies;

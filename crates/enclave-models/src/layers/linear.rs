@@ -187,11 +187,12 @@ const DEQUANTIZE_LIMIT: usize = 1 << 24;
 /// while on a 1.5B model's 1536 × 8960 layers it is 1.5× faster than dequantising.
 const SMALL_Q8_0_ELEMENTS: usize = 1 << 22;
 
-/// Q4_K and Q6_K products of at most this many rows take our kernel on the file's own blocks
-/// (`layers/kquants.rs`): it streams them at up to the memory bandwidth where candle's repacked
-/// tiles read a third more bytes; past 4 rows candle's tiles, which share each decoded weight
-/// among more rows, are faster (`examples/kquant_matmul.rs`, BENCHMARKS.md).
-pub const K_QUANT_ROWS: usize = 4;
+/// Q4_K, Q6_K and Q8_0 products of at most this many rows take our kernels on the file's own
+/// blocks (`layers/kquants.rs`, `layers/quantized.rs`): they stream the weights at up to the
+/// memory bandwidth, where candle's repacked Q4_K tiles read a third more bytes; past 4 rows
+/// candle's tiles, which share each decoded weight among more rows, are faster
+/// (`examples/kquant_matmul.rs`, BENCHMARKS.md).
+pub const BLOCK_GEMV_ROWS: usize = 4;
 
 /// Whether candle 0.11 has a SIMD dot product for this type on x86 (AVX2): Q4_0, Q8_0 and the
 /// k-quants. Q4_1, Q5_0 and Q5_1 run its scalar code.
@@ -210,16 +211,14 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 }
 
 /// `x Wᵀ` for block-quantized `W`, by route:
-/// - our k-quant kernel (`layers/kquants.rs`) for up to [`K_QUANT_ROWS`] rows of Q4_K and Q6_K
-///   weights, and our Q5_0 kernel (`layers/quantized.rs`) for up to [`QUANTIZED_GEMV_ROWS`]
-///   rows (candle has only scalar code for Q5_0): both stream the file's blocks at up to the
+/// - our kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K, Q6_K and Q8_0 weights
+///   (`layers/kquants.rs`, `layers/quantized.rs`), up to [`QUANTIZED_GEMV_ROWS`] rows of Q5_0
+///   (candle has only scalar code for it), and up to [`SMALL_BATCH_ROWS`] rows of a Q8_0 matrix
+///   too large to dequantise (an output head): they stream the file's blocks at up to the
 ///   memory bandwidth;
-/// - our Q8_0 kernel for 2 to [`SMALL_BATCH_ROWS`] rows of a matrix too large to dequantise
-///   (an output head), where it streams the weight twice as fast as candle's row tiles;
-/// - candle's product for one Q8_0 row (its repacked VNNI tiles read the same bytes as the
-///   file) and for more rows of the types it has SIMD code for: it quantizes the activations
-///   per block as llama.cpp does and reads each weight block once for a tile of rows; on
-///   prompts this is twice the speed of dequantising the weight for candle's f32 GEMM;
+/// - candle's product for more rows of the types it has SIMD code for: it quantizes the
+///   activations per block as llama.cpp does and reads each weight block once for a tile of
+///   rows; on prompts this is twice the speed of dequantising the weight for candle's f32 GEMM;
 /// - the GEMM on the dequantised weight for more than [`QUANTIZED_GEMV_ROWS`] rows of the types
 ///   candle computes in scalar code (Q4_1, Q5_0, Q5_1) and of small Q8_0 matrices.
 ///
@@ -241,12 +240,12 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let dtype_q = q.dtype();
     let ours = x.device().is_cpu()
         && match (KQuant::from_ggml(dtype_q), Q8Weights::from_ggml(dtype_q)) {
-            (Some(_), _) => k.is_multiple_of(kquants::QK_K) && rows <= K_QUANT_ROWS,
+            (Some(_), _) => k.is_multiple_of(kquants::QK_K) && rows <= BLOCK_GEMV_ROWS,
             (_, Some(Q8Weights::Q5_0)) => k.is_multiple_of(QK8_0) && rows <= QUANTIZED_GEMV_ROWS,
             (_, Some(Q8Weights::Q8_0)) => {
                 k.is_multiple_of(QK8_0)
-                    && n * k >= DEQUANTIZE_LIMIT
-                    && (2..=SMALL_BATCH_ROWS).contains(&rows)
+                    && (rows <= BLOCK_GEMV_ROWS
+                        || (n * k >= DEQUANTIZE_LIMIT && rows <= SMALL_BATCH_ROWS))
             }
             _ => false,
         };
@@ -785,7 +784,7 @@ mod tests {
                         .unwrap()
                 })
                 .collect();
-            for rows in [1, K_QUANT_ROWS, 5, QUANTIZED_GEMV_ROWS, 20] {
+            for rows in [1, BLOCK_GEMV_ROWS, 5, QUANTIZED_GEMV_ROWS, 20] {
                 let part = x.narrow(1, 0, rows).unwrap();
                 let got: Vec<f32> = layer
                     .forward(&part)
@@ -795,15 +794,13 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 assert_eq!(got.len(), rows * n);
-                let same_route = if dtype == GgmlDType::Q4K {
-                    rows <= K_QUANT_ROWS
-                } else {
-                    rows <= QUANTIZED_GEMV_ROWS
+                // Routes: Q4_K and Q8_0 ours up to 4 rows, candle's past; Q5_0 ours up to 16.
+                let same_route = match dtype {
+                    GgmlDType::Q5_0 => rows <= QUANTIZED_GEMV_ROWS,
+                    _ => rows <= BLOCK_GEMV_ROWS,
                 };
                 if same_route {
-                    // Our k-quant kernel and candle's product give each row the bits it gets
-                    // alone (past 4 rows a Q4_K product moves to candle's tiles; a small Q8_0
-                    // or a Q5_0 matrix past 16 rows to the dequantised GEMM).
+                    // Within our kernels a row gets the bits it gets alone.
                     assert_eq!(got, alone[..rows * n], "{dtype:?} rows {rows}");
                 }
                 for (i, (a, b)) in got.iter().zip(&exact).enumerate() {
