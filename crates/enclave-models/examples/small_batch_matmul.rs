@@ -3,13 +3,14 @@
 //!
 //!     cargo run --release -p enclave-models --example small_batch_matmul [rows...]
 //!
-//! Prints the median of 7 runs per shape for our kernel and for candle's GEMM (weights widened
-//! to f32 first, as the prefill path does), and the GFLOP/s they mean.
+//! Prints the median of 7 runs per shape for our kernel (`vdpbf16ps` on inputs rounded to bf16
+//! where the CPU has AVX512-BF16), for the f32-FMA kernel on the same weights (`matmul_rows`),
+//! and for candle's GEMM (weights widened to f32 first), and the GFLOP/s they mean.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use enclave_models::layers::linear::Linear;
+use enclave_models::layers::linear::{matmul_rows, Linear};
 
 fn main() -> candle_core::Result<()> {
     let rows: Vec<usize> = std::env::args()
@@ -25,6 +26,7 @@ fn main() -> candle_core::Result<()> {
     // (in, out): q/o projection, gate/up, down.
     for (k, n) in [(1536, 1536), (1536, 8960), (8960, 1536)] {
         let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?.to_dtype(DType::BF16)?;
+        let w_raw: Vec<half::bf16> = w.flatten_all()?.to_vec1()?;
         let layer = Linear::new(w, None);
         for &m in &rows {
             let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
@@ -40,12 +42,19 @@ fn main() -> candle_core::Result<()> {
                 Ok(times[3])
             };
             let ours = median(&|| layer.forward_small_batch(&x))?;
+            let x_raw: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let fma = median(&|| {
+                let out = matmul_rows(&x_raw, m, &w_raw, n, k);
+                Tensor::from_vec(out, (m, n), &Device::Cpu)
+            })?;
             let gemm = median(&|| layer.forward_gemm(&x))?;
             let gflops = |t: f64| 2.0 * (m * k * n) as f64 / t / 1e9;
             println!(
-                "rows {m:>4}  [{k} -> {n}]  ours {:8.3} ms {:6.1} GFLOP/s   candle GEMM {:8.3} ms {:6.1} GFLOP/s   ratio {:.2}",
+                "rows {m:>4}  [{k} -> {n}]  ours {:8.3} ms {:6.1} GFLOP/s   f32 FMA {:8.3} ms {:6.1} GFLOP/s   candle GEMM {:8.3} ms {:6.1} GFLOP/s   GEMM/ours {:.2}",
                 ours * 1e3,
                 gflops(ours),
+                fma * 1e3,
+                gflops(fma),
                 gemm * 1e3,
                 gflops(gemm),
                 gemm / ours

@@ -1,6 +1,7 @@
 //! Layers shared by every architecture, written once.
 
 pub mod attention;
+pub mod bf16_matmul;
 pub mod decode_attention;
 pub mod decoder;
 pub mod kquants;

@@ -158,15 +158,25 @@ pub(crate) fn by_feature_units(
     rows: usize,
     unit: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
+    by_feature_units_of(FEATURES_PER_UNIT, n, rows, unit)
+}
+
+/// [`by_feature_units`] with `features_per_unit` output features per unit.
+pub(crate) fn by_feature_units_of(
+    features_per_unit: usize,
+    n: usize,
+    rows: usize,
+    unit: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     if rows == 0 || n == 0 {
         return vec![0f32; rows * n];
     }
     let mut by_feature = vec![0f32; n * rows];
     let out = OutPtr(by_feature.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(FEATURES_PER_UNIT), |range| {
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(features_per_unit), |range| {
         for index in range {
-            let first = index * FEATURES_PER_UNIT;
-            let count = (n - first).min(FEATURES_PER_UNIT);
+            let first = index * features_per_unit;
+            let count = (n - first).min(features_per_unit);
             // SAFETY: units are disjoint, so outputs `first * rows .. (first + count) * rows`
             // belong to this unit alone; the vector outlives the pool call, which returns only
             // when every unit is done.
