@@ -190,11 +190,10 @@ const DEQUANTIZE_LIMIT: usize = 1 << 24;
 /// while on a 1.5B model's 1536 × 8960 layers it is 1.5× faster than dequantising.
 const SMALL_Q8_0_ELEMENTS: usize = 1 << 22;
 
-/// Q4_K, Q6_K and Q8_0 products of at most this many rows take our kernels on the file's own
-/// blocks (`layers/kquants.rs`, `layers/quantized.rs`): they stream the weights at up to the
-/// memory bandwidth, where candle's repacked Q4_K tiles read a third more bytes; past 4 rows
-/// candle's tiles, which share each decoded weight among more rows, are faster
-/// (`examples/kquant_matmul.rs`, BENCHMARKS.md).
+/// Q4_K and Q6_K products of at most this many rows take our kernel on the file's own blocks
+/// (`layers/kquants.rs`): it streams them at up to the memory bandwidth, where candle's
+/// repacked tiles read a third more bytes; past 4 rows candle's tiles, which share each decoded
+/// weight among more rows, are faster (`examples/kquant_matmul.rs`, BENCHMARKS.md).
 pub const BLOCK_GEMV_ROWS: usize = 4;
 
 /// Whether candle 0.11 has a SIMD dot product for this type on x86 (AVX2): Q4_0, Q8_0 and the
@@ -214,9 +213,9 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 }
 
 /// `x Wᵀ` for block-quantized `W`, by route:
-/// - our kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K, Q6_K and Q8_0 weights
-///   (`layers/kquants.rs`, `layers/quantized.rs`), up to [`QUANTIZED_GEMV_ROWS`] rows of Q5_0
-///   (candle has only scalar code for it), and up to [`SMALL_BATCH_ROWS`] rows of a Q8_0 matrix
+/// - our kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
+///   (`layers/kquants.rs`), up to [`QUANTIZED_GEMV_ROWS`] rows of Q5_0 (`layers/quantized.rs`;
+///   candle has only scalar code for it), and up to [`SMALL_BATCH_ROWS`] rows of a Q8_0 matrix
 ///   too large to dequantise (an output head): they stream the file's blocks at up to the
 ///   memory bandwidth;
 /// - candle's product for more rows of the types it has SIMD code for: it quantizes the
@@ -246,9 +245,10 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
             (Some(_), _) => k.is_multiple_of(kquants::QK_K) && rows <= BLOCK_GEMV_ROWS,
             (_, Some(Q8Weights::Q5_0)) => k.is_multiple_of(QK8_0) && rows <= QUANTIZED_GEMV_ROWS,
             (_, Some(Q8Weights::Q8_0)) => {
-                k.is_multiple_of(QK8_0)
-                    && (rows <= BLOCK_GEMV_ROWS
-                        || (n * k >= DEQUANTIZE_LIMIT && rows <= SMALL_BATCH_ROWS))
+                // A layer's matrices stay on candle's repacked tiles: ours is 4-34 % faster on
+                // them alone (`examples/kquant_matmul.rs`) but decoding the Qwen-1.5B shape end
+                // to end was 5-8 % slower with it. An output head is 1.3-3x faster on ours.
+                k.is_multiple_of(QK8_0) && n * k >= DEQUANTIZE_LIMIT && rows <= SMALL_BATCH_ROWS
             }
             _ => false,
         };
@@ -802,10 +802,11 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 assert_eq!(got.len(), rows * n);
-                // Routes: Q4_K and Q8_0 ours up to 4 rows, candle's past; Q5_0 ours up to 16.
+                // Routes: Q4_K ours up to 4 rows, candle's past; Q5_0 ours up to 16; this
+                // small Q8_0 matrix candle's up to 16.
                 let same_route = match dtype {
-                    GgmlDType::Q5_0 => rows <= QUANTIZED_GEMV_ROWS,
-                    _ => rows <= BLOCK_GEMV_ROWS,
+                    GgmlDType::Q4K => rows <= BLOCK_GEMV_ROWS,
+                    _ => rows <= QUANTIZED_GEMV_ROWS,
                 };
                 if same_route {
                     // Within our kernels a row gets the bits it gets alone.
