@@ -7,6 +7,8 @@
 //! pair is one work unit that reads every cached key and value row once for all the query
 //! heads sharing it (grouped-query attention), on candle's worker pool.
 
+use super::quantized::OutPtr;
+
 /// The attention's head geometry.
 #[derive(Debug, Clone, Copy)]
 pub struct HeadShape {
@@ -78,21 +80,6 @@ pub fn decode_attention(
     });
     Ok(out)
 }
-
-/// A pointer the workers write disjoint ranges through.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-impl OutPtr {
-    /// Through a method, so closures capture the whole (`Sync`) wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: every unit writes its own range only (see `decode_attention`).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
 
 /// Dispatches one unit to the widest vector unit this CPU has (checked at run time).
 fn attend(

@@ -12,7 +12,9 @@
 
 use half::f16;
 
-use super::quantized::{by_feature_units, nearest_int};
+#[cfg(target_arch = "x86_64")]
+use super::quantized::hsum256;
+use super::quantized::{by_feature_units, nearest_int, Kernel};
 
 /// Values per k-quant super-block.
 pub const QK_K: usize = 256;
@@ -139,19 +141,10 @@ fn matmul_with(
         let mut row = 0;
         while row < rows {
             let tile = (rows - row).min(ROW_TILE);
-            kernel.dot(kind, weights, row_bytes, &activations, row, tile, out, rows);
+            kernel.dot_k_quant(kind, weights, row_bytes, &activations, row, tile, out, rows);
             row += tile;
         }
     })
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kernel {
-    #[cfg(target_arch = "x86_64")]
-    Vnni,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Scalar,
 }
 
 /// Runs a kernel family (`$q4k`, `$q6k`) on every weight row of `$w` over `$tile` (1 to 4)
@@ -177,39 +170,10 @@ macro_rules! dispatch {
 }
 
 impl Kernel {
-    /// Every kernel this CPU can run, best first.
-    #[cfg(test)]
-    fn available() -> Vec<Self> {
-        let mut all = vec![Self::detect()];
-        #[cfg(target_arch = "x86_64")]
-        if avx2() && !matches!(all[0], Self::Avx2) {
-            all.push(Self::Avx2);
-        }
-        all.push(Self::Scalar);
-        all
-    }
-
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if avx2()
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512vl")
-            {
-                return Self::Vnni;
-            }
-            if avx2() {
-                return Self::Avx2;
-            }
-        }
-        Self::Scalar
-    }
-
     /// Products of the weight rows in `w` (`row_bytes` each) with
     /// activation rows `row .. row + tile`, into `out[f * rows + t]`.
     #[allow(clippy::too_many_arguments, reason = "the tile's coordinates")]
-    fn dot(
+    fn dot_k_quant(
         self,
         kind: KQuant,
         w: &[u8],
@@ -243,13 +207,6 @@ impl Kernel {
             }
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
 }
 
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
@@ -330,18 +287,6 @@ fn q6k_scalar(weights: &[u8], x: &Q8KActivations, r: usize) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
-
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn hsum256(v: __m256) -> f32 {
-    // SAFETY: SSE/AVX are present wherever this is called (inside AVX2 kernels).
-    unsafe {
-        let sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-        let sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-        _mm_cvtss_f32(sum)
-    }
-}
 
 /// Byte shuffles that repeat one 16-bit lane (`i`) of a 128-bit half eight times: picks scale
 /// `i` of eight widened to 16 bits for every lane of a 32-value product.

@@ -136,15 +136,16 @@ fn matmul_with(
 
 /// A pointer the workers write disjoint ranges through.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 
 impl OutPtr {
     /// Through a method, so closures capture the whole (`Sync`) wrapper.
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
-// SAFETY: every work unit writes its own features' outputs only (see `by_feature_units`).
+// SAFETY: users write disjoint ranges only (each unit of `by_feature_units` its own features'
+// outputs; each unit of `decode_attention` its own heads).
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
@@ -198,8 +199,9 @@ pub(crate) fn by_feature_units_of(
     out
 }
 
+/// The instruction set a block kernel runs on (shared with `layers/kquants.rs`).
 #[derive(Clone, Copy, Debug)]
-enum Kernel {
+pub(crate) enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Vnni,
     #[cfg(target_arch = "x86_64")]
@@ -231,7 +233,7 @@ macro_rules! dispatch {
 impl Kernel {
     /// Every kernel this CPU can run, best first.
     #[cfg(test)]
-    fn available() -> Vec<Self> {
+    pub(crate) fn available() -> Vec<Self> {
         let mut all = vec![Self::detect()];
         #[cfg(target_arch = "x86_64")]
         if avx2() && !matches!(all[0], Self::Avx2) {
@@ -241,7 +243,7 @@ impl Kernel {
         all
     }
 
-    fn detect() -> Self {
+    pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             if avx2()
@@ -295,7 +297,7 @@ impl Kernel {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
+pub(crate) fn avx2() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
@@ -349,7 +351,7 @@ use std::arch::x86_64::*;
 
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn hsum256(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
     // SAFETY: SSE/AVX are present wherever this is called (inside AVX2 kernels).
     unsafe {
         let sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
