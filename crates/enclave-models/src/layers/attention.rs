@@ -224,8 +224,6 @@ impl Attention {
     }
 }
 
-/// The additive causal mask for `len` new positions after `offset` cached ones:
-/// `[len, offset + len]`, 0 where visible and -inf where in the future.
 impl Attention {
     /// Attention outputs (`[n, heads * head_dim]`) of the single-token sequences among `seqs`,
     /// in order, computed on the pools in place (`layers/decode_attention.rs`); `None` when the
@@ -244,6 +242,9 @@ impl Attention {
             head_dim,
             ..
         } = self.shape;
+        if cache.with_f32_pools(layer, |_, _| ())?.is_none() {
+            return Ok(None);
+        }
         let row = num_heads * head_dim;
         // [heads, T, d] -> one row of heads * d per token.
         let q_rows: Vec<f32> = q
@@ -283,6 +284,8 @@ impl Attention {
     }
 }
 
+/// The additive causal mask for `len` new positions after `offset` cached ones:
+/// `[len, offset + len]`, 0 where visible and -inf where in the future.
 pub fn causal_mask(len: usize, offset: usize, device: &Device) -> Result<Tensor> {
     attention_mask(len, offset, 0, None, device)
 }

@@ -83,8 +83,19 @@ mod avx512 {
                 _mm512_storeu_si512(out.as_mut_ptr().add(i).cast(), packed);
             }
         }
-        for (o, &v) in out[main..].iter_mut().zip(&x[main..]) {
-            *o = bf16::from_f32(v);
+        // The tail through the same instruction (zero-padded), so every value rounds alike
+        // (the instruction flushes denormals) wherever it falls in the batch.
+        if main < x.len() {
+            let mut padded = [0f32; 32];
+            padded[..x.len() - main].copy_from_slice(&x[main..]);
+            // SAFETY: `padded` holds 32 values; AVX-512 and AVX512-BF16 are on.
+            let rounded: [bf16; 32] = unsafe {
+                std::mem::transmute::<__m512bh, [bf16; 32]>(_mm512_cvtne2ps_pbh(
+                    _mm512_loadu_ps(padded.as_ptr().add(16)),
+                    _mm512_loadu_ps(padded.as_ptr()),
+                ))
+            };
+            out[main..].copy_from_slice(&rounded[..x.len() - main]);
         }
         out
     }
