@@ -547,30 +547,9 @@ q6k_kernel!(q6k_avx2, "avx2,fma,f16c", |sum, pairs, scale| {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use crate::layers::quantized::test_weights;
+    use candle_core::quantized::{GgmlDType, QMatMul};
     use candle_core::{Device, Module, Tensor};
-
-    fn quantized(n: usize, k: usize, dtype: GgmlDType, seed: u64) -> (Vec<u8>, Vec<f32>, QTensor) {
-        let dev = Device::Cpu;
-        // Deterministic values with a spread of magnitudes per block (so scales and mins vary).
-        let values: Vec<f32> = (0..n * k)
-            .map(|i| {
-                let h = (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
-                ((h % 2001) as f32 - 1000.0) / 1000.0 * (1.0 + (i / 32 % 7) as f32) * 0.01
-            })
-            .collect();
-        let dense = Tensor::from_vec(values, (n, k), &dev).unwrap();
-        let q = QTensor::quantize(&dense, dtype).unwrap();
-        let bytes = q.data().unwrap().to_vec();
-        let dequantised = q
-            .dequantize(&dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        (bytes, dequantised, q)
-    }
 
     fn inputs(rows: usize, k: usize) -> Vec<f32> {
         (0..rows * k)
@@ -583,7 +562,7 @@ mod tests {
         let (n, k) = (23, 768);
         for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
             let kind = KQuant::from_ggml(dtype).unwrap();
-            let (w, dense, q) = quantized(n, k, dtype, 11);
+            let (w, dense, q) = test_weights(n, k, dtype, 11);
             let candle = QMatMul::from_arc(std::sync::Arc::new(q)).unwrap();
             for rows in [1, 3, 4, 9] {
                 let x = inputs(rows, k);
@@ -635,7 +614,7 @@ mod tests {
             } else {
                 GgmlDType::Q6K
             };
-            let (w, _, _) = quantized(n, k, dtype, 3);
+            let (w, _, _) = test_weights(n, k, dtype, 3);
             let x = inputs(7, k);
             let all = matmul_k_quant(kind, &x, 7, k, &w, n);
             for r in 0..7 {

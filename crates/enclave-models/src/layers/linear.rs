@@ -20,7 +20,8 @@ use super::kquants::{self, KQuant};
 use super::quantized::{self, Q8Weights, QK8_0};
 
 /// Inputs with at most this many rows take our kernel: batched decoding (one row per sequence)
-/// and short prefill chunks. Past it, candle's GEMM is faster even after widening bf16 weights
+/// and short prefill chunks (bf16 weights on AVX512-BF16 take `layers/bf16_matmul.rs` at any
+/// length). Past it, candle's GEMM is faster even after widening bf16 weights
 /// (measured crossover 256–512 rows on Zen 4: `examples/small_batch_matmul.rs`, BENCHMARKS.md).
 pub const SMALL_BATCH_ROWS: usize = 256;
 /// Output features per parallel task: large enough to amortise scheduling, small enough to
@@ -240,32 +241,28 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     }
     let rows = x.elem_count() / k.max(1);
     let dtype_q = q.dtype();
-    let ours = x.device().is_cpu()
-        && match (KQuant::from_ggml(dtype_q), Q8Weights::from_ggml(dtype_q)) {
-            (Some(_), _) => k.is_multiple_of(kquants::QK_K) && rows <= BLOCK_GEMV_ROWS,
-            (_, Some(Q8Weights::Q5_0)) => k.is_multiple_of(QK8_0) && rows <= QUANTIZED_GEMV_ROWS,
-            (_, Some(Q8Weights::Q8_0)) => {
+    let cpu = x.device().is_cpu();
+    let k_quant = KQuant::from_ggml(dtype_q)
+        .filter(|_| cpu && k.is_multiple_of(kquants::QK_K) && rows <= BLOCK_GEMV_ROWS);
+    let q8_blocks = Q8Weights::from_ggml(dtype_q).filter(|format| {
+        cpu && k.is_multiple_of(QK8_0)
+            && match format {
+                Q8Weights::Q5_0 => rows <= QUANTIZED_GEMV_ROWS,
                 // A layer's matrices stay on candle's repacked tiles: ours is 4-34 % faster on
                 // them alone (`examples/kquant_matmul.rs`) but decoding the Qwen-1.5B shape end
                 // to end was 5-8 % slower with it. An output head is 1.3-3x faster on ours.
-                k.is_multiple_of(QK8_0) && n * k >= DEQUANTIZE_LIMIT && rows <= SMALL_BATCH_ROWS
+                Q8Weights::Q8_0 => n * k >= DEQUANTIZE_LIMIT && rows <= SMALL_BATCH_ROWS,
             }
-            _ => false,
-        };
-    let y = if ours {
-        let data = q.data()?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let out = match (KQuant::from_ggml(dtype_q), Q8Weights::from_ggml(dtype_q)) {
-            (Some(kind), _) => kquants::matmul_k_quant(kind, &xs, rows, k, &data, n),
-            (_, Some(format)) => quantized::matmul_q8_blocks(format, &xs, rows, k, &data, n),
-            _ => candle_core::bail!("no kernel of ours for {dtype_q:?}"),
-        };
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
-        Tensor::from_vec(out, dims, x.device())?
-    } else if !x.device().is_cpu()
+    });
+    let y = if let Some(kind) = k_quant {
+        on_block_kernel(q, &x, |xs, w| {
+            kquants::matmul_k_quant(kind, xs, rows, k, w, n)
+        })?
+    } else if let Some(format) = q8_blocks {
+        on_block_kernel(q, &x, |xs, w| {
+            quantized::matmul_q8_blocks(format, xs, rows, k, w, n)
+        })?
+    } else if !cpu
         || rows <= QUANTIZED_GEMV_ROWS
         || (candle_has_simd(dtype_q)
             && (dtype_q != GgmlDType::Q8_0 || n * k >= SMALL_Q8_0_ELEMENTS))
@@ -276,6 +273,23 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
         candle_nn::Linear::new(dense, None).forward(&x)?
     };
     y.to_dtype(dtype)
+}
+
+/// Runs one of our block kernels: `product` gets the f32 input flattened and the weight's bytes
+/// in the file's layout, and returns `[rows, n]`.
+fn on_block_kernel(
+    q: &QTensor,
+    x: &Tensor,
+    product: impl FnOnce(&[f32], &[u8]) -> Vec<f32>,
+) -> Result<Tensor> {
+    let (n, _) = q.shape().dims2()?;
+    let data = q.data()?;
+    let out = product(&x.flatten_all()?.to_vec1::<f32>()?, &data);
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(out, dims, x.device())
 }
 
 /// `weight` converted to `dtype`; bf16 to f32 in parallel (candle's conversion is serial).

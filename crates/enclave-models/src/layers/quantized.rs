@@ -87,12 +87,6 @@ pub(crate) fn nearest_int(v: f32) -> i32 {
     ((v + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
-/// `x [rows, k] · Wᵀ` for `W [n, k]` in Q8_0 blocks (`w`: `n · k/32 · 34` bytes); returns
-/// `[rows, n]`. `k` must be a multiple of 32 and `w` hold exactly `n` rows.
-pub fn matmul_q8_0(x: &[f32], rows: usize, k: usize, w: &[u8], n: usize) -> Vec<f32> {
-    matmul_q8_blocks(Q8Weights::Q8_0, x, rows, k, w, n)
-}
-
 /// `x [rows, k] · Wᵀ` for `W [n, k]` in `format` blocks; returns `[rows, n]`. `k` must be a
 /// multiple of 32 and `w` hold exactly `n` rows. A row's result does not depend on the others.
 pub fn matmul_q8_blocks(
@@ -488,32 +482,39 @@ q8_dot_kernel!(
 );
 
 #[cfg(test)]
+/// Weights quantized by candle (ggml's layout), as bytes and dequantised, and the tensor (for
+/// the tests here and in `layers/kquants.rs`).
+pub(crate) fn test_weights(
+    n: usize,
+    k: usize,
+    dtype: candle_core::quantized::GgmlDType,
+    seed: u64,
+) -> (Vec<u8>, Vec<f32>, candle_core::quantized::QTensor) {
+    let dev = candle_core::Device::Cpu;
+    let values: Vec<f32> = (0..n * k)
+        .map(|i| {
+            let h = (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+            ((h % 2001) as f32 - 1000.0) / 1000.0 * (1.0 + (i / 32 % 5) as f32) * 0.01
+        })
+        .collect();
+    let dense = candle_core::Tensor::from_vec(values, (n, k), &dev).unwrap();
+    let q = candle_core::quantized::QTensor::quantize(&dense, dtype).unwrap();
+    let bytes = q.data().unwrap().to_vec();
+    let dequantised = q
+        .dequantize(&dev)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    (bytes, dequantised, q)
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::quantized::{GgmlDType, QMatMul};
     use candle_core::{Device, Module, Tensor};
-
-    /// Weights quantized by candle (ggml's layout), as bytes and dequantised, and the tensor.
-    fn weights(n: usize, k: usize, dtype: GgmlDType, seed: u64) -> (Vec<u8>, Vec<f32>, QTensor) {
-        let dev = Device::Cpu;
-        let values: Vec<f32> = (0..n * k)
-            .map(|i| {
-                let h = (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
-                ((h % 2001) as f32 - 1000.0) / 1000.0 * (1.0 + (i / 32 % 5) as f32) * 0.01
-            })
-            .collect();
-        let dense = Tensor::from_vec(values, (n, k), &dev).unwrap();
-        let q = QTensor::quantize(&dense, dtype).unwrap();
-        let bytes = q.data().unwrap().to_vec();
-        let dequantised = q
-            .dequantize(&dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        (bytes, dequantised, q)
-    }
 
     #[test]
     fn every_kernel_gives_the_integer_products_and_approximates_the_dense_product() {
@@ -523,7 +524,7 @@ mod tests {
             (GgmlDType::Q8_0, Q8Weights::Q8_0),
             (GgmlDType::Q5_0, Q8Weights::Q5_0),
         ] {
-            let (w, dense, q) = weights(n, k, dtype, 7);
+            let (w, dense, q) = test_weights(n, k, dtype, 7);
             let candle = QMatMul::from_arc(std::sync::Arc::new(q)).unwrap();
             for rows in [1, 3, 4, 9] {
                 let x: Vec<f32> = (0..rows * k)
@@ -575,7 +576,7 @@ mod tests {
             (GgmlDType::Q8_0, Q8Weights::Q8_0),
             (GgmlDType::Q5_0, Q8Weights::Q5_0),
         ] {
-            let (w, _, _) = weights(n, k, dtype, 3);
+            let (w, _, _) = test_weights(n, k, dtype, 3);
             let x: Vec<f32> = (0..7 * k)
                 .map(|i| ((i * 13 % 29) as f32 - 14.0) / 5.0)
                 .collect();
