@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use enclave_models::layers::activation::log_sum_exp;
 use enclave_models::{DType, Device, LoadOptions, Model};
 use tokio::sync::mpsc::unbounded_channel;
 
@@ -525,13 +526,11 @@ impl Engine {
 
 /// Log-probability of one token under `logits` (log-softmax evaluated at `id` only).
 pub(crate) fn logprob_of(logits: &[f32], id: u32) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
     let chosen = logits
         .get(id as usize)
         .copied()
         .unwrap_or(f32::NEG_INFINITY) as f64;
-    (chosen - max - sum.ln()) as f32
+    (chosen - log_sum_exp(logits)) as f32
 }
 
 /// Finds stop strings in the generated text and holds back text that could still become one,

@@ -1,5 +1,6 @@
 //! Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded.
 
+use enclave_models::layers::activation::log_sum_exp;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -221,11 +222,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Natural-log probabilities of `logits` (log-softmax, in f64 for accuracy).
+/// Natural-log probabilities of `logits` (log-softmax, normalised in f64).
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    let log_sum = max + sum.ln();
+    let log_sum = log_sum_exp(logits);
     logits
         .iter()
         .map(|&l| (l as f64 - log_sum) as f32)
@@ -238,13 +237,7 @@ pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     if n == 0 || logits.is_empty() {
         return Vec::new();
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_sum = max
-        + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let log_sum = log_sum_exp(logits);
     let order = |a: &u32, b: &u32| {
         logits[*b as usize]
             .total_cmp(&logits[*a as usize])

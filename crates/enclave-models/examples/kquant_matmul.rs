@@ -3,7 +3,9 @@
 //! DeepSeek-R1-Distill-Qwen-1.5B layer and its output head, and of Gemma 3 270M, all threads
 //! (`RAYON_NUM_THREADS` sets them):
 //!
-//!     cargo run --release -p enclave-models --example kquant_matmul [rows...]
+//!     cargo run --release -p enclave-models --example kquant_matmul [rows...] [types...]
+//!
+//! (types as candle prints them: `Q4K`, `Q6K`, `Q8_0`, `Q5_0`; all by default).
 //!
 //! Each shape is held in enough copies to overflow the caches (64 MB or more), taken in turn, so
 //! the weights come from memory as in a real decode step. Prints the median of 15 products per
@@ -15,6 +17,7 @@ use std::time::Instant;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use enclave_models::layers::kquants::{matmul_k_quant, KQuant};
+use enclave_models::layers::q8_tiles::matmul_q8_tiles;
 use enclave_models::layers::quantized::{matmul_q8_blocks, Q8Weights};
 
 /// Which of our kernels a shape runs on.
@@ -42,6 +45,10 @@ fn main() -> candle_core::Result<()> {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    let types: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.parse::<usize>().is_err())
+        .collect();
     let rows = if rows.is_empty() {
         vec![1, 2, 4, 8, 16]
     } else {
@@ -56,9 +63,13 @@ fn main() -> candle_core::Result<()> {
         (8960, 1536, GgmlDType::Q6K, Ours::K(KQuant::Q6K)),
         (1536, 151936, GgmlDType::Q6K, Ours::K(KQuant::Q6K)),
         (1536, 8960, GgmlDType::Q8_0, Ours::Q8(Q8Weights::Q8_0)),
+        (8960, 1536, GgmlDType::Q8_0, Ours::Q8(Q8Weights::Q8_0)),
         (640, 262144, GgmlDType::Q8_0, Ours::Q8(Q8Weights::Q8_0)),
         (640, 2048, GgmlDType::Q5_0, Ours::Q8(Q8Weights::Q5_0)),
     ] {
+        if !types.is_empty() && !types.contains(&format!("{dtype:?}")) {
+            continue;
+        }
         let dense = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
         let q = Arc::new(QTensor::quantize(&dense, dtype)?);
         let bytes = q.storage_size_in_bytes();
@@ -74,7 +85,7 @@ fn main() -> candle_core::Result<()> {
             .iter()
             .map(|w| w.data().map(|d| d.to_vec()))
             .collect::<candle_core::Result<_>>()?;
-        drop(weights);
+        let weights_q = weights;
         // candle repacks a weight on its first product: do that outside the timings.
         let one = Tensor::zeros((1, k), candle_core::DType::F32, &dev)?;
         let two = Tensor::zeros((2, k), candle_core::DType::F32, &dev)?;
@@ -97,8 +108,36 @@ fn main() -> candle_core::Result<()> {
                 turn = (turn + 1) % copies;
                 std::hint::black_box(candle[turn].forward(&x).map(|_| ()).ok());
             });
+            // Q8_0 / Q5_0: also the tiled kernel, and the dequantised GEMM the layer falls back
+            // to (dequantisation included, as it runs per product).
+            let extra = if let Ours::Q8(format) = kind {
+                let t_tiles = median(|| {
+                    turn = (turn + 1) % copies;
+                    std::hint::black_box(matmul_q8_tiles(format, &xs, m, k, &raw[turn], n));
+                });
+                // (Not for heads: the route never dequantises those.)
+                let t_gemm = if n * k < 1 << 24 {
+                    median(|| {
+                        turn = (turn + 1) % copies;
+                        let dense = weights_q[turn].dequantize(&dev).ok();
+                        let y =
+                            dense.and_then(|d| candle_nn::Linear::new(d, None).forward(&x).ok());
+                        std::hint::black_box(y);
+                    })
+                } else {
+                    f64::NAN
+                };
+                format!(
+                    "   tiles {:7.3} ms ({:.2}x ours)   dequantised GEMM {:7.3} ms",
+                    t_tiles * 1e3,
+                    t_ours / t_tiles,
+                    t_gemm * 1e3
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "{dtype:?} rows {m:>3} [{k} -> {n}]  ours {:7.3} ms {:5.1} GB/s   candle {:7.3} ms {:5.1} GB/s ({:.2}x ours)",
+                "{dtype:?} rows {m:>3} [{k} -> {n}]  ours {:7.3} ms {:5.1} GB/s   candle {:7.3} ms {:5.1} GB/s ({:.2}x ours){extra}",
                 t_ours * 1e3,
                 bytes as f64 / t_ours / 1e9,
                 t_candle * 1e3,

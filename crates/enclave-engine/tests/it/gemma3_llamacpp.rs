@@ -261,3 +261,38 @@ fn gemma3_q8_0_keeps_the_dequantised_greedy_tokens() {
     assert!(kept * 100 >= decided * 99, "{kept} of {decided}");
     assert!(mean < 0.05, "mean |Δlogprob| {mean}");
 }
+
+/// The issue's own criterion, on the file's own blocks (what `enclave serve` runs on a GGUF
+/// file): free-running greedy decoding of 32 tokens equals llama.cpp's up to the first step where
+/// llama.cpp's top-two margin is under 0.1 nats, on at least 5 of the 6 golden prompts. The one
+/// left ("人工智能的发展") parts at its first step, where llama.cpp's margin is 0.2 nats but the
+/// exact arithmetic on the dequantised file (= `transformers`) has a 0.04-nat tie between the
+/// same two tokens: llama.cpp's own rounding (f16 KV cache, 8-bit activations) decides it.
+#[test]
+fn gemma3_gguf_greedy_equals_llama_cpps_until_its_first_near_tie() {
+    let Some(path) = model_path() else { return };
+    let goldens = goldens();
+    let model = load(&path, true, None);
+    let mut equal = 0;
+    for case in goldens["greedy"].as_array().unwrap() {
+        let expected = ids(&case["greedy"]);
+        let margins = floats(&case["top2_margins"]);
+        let decided = margins
+            .iter()
+            .position(|&m| m < 0.1)
+            .unwrap_or(expected.len());
+        let (ours, _) = greedy(&model, &ids(&case["ids"]), expected.len());
+        if ours[..decided] == expected[..decided] {
+            equal += 1;
+        } else {
+            eprintln!(
+                "{:?}: ours {:?} vs llama.cpp's {:?} within its first {decided} steps",
+                case["prompt"],
+                &ours[..decided],
+                &expected[..decided]
+            );
+        }
+    }
+    eprintln!("greedy equal to llama.cpp's until its first near-tie on {equal} of 6 prompts");
+    assert!(equal >= 5, "{equal} prompts");
+}

@@ -17,6 +17,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::kquants::{self, KQuant};
+use super::q8_tiles;
 use super::quantized::{self, Q8Weights, QK8_0};
 
 /// Inputs with at most this many rows take our kernel: batched decoding (one row per sequence)
@@ -191,6 +192,10 @@ const DEQUANTIZE_LIMIT: usize = 1 << 24;
 /// while on a 1.5B model's 1536 × 8960 layers it is 1.5× faster than dequantising.
 const SMALL_Q8_0_ELEMENTS: usize = 1 << 22;
 
+/// Q5_0 products of at most this many rows take the one-row kernel (`layers/quantized.rs`);
+/// more take the tiled one (`layers/q8_tiles.rs`) where the CPU has AVX-512 VNNI.
+pub const Q5_0_ROW_KERNEL_ROWS: usize = 8;
+
 /// Q4_K and Q6_K products of at most this many rows take our kernel on the file's own blocks
 /// (`layers/kquants.rs`): it streams them at up to the memory bandwidth, where candle's
 /// repacked tiles read a third more bytes; past 4 rows candle's tiles, which share each decoded
@@ -214,16 +219,21 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 }
 
 /// `x Wᵀ` for block-quantized `W`, by route:
-/// - our kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
-///   (`layers/kquants.rs`), up to [`QUANTIZED_GEMV_ROWS`] rows of Q5_0 (`layers/quantized.rs`;
-///   candle has only scalar code for it), and up to [`SMALL_BATCH_ROWS`] rows of a Q8_0 matrix
-///   too large to dequantise (an output head): they stream the file's blocks at up to the
-///   memory bandwidth;
-/// - candle's product for more rows of the types it has SIMD code for: it quantizes the
+/// - our one-row kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
+///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 and [`BLOCK_GEMV_ROWS`]
+///   of a Q8_0 matrix too large to dequantise (an output head; `layers/quantized.rs`): they
+///   stream the file's blocks at up to the memory bandwidth;
+/// - our tiled kernel (`layers/q8_tiles.rs`, AVX-512 VNNI) for more rows of Q5_0 and of a Q8_0
+///   head, and for more than [`QUANTIZED_GEMV_ROWS`] rows of other Q8_0 matrices: eight weight
+///   rows interleaved so each block's integer sums cover eight features at once;
+/// - without AVX-512 VNNI, the one-row kernels up to [`QUANTIZED_GEMV_ROWS`] rows of Q5_0 and
+///   [`SMALL_BATCH_ROWS`] of a Q8_0 head;
+/// - candle's product for the other rows of the types it has SIMD code for: it quantizes the
 ///   activations per block as llama.cpp does and reads each weight block once for a tile of
-///   rows; on prompts this is twice the speed of dequantising the weight for candle's f32 GEMM;
+///   rows (Q4_K, Q6_K past 4 rows; Q8_0 layers up to 16);
 /// - the GEMM on the dequantised weight for more than [`QUANTIZED_GEMV_ROWS`] rows of the types
-///   candle computes in scalar code (Q4_1, Q5_0, Q5_1) and of small Q8_0 matrices.
+///   candle computes in scalar code (Q4_1, Q5_1, and Q5_0 without AVX-512 VNNI) and of small
+///   Q8_0 matrices without it.
 ///
 /// Within a route a row's bits do not depend on the other rows of the batch.
 fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
@@ -244,21 +254,33 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let cpu = x.device().is_cpu();
     let k_quant = KQuant::from_ggml(dtype_q)
         .filter(|_| cpu && k.is_multiple_of(kquants::QK_K) && rows <= BLOCK_GEMV_ROWS);
-    let q8_blocks = Q8Weights::from_ggml(dtype_q).filter(|format| {
-        cpu && k.is_multiple_of(QK8_0)
-            && match format {
-                Q8Weights::Q5_0 => rows <= QUANTIZED_GEMV_ROWS,
-                // A layer's matrices stay on candle's repacked tiles: ours is 4-34 % faster on
-                // them alone (`examples/kquant_matmul.rs`) but decoding the Qwen-1.5B shape end
-                // to end was 5-8 % slower with it. An output head is 1.3-3x faster on ours.
-                Q8Weights::Q8_0 => n * k >= DEQUANTIZE_LIMIT && rows <= SMALL_BATCH_ROWS,
-            }
+    let q8_format = Q8Weights::from_ggml(dtype_q).filter(|_| cpu && k.is_multiple_of(QK8_0));
+    let head = n * k >= DEQUANTIZE_LIMIT;
+    // Rows from which the tiled kernel beats the alternatives (`examples/kquant_matmul.rs`):
+    // building its tile costs about one row's product on the one-row kernel.
+    let tiles_from = |format| match format {
+        Q8Weights::Q5_0 => Q5_0_ROW_KERNEL_ROWS + 1,
+        Q8Weights::Q8_0 if head => BLOCK_GEMV_ROWS + 1,
+        Q8Weights::Q8_0 => QUANTIZED_GEMV_ROWS + 1,
+    };
+    let q8_tiles = q8_format.filter(|&format| rows >= tiles_from(format) && q8_tiles::available());
+    let q8_rows = q8_format.filter(|&format| match format {
+        Q8Weights::Q5_0 => rows <= QUANTIZED_GEMV_ROWS,
+        // Up to 16 rows a layer's matrices stay on candle's repacked tiles: ours is 4-34 %
+        // faster on them alone (`examples/kquant_matmul.rs`) but decoding the Qwen-1.5B
+        // shape end to end was 5-8 % slower with it. An output head is 1.3-3x faster on ours.
+        Q8Weights::Q8_0 => head && rows <= SMALL_BATCH_ROWS,
     });
     let y = if let Some(kind) = k_quant {
         on_block_kernel(q, &x, |xs, w| {
             kquants::matmul_k_quant(kind, xs, rows, k, w, n)
         })?
-    } else if let Some(format) = q8_blocks {
+    } else if let Some(format) = q8_tiles {
+        on_block_kernel(q, &x, |xs, w| {
+            q8_tiles::matmul_q8_tiles(format, xs, rows, k, w, n)
+                .unwrap_or_else(|| quantized::matmul_q8_blocks(format, xs, rows, k, w, n))
+        })?
+    } else if let Some(format) = q8_rows {
         on_block_kernel(q, &x, |xs, w| {
             quantized::matmul_q8_blocks(format, xs, rows, k, w, n)
         })?
@@ -806,7 +828,8 @@ mod tests {
                         .unwrap()
                 })
                 .collect();
-            for rows in [1, BLOCK_GEMV_ROWS, 5, QUANTIZED_GEMV_ROWS, 20] {
+            let mut tiled: Option<Vec<f32>> = None;
+            for rows in [1, BLOCK_GEMV_ROWS, 5, 9, QUANTIZED_GEMV_ROWS, 17, 20] {
                 let part = x.narrow(1, 0, rows).unwrap();
                 let got: Vec<f32> = layer
                     .forward(&part)
@@ -816,15 +839,28 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 assert_eq!(got.len(), rows * n);
-                // Routes: Q4_K ours up to 4 rows, candle's past; Q5_0 ours up to 16; this
-                // small Q8_0 matrix candle's up to 16.
-                let same_route = match dtype {
-                    GgmlDType::Q4K => rows <= BLOCK_GEMV_ROWS,
-                    _ => rows <= QUANTIZED_GEMV_ROWS,
+                // Routes: Q4_K ours up to 4 rows, candle's past; Q5_0 ours up to 8 and tiles
+                // past (up to 16 without AVX-512 VNNI); this small Q8_0 matrix candle's up to
+                // 16 and tiles past.
+                let tiles = q8_tiles::available();
+                let (one_row_route, tiles_route) = match dtype {
+                    GgmlDType::Q4K => (rows <= BLOCK_GEMV_ROWS, false),
+                    GgmlDType::Q5_0 if tiles => (rows <= Q5_0_ROW_KERNEL_ROWS, rows > 8),
+                    GgmlDType::Q8_0 => (rows <= QUANTIZED_GEMV_ROWS, tiles && rows > 16),
+                    _ => (rows <= QUANTIZED_GEMV_ROWS, false),
                 };
-                if same_route {
+                if one_row_route {
                     // Within our kernels a row gets the bits it gets alone.
                     assert_eq!(got, alone[..rows * n], "{dtype:?} rows {rows}");
+                }
+                if tiles_route {
+                    // ... and on the tiles the bits it gets in any other tiled batch.
+                    match &tiled {
+                        Some(first) => {
+                            assert_eq!(got[..first.len()], first[..], "{dtype:?} tiled rows {rows}")
+                        }
+                        None => tiled = Some(got.clone()),
+                    }
                 }
                 for (i, (a, b)) in got.iter().zip(&exact).enumerate() {
                     // |x·w| sums 256 products of ~0.05·1: 8-bit activations move it by < 2 %.

@@ -1,8 +1,9 @@
 //! The gated feed-forward block (SwiGLU and its relatives).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::activation::{Gate, GatedProduct};
 use super::linear::Linear;
 
 /// The activation named by `hidden_act` in `config.json`.
@@ -29,6 +30,26 @@ impl Activation {
             Self::Silu => candle_nn::ops::silu(xs),
             Self::GeluTanh => xs.gelu(),
             Self::Gelu => xs.gelu_erf(),
+        }
+    }
+
+    /// `act(gate) · up`: fused and vectorized for f32 on the CPU (`layers/activation.rs`).
+    pub(crate) fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let fused = match self {
+            Self::Silu => Some(Gate::Silu),
+            Self::GeluTanh => Some(Gate::GeluTanh),
+            Self::Gelu => None,
+        };
+        match fused {
+            Some(kind)
+                if gate.device().is_cpu()
+                    && gate.dtype() == DType::F32
+                    && up.dtype() == DType::F32 =>
+            {
+                gate.contiguous()?
+                    .apply_op2_no_bwd(&up.contiguous()?, &GatedProduct(kind))
+            }
+            _ => self.apply(gate)? * up,
         }
     }
 }
@@ -60,9 +81,9 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = self.act.apply(&self.gate_proj.forward(xs)?)?;
+        let gate = self.gate_proj.forward(xs)?;
         let up = self.up_proj.forward(xs)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&self.act.gated(&gate, &up)?)
     }
 }
 

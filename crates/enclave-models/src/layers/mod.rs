@@ -1,5 +1,6 @@
 //! Layers shared by every architecture, written once.
 
+pub mod activation;
 pub mod attention;
 pub mod bf16_matmul;
 pub mod decode_attention;
@@ -9,5 +10,6 @@ pub mod linear;
 pub mod mlp;
 pub mod moe;
 pub mod norm;
+pub mod q8_tiles;
 pub mod quantized;
 pub mod rotary;

@@ -49,9 +49,9 @@ impl Q8Weights {
 
 /// Activations quantized per block: `scales[r * blocks + b]`, `quants[r * k + i]`.
 pub struct Q8Activations {
-    scales: Vec<f32>,
-    quants: Vec<i8>,
-    blocks: usize,
+    pub(crate) scales: Vec<f32>,
+    pub(crate) quants: Vec<i8>,
+    pub(crate) blocks: usize,
 }
 
 /// Quantizes `rows` rows of `k` values (`k` a multiple of 32) as llama.cpp's
@@ -65,18 +65,25 @@ pub fn quantize_rows_q8_0(x: &[f32], rows: usize, k: usize) -> Q8Activations {
         .zip(scales.iter_mut())
         .zip(quants.chunks_exact_mut(QK8_0))
     {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        *scale = f16::from_f32(amax / 127.0).to_f32();
-        let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        for (q, &v) in q.iter_mut().zip(block) {
-            *q = nearest_int(v * inverse) as i8;
-        }
+        *scale = quantize_block_q8_0(block, q);
     }
     Q8Activations {
         scales,
         quants,
         blocks,
     }
+}
+
+/// One block of 32 values into `quants` as llama.cpp's `quantize_row_q8_0` does; returns the
+/// scale, rounded to f16 as it is stored there.
+#[inline(always)]
+pub(crate) fn quantize_block_q8_0(block: &[f32], quants: &mut [i8]) -> f32 {
+    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    for (q, &v) in quants.iter_mut().zip(block) {
+        *q = nearest_int(v * inverse) as i8;
+    }
+    f16::from_f32(amax / 127.0).to_f32()
 }
 
 /// `v` rounded to the nearest integer, ties to even, for `|v| < 2^22` (llama.cpp's
@@ -369,7 +376,7 @@ unsafe fn scale_at(p: *const u8) -> f32 {
 /// A Q8_0 block's scale and 32 signed weights.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn decode_q8_0(block: *const u8) -> (f32, __m256i) {
+pub(crate) unsafe fn decode_q8_0(block: *const u8) -> (f32, __m256i) {
     // SAFETY: the caller enabled AVX2 and F16C; the block's 34 bytes are readable.
     unsafe { (scale_at(block), _mm256_loadu_si256(block.add(2).cast())) }
 }
@@ -379,7 +386,7 @@ unsafe fn decode_q8_0(block: *const u8) -> (f32, __m256i) {
 /// in two's complement) where the fifth bit is clear.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn decode_q5_0(block: *const u8) -> (f32, __m256i) {
+pub(crate) unsafe fn decode_q5_0(block: *const u8) -> (f32, __m256i) {
     // SAFETY: the caller enabled AVX2 and F16C; the block's 22 bytes are readable.
     unsafe {
         let fifth = (block.add(2) as *const i32).read_unaligned();
