@@ -170,7 +170,11 @@ impl Sampler {
     }
 
     /// The tokens that survive temperature, top-k, top-p and min-p, with unnormalised
-    /// probabilities, most likely first.
+    /// probabilities (the top token's is 1): most likely first, except that tokens less likely
+    /// than the top one by a factor over e^30 follow it in id order unless the top-p cut reaches
+    /// them (together they hold under 1e-7 of the mass for any vocabulary under a million
+    /// tokens, and sorting all of a 262,144-token vocabulary for every sampled token cost more
+    /// than the model's decoding step).
     pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f64)> {
         let p = &self.params;
         let temperature = p.temperature.max(1e-5) as f64;
@@ -180,17 +184,28 @@ impl Sampler {
             .filter(|(_, l)| l.is_finite())
             .map(|(i, &l)| (i as u32, l as f64 / temperature))
             .collect();
-        order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 {
+        if p.top_k > 0 && p.top_k < order.len() {
+            order.select_nth_unstable_by(p.top_k - 1, by_likelihood);
             order.truncate(p.top_k);
         }
-        let max = order.first().map_or(0.0, |&(_, l)| l);
-        let mut probs: Vec<(u32, f64)> = order
+        let max = order.iter().fold(f64::NEG_INFINITY, |m, &(_, l)| m.max(l));
+        let (mut head, tail): (Vec<_>, Vec<_>) = order
             .into_iter()
+            .partition(|&(_, l)| l >= max - NEGLIGIBLE_NATS);
+        head.sort_unstable_by(by_likelihood);
+        let sorted = head.len();
+        let mut probs: Vec<(u32, f64)> = head
+            .into_iter()
+            .chain(tail)
             .map(|(id, l)| (id, (l - max).exp()))
             .collect();
         let total: f64 = probs.iter().map(|&(_, p)| p).sum();
         if p.top_p < 1.0 {
+            let head_mass: f64 = probs[..sorted].iter().map(|&(_, q)| q).sum();
+            if head_mass / total < p.top_p as f64 {
+                // The cut falls among the negligible tokens: they need their order too.
+                probs[sorted..].sort_unstable_by(by_likelihood);
+            }
             // Keep the smallest prefix whose mass reaches top_p (always at least one token).
             let mut cumulative = 0.0;
             let mut keep = probs.len();
@@ -209,6 +224,15 @@ impl Sampler {
         }
         probs
     }
+}
+
+/// Below the top logit by more than this (after temperature), a token's order among the others
+/// is not worth a sort.
+const NEGLIGIBLE_NATS: f64 = 30.0;
+
+/// More likely first; ties by lower id.
+fn by_likelihood(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
 /// Index of the largest logit (the first one on ties, as `torch.argmax`).
@@ -271,5 +295,96 @@ mod tests {
         }
         assert_eq!(top_logprobs(&logits, 10).len(), 5);
         assert!(top_logprobs(&logits, 0).is_empty());
+    }
+
+    /// Every token by likelihood, then the cuts: the definition the sampler keeps.
+    fn fully_sorted(params: &SamplingParams, logits: &[f32]) -> Vec<(u32, f64)> {
+        let temperature = params.temperature.max(1e-5) as f64;
+        let mut order: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l as f64 / temperature))
+            .collect();
+        order.sort_by(by_likelihood);
+        if params.top_k > 0 {
+            order.truncate(params.top_k);
+        }
+        let max = order.first().map_or(0.0, |&(_, l)| l);
+        let mut probs: Vec<(u32, f64)> = order
+            .into_iter()
+            .map(|(id, l)| (id, (l - max).exp()))
+            .collect();
+        let total: f64 = probs.iter().map(|&(_, p)| p).sum();
+        let mut cumulative = 0.0;
+        if let Some(keep) = probs.iter().position(|&(_, q)| {
+            cumulative += q / total;
+            params.top_p < 1.0 && cumulative >= params.top_p as f64
+        }) {
+            probs.truncate(keep + 1);
+        }
+        probs.retain(|&(_, q)| q >= params.min_p as f64);
+        probs
+    }
+
+    fn check_against_fully_sorted(params: &SamplingParams, logits: &[f32]) {
+        let got = Sampler::new(params.clone(), &[]).distribution(logits);
+        let want = fully_sorted(params, logits);
+        let label = format!("{params:?}");
+        assert_eq!(got.len(), want.len(), "{label}");
+        // The tokens whose order matters come in the same order.
+        let max = want[0].1;
+        for (g, w) in got.iter().zip(&want) {
+            if w.1 < max * (-NEGLIGIBLE_NATS).exp() {
+                break;
+            }
+            assert_eq!(g.0, w.0, "{label}");
+            assert!((g.1 - w.1).abs() <= 1e-12 * w.1, "{label}");
+        }
+        let mut sorted = got.clone();
+        sorted.sort_by(by_likelihood);
+        for (g, w) in sorted.iter().zip(&want) {
+            assert_eq!(g.0, w.0, "{label}");
+        }
+    }
+
+    #[test]
+    fn the_distribution_is_the_fully_sorted_one_up_to_the_order_of_negligible_tokens() {
+        // Logits spread over 80 nats with ties and masked entries, so every case has a tail.
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| match i % 97 {
+                0 => f32::NEG_INFINITY,
+                _ => ((i * 7919 % 4001) as f32 - 3000.0) / 50.0,
+            })
+            .collect();
+        for (temperature, top_k, top_p, min_p) in [
+            (1.0, 0, 1.0, 0.0),
+            (0.7, 0, 0.9, 0.0),
+            (1.0, 40, 1.0, 0.0),
+            (1.3, 100, 0.95, 0.05),
+            (1.0, 0, 1.0, 1e-20),
+            (1.0, 0, 0.999_999_9, 0.0),
+            (30.0, 0, 0.5, 0.0),
+        ] {
+            let params = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                ..SamplingParams::default()
+            };
+            check_against_fully_sorted(&params, &logits);
+        }
+        // A top-p cut among the negligible tokens: one likely token and 700,000 about 30 nats
+        // below it, together 6.5e-8 of the mass, beyond the largest top_p under 1.
+        let mut logits: Vec<f32> = (0..700_000)
+            .map(|i| -30.01 - (i * 31 % 7) as f32 * 1e-3)
+            .collect();
+        logits[123] = 0.0;
+        let params = SamplingParams {
+            top_p: 1.0 - f32::EPSILON / 2.0,
+            ..SamplingParams::default()
+        };
+        check_against_fully_sorted(&params, &logits);
     }
 }
