@@ -113,15 +113,19 @@ impl Kernel {
 }
 
 /// `ln Σᵢ exp(vᵢ)`: the normaliser of a log-softmax (`log p(i) = vᵢ - log_sum_exp(v)`). The
-/// exponentials are taken in f32 relative to the maximum (each within about 1 ulp) and summed
-/// in f64 per 1,024 values. Empty or all `-inf` input gives `-inf`; any `+inf`, `+inf`.
+/// exponentials are taken in f32 relative to the maximum (each within about 1 ulp), summed in
+/// 8 f32 lanes over 256 values (relative error under 32 ulp) and in f64 beyond. Empty or all
+/// `-inf` input gives `-inf`; any `+inf`, `+inf`; any NaN, NaN.
 pub fn log_sum_exp(values: &[f32]) -> f64 {
+    if values.iter().any(|v| v.is_nan()) {
+        return f64::NAN;
+    }
     let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return f64::from(max);
     }
     let mut sum = 0f64;
-    for chunk in values.chunks(1024) {
+    for chunk in values.chunks(256) {
         sum += Kernel::detect().sum_exp(chunk, max);
     }
     f64::from(max) + sum.ln()
@@ -334,6 +338,7 @@ mod tests {
         assert_eq!(log_sum_exp(&[]), f64::NEG_INFINITY);
         assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f64::NEG_INFINITY);
         assert_eq!(log_sum_exp(&[1.0, f32::INFINITY]), f64::INFINITY);
+        assert!(log_sum_exp(&[1.0, f32::NAN, 2.0]).is_nan());
         // Masked entries count for nothing.
         let masked = log_sum_exp(&[0.0, f32::NEG_INFINITY, 0.0]);
         assert!((masked - 2f64.ln()).abs() < 1e-7);

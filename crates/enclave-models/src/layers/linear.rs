@@ -230,7 +230,7 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 ///   [`SMALL_BATCH_ROWS`] of a Q8_0 head;
 /// - candle's product for the other rows of the types it has SIMD code for: it quantizes the
 ///   activations per block as llama.cpp does and reads each weight block once for a tile of
-///   rows (Q4_K, Q6_K past 4 rows; Q8_0 layers up to 16);
+///   rows (Q4_K, Q6_K past 4 rows; Q8_0 layers up to 16, and past that without AVX-512 VNNI);
 /// - the GEMM on the dequantised weight for more than [`QUANTIZED_GEMV_ROWS`] rows of the types
 ///   candle computes in scalar code (Q4_1, Q5_1, and Q5_0 without AVX-512 VNNI) and of small
 ///   Q8_0 matrices without it.
@@ -845,8 +845,13 @@ mod tests {
                 let tiles = q8_tiles::available();
                 let (one_row_route, tiles_route) = match dtype {
                     GgmlDType::Q4K => (rows <= BLOCK_GEMV_ROWS, false),
-                    GgmlDType::Q5_0 if tiles => (rows <= Q5_0_ROW_KERNEL_ROWS, rows > 8),
-                    GgmlDType::Q8_0 => (rows <= QUANTIZED_GEMV_ROWS, tiles && rows > 16),
+                    GgmlDType::Q5_0 if tiles => {
+                        (rows <= Q5_0_ROW_KERNEL_ROWS, rows > Q5_0_ROW_KERNEL_ROWS)
+                    }
+                    GgmlDType::Q8_0 => (
+                        rows <= QUANTIZED_GEMV_ROWS,
+                        tiles && rows > QUANTIZED_GEMV_ROWS,
+                    ),
                     _ => (rows <= QUANTIZED_GEMV_ROWS, false),
                 };
                 if one_row_route {

@@ -18,8 +18,9 @@ use super::quantized::{quantize_block_q8_0, OutPtr, Q8Weights, QK8_0};
 
 /// Output features interleaved in one tile (the lanes of a 256-bit vector).
 const FEATURES: usize = 8;
-/// Activation rows whose sums are kept in registers together.
+/// Activation rows whose sums are kept in registers together (`group_vnni` dispatches 1 to 4).
 const ROW_TILE: usize = 4;
+const _: () = assert!(ROW_TILE == 4);
 /// 256-bit vectors per block in a tile: the scales, the starting sums, eight 4-byte chunks.
 const TILE_VECTORS: usize = 2 + QK8_0 / 4;
 

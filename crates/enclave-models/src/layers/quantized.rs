@@ -146,7 +146,8 @@ impl OutPtr {
     }
 }
 // SAFETY: users write disjoint ranges only (each unit of `by_feature_units` its own features'
-// outputs; each unit of `decode_attention` its own heads).
+// outputs, of `q8_tiles` its own eight output columns and activation rows, of `decode_attention`
+// its own heads, of `activation` its own elements).
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
