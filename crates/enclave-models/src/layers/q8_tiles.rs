@@ -14,7 +14,7 @@
 //! weights into an f32 GEMM) and its Q8_0 product over a 262,144-row head at 16 rows runs at
 //! 18 GMAC/s (`examples/kquant_matmul.rs`).
 
-use super::quantized::{quantize_block_q8_0, OutPtr, Q8Weights, QK8_0};
+use super::quantized::{check_shapes, quantize_block_q8_0, OutPtr, Q8Weights, QK8_0};
 
 /// Output features interleaved in one tile (the lanes of a 256-bit vector).
 const FEATURES: usize = 8;
@@ -52,12 +52,7 @@ pub fn matmul_q8_tiles(
     if !available() {
         return None;
     }
-    let row_bytes = k / QK8_0 * format.block_bytes();
-    assert!(
-        k.is_multiple_of(QK8_0) && w.len() == n * row_bytes && x.len() >= rows * k,
-        "{format:?} tiled product: [{rows}, {k}] x [{n}, {k}] with {} weight bytes",
-        w.len()
-    );
+    check_shapes(format, x, rows, k, w, n);
     // Every tile reads all of a pass's activations: a pass holds as many rows as keep them in
     // the last-level cache (a 2,048-row chunk of an 8,960-wide input would not).
     let pass_rows = (PASS_BYTES / k.max(1)).max(4 * ROW_TILE) / ROW_TILE * ROW_TILE;
@@ -122,7 +117,7 @@ fn quantize_offset(x: &[f32], k: usize) -> (Vec<f32>, Vec<u8>) {
     let mut scales = vec![0f32; rows * blocks];
     let mut unsigned = vec![0u8; rows * k];
     let scales_out = OutPtr(scales.as_mut_ptr());
-    let unsigned_out = BytePtr(unsigned.as_mut_ptr());
+    let unsigned_out = OutPtr(unsigned.as_mut_ptr());
     candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
         let mut quants = [0i8; QK8_0];
         for row in range {
@@ -142,20 +137,6 @@ fn quantize_offset(x: &[f32], k: usize) -> (Vec<f32>, Vec<u8>) {
     });
     (scales, unsigned)
 }
-
-/// A pointer the workers write disjoint byte ranges through.
-#[derive(Clone, Copy)]
-struct BytePtr(*mut u8);
-
-impl BytePtr {
-    fn get(self) -> *mut u8 {
-        self.0
-    }
-}
-// SAFETY: units write disjoint rows only.
-unsafe impl Send for BytePtr {}
-// SAFETY: as above.
-unsafe impl Sync for BytePtr {}
 
 /// What every work unit of a pass reads.
 struct Shared<'a> {

@@ -116,12 +116,8 @@ fn matmul_with(
     w: &[u8],
     n: usize,
 ) -> Vec<f32> {
+    check_shapes(format, x, rows, k, w, n);
     let row_bytes = k / QK8_0 * format.block_bytes();
-    assert!(
-        k.is_multiple_of(QK8_0) && w.len() == n * row_bytes && x.len() >= rows * k,
-        "{format:?} product: [{rows}, {k}] x [{n}, {k}] with {} weight bytes",
-        w.len()
-    );
     let activations = quantize_rows_q8_0(x, rows, k);
     by_feature_units(n, rows, |first, out| {
         let count = out.len() / rows;
@@ -136,21 +132,46 @@ fn matmul_with(
 }
 
 /// A pointer the workers write disjoint ranges through.
-#[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
+pub(crate) struct OutPtr<T = f32>(pub(crate) *mut T);
 
-impl OutPtr {
+// Copy for any `T` (a derive would ask `T: Copy`).
+impl<T> Clone for OutPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
     /// Through a method, so closures capture the whole (`Sync`) wrapper.
-    pub(crate) fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }
 // SAFETY: users write disjoint ranges only (each unit of `by_feature_units` its own features'
 // outputs, of `q8_tiles` its own eight output columns and activation rows, of `decode_attention`
 // its own heads, of `activation` its own elements).
-unsafe impl Send for OutPtr {}
+unsafe impl<T> Send for OutPtr<T> {}
 // SAFETY: as above.
-unsafe impl Sync for OutPtr {}
+unsafe impl<T> Sync for OutPtr<T> {}
+
+/// Panics unless `x [rows, k]` and `w` (`n` rows of `format` blocks) fit a block product: the
+/// callers (`Linear`, the examples) build them from one weight, so a mismatch is our bug.
+pub(crate) fn check_shapes(
+    format: Q8Weights,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[u8],
+    n: usize,
+) {
+    let row_bytes = k / QK8_0 * format.block_bytes();
+    assert!(
+        k.is_multiple_of(QK8_0) && w.len() == n * row_bytes && x.len() >= rows * k,
+        "{format:?} product: [{rows}, {k}] x [{n}, {k}] with {} weight bytes",
+        w.len()
+    );
+}
 
 /// Runs `unit(first_feature, out)` for units of `FEATURES_PER_UNIT` output features over
 /// candle's persistent worker pool (its threads are already spinning from the step's other
