@@ -14,7 +14,7 @@ use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 use super::quantized::hsum256;
-use super::quantized::{by_feature_units, nearest_int, Kernel};
+use super::quantized::{by_feature_units, nearest_int, Kernel, OutPtr};
 
 /// Values per k-quant super-block.
 pub const QK_K: usize = 256;
@@ -55,46 +55,47 @@ impl KQuant {
 /// Activations quantized to Q8_K: per row and block a scale `d`, 256 quants and the sums of
 /// each 16 quants (`bsums`) and of each 32 (`sums32`, what Q4_K's mins multiply).
 pub struct Q8KActivations {
-    d: Vec<f32>,
-    qs: Vec<i8>,
-    bsums: Vec<i16>,
-    sums32: Vec<i16>,
-    blocks: usize,
+    pub(crate) d: Vec<f32>,
+    pub(crate) qs: Vec<i8>,
+    pub(crate) bsums: Vec<i16>,
+    pub(crate) sums32: Vec<i16>,
+    pub(crate) blocks: usize,
 }
 
 /// Quantizes `rows` rows of `k` values (`k` a multiple of 256) as llama.cpp's
 /// `quantize_row_q8_K` does: the value of largest magnitude maps to -127, ties round to even.
+/// Rows are split over candle's worker pool when there are several: a prompt chunk's
+/// quantization would otherwise keep one thread busy while the others wait.
 pub fn quantize_rows_q8_k(x: &[f32], rows: usize, k: usize) -> Q8KActivations {
     let blocks = k / QK_K;
     let mut d = vec![0f32; rows * blocks];
     let mut qs = vec![0i8; rows * k];
     let mut bsums = vec![0i16; rows * blocks * 16];
     let mut sums32 = vec![0i16; rows * blocks * 8];
-    for (b, (values, quants)) in x[..rows * k]
-        .chunks_exact(QK_K)
-        .zip(qs.chunks_exact_mut(QK_K))
-        .enumerate()
-    {
-        // The first value of largest magnitude, found in two passes the compiler vectorises.
-        let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let Some(&max) = values
-            .iter()
-            .find(|v| v.abs() == amax)
-            .filter(|_| amax > 0.0)
-        else {
-            continue;
+    let total = rows * blocks;
+    if total > 0 {
+        let (d_out, qs_out) = (OutPtr(d.as_mut_ptr()), OutPtr(qs.as_mut_ptr()));
+        let (bsums_out, sums32_out) = (OutPtr(bsums.as_mut_ptr()), OutPtr(sums32.as_mut_ptr()));
+        let quantize = |range: std::ops::Range<usize>| {
+            for b in range {
+                // SAFETY: block `b` of every buffer belongs to this call alone, and the buffers
+                // outlive the pool call.
+                unsafe {
+                    quantize_block_q8_k(
+                        &x[b * QK_K..(b + 1) * QK_K],
+                        &mut *d_out.get().add(b),
+                        std::slice::from_raw_parts_mut(qs_out.get().add(b * QK_K), QK_K),
+                        std::slice::from_raw_parts_mut(bsums_out.get().add(b * 16), 16),
+                        std::slice::from_raw_parts_mut(sums32_out.get().add(b * 8), 8),
+                    );
+                }
+            }
         };
-        let iscale = -127.0 / max;
-        for (q, &v) in quants.iter_mut().zip(values) {
-            *q = nearest_int(iscale * v).min(127) as i8;
+        if rows > 1 {
+            candle_core::utils::barrier_pool().execute_chunked(total, quantize);
+        } else {
+            quantize(0..total);
         }
-        for (g, group) in quants.chunks_exact(16).enumerate() {
-            bsums[b * 16 + g] = group.iter().map(|&q| i16::from(q)).sum();
-        }
-        for s in 0..8 {
-            sums32[b * 8 + s] = bsums[b * 16 + 2 * s] + bsums[b * 16 + 2 * s + 1];
-        }
-        d[b] = 1.0 / iscale;
     }
     Q8KActivations {
         d,
@@ -103,6 +104,36 @@ pub fn quantize_rows_q8_k(x: &[f32], rows: usize, k: usize) -> Q8KActivations {
         sums32,
         blocks,
     }
+}
+
+/// One 256-value block of [`quantize_rows_q8_k`].
+fn quantize_block_q8_k(
+    values: &[f32],
+    d: &mut f32,
+    quants: &mut [i8],
+    bsums: &mut [i16],
+    sums32: &mut [i16],
+) {
+    // The first value of largest magnitude, found in two passes the compiler vectorises.
+    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let Some(&max) = values
+        .iter()
+        .find(|v| v.abs() == amax)
+        .filter(|_| amax > 0.0)
+    else {
+        return;
+    };
+    let iscale = -127.0 / max;
+    for (q, &v) in quants.iter_mut().zip(values) {
+        *q = nearest_int(iscale * v).min(127) as i8;
+    }
+    for (sum, group) in bsums.iter_mut().zip(quants.chunks_exact(16)) {
+        *sum = group.iter().map(|&q| i16::from(q)).sum();
+    }
+    for (s, sum) in sums32.iter_mut().enumerate() {
+        *sum = bsums[2 * s] + bsums[2 * s + 1];
+    }
+    *d = 1.0 / iscale;
 }
 
 /// `x [rows, k] · Wᵀ` for `W [n, k]` in `kind` blocks (`w`: `n · k/256` blocks); returns
@@ -216,7 +247,7 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 /// The 8 scales and 8 mins of a Q4_K block, unpacked from their 12 bytes of 6-bit fields into
 /// one byte each (llama.cpp's `get_scale_min_k4`, done for all eight at once).
 #[inline(always)]
-fn q4k_scales_mins(packed: &[u8]) -> (u64, u64) {
+pub(crate) fn q4k_scales_mins(packed: &[u8]) -> (u64, u64) {
     const KMASK1: u32 = 0x3f3f_3f3f;
     const KMASK2: u32 = 0x0f0f_0f0f;
     const KMASK3: u32 = 0x0303_0303;

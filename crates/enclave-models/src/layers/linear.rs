@@ -17,6 +17,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::kquants::{self, KQuant};
+use super::q4k_tiles::Q4KTiles;
 use super::q8_tiles;
 use super::quantized::{self, Q8Weights, QK8_0};
 
@@ -37,6 +38,9 @@ pub struct Linear {
     /// `weight` is an empty placeholder and products go through candle's quantized kernels,
     /// which quantize the activations per block as llama.cpp does.
     quantized: Option<QMatMul>,
+    /// A Q4_K weight repacked into tiles of eight features (`layers/q4k_tiles.rs`), on CPUs
+    /// with AVX-512 VNNI: then every product takes them and candle's copy is never built.
+    q4k_tiles: Option<Arc<Q4KTiles>>,
     bias: Option<Tensor>,
     /// The checkpoint name of the weight (`model.layers.0.mlp.up_proj.weight`), so a loader can
     /// find its quantized form.
@@ -48,6 +52,7 @@ impl Linear {
         Self {
             weight,
             quantized: None,
+            q4k_tiles: None,
             bias,
             name: String::new(),
         }
@@ -75,6 +80,11 @@ impl Linear {
             );
         }
         self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
+        self.q4k_tiles = None;
+        if weight.dtype() == GgmlDType::Q4K && weight.device().is_cpu() {
+            let (n, k) = weight.shape().dims2()?;
+            self.q4k_tiles = Q4KTiles::new(&weight.data()?, n, k).map(Arc::new);
+        }
         self.quantized = Some(QMatMul::from_arc(weight)?);
         Ok(())
     }
@@ -96,7 +106,9 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let weight = match &self.quantized {
-            Some(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Some(QMatMul::QTensor(q)) => {
+                q.storage_size_in_bytes() + self.q4k_tiles.as_ref().map_or(0, |t| t.bytes())
+            }
             Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => bytes(t),
             None => bytes(&self.weight),
         };
@@ -158,7 +170,9 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if let Some(quantized) = &self.quantized {
+        let y = if let Some(tiles) = self.q4k_tiles.as_ref().filter(|_| x.device().is_cpu()) {
+            forward_q4k_tiles(tiles, x)?
+        } else if let Some(quantized) = &self.quantized {
             forward_quantized(quantized, x)?
         } else if self.takes_small_batch_kernel(x) {
             x.contiguous()?
@@ -218,7 +232,8 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
     )
 }
 
-/// `x Wᵀ` for block-quantized `W`, by route:
+/// `x Wᵀ` for block-quantized `W`, by route (Q4_K weights on a CPU with AVX-512 VNNI never come
+/// here: they take their tiles, see [`forward_q4k_tiles`]):
 /// - our one-row kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
 ///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 and [`BLOCK_GEMV_ROWS`]
 ///   of a Q8_0 matrix too large to dequantise (an output head; `layers/quantized.rs`): they
@@ -295,6 +310,27 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
         candle_nn::Linear::new(dense, None).forward(&x)?
     };
     y.to_dtype(dtype)
+}
+
+/// `x Wᵀ` on Q4_K tiles: every row count, since they beat both the one-row kernel and
+/// candle's product from one row to a whole prompt chunk (`examples/kquant_matmul.rs`).
+fn forward_q4k_tiles(tiles: &Q4KTiles, x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (n, k) = tiles.shape();
+    if x.dims().last() != Some(&k) {
+        candle_core::bail!(
+            "quantized linear: input {:?} vs weight [{n}, {k}]",
+            x.dims()
+        );
+    }
+    let rows = x.elem_count() / k.max(1);
+    let out = tiles.matmul(&x.flatten_all()?.to_vec1::<f32>()?, rows);
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(out, dims, x.device())?.to_dtype(dtype)
 }
 
 /// Runs one of our block kernels: `product` gets the f32 input flattened and the weight's bytes

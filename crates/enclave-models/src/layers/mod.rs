@@ -10,6 +10,7 @@ pub mod linear;
 pub mod mlp;
 pub mod moe;
 pub mod norm;
+pub mod q4k_tiles;
 pub mod q8_tiles;
 pub mod quantized;
 pub mod rotary;
