@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
+use enclave_models::layers::kquant_tiles::KQuantTiles;
 use enclave_models::layers::kquants::{matmul_k_quant, KQuant};
-use enclave_models::layers::q4k_tiles::Q4KTiles;
 use enclave_models::layers::q8_tiles::matmul_q8_tiles;
 use enclave_models::layers::quantized::{matmul_q8_blocks, Q8Weights};
 
@@ -87,9 +87,11 @@ fn main() -> candle_core::Result<()> {
             .map(|w| w.data().map(|d| d.to_vec()))
             .collect::<candle_core::Result<_>>()?;
         let weights_q = weights;
-        // Q4_K: also the tiles repacked at load (`layers/q4k_tiles.rs`).
-        let q4k_tiles: Vec<Q4KTiles> = if matches!(kind, Ours::K(KQuant::Q4K)) {
-            raw.iter().filter_map(|w| Q4KTiles::new(w, n, k)).collect()
+        // Q4_K and Q6_K: also the tiles repacked at load (`layers/kquant_tiles.rs`).
+        let k_tiles: Vec<KQuantTiles> = if let Ours::K(kind) = kind {
+            raw.iter()
+                .filter_map(|w| KQuantTiles::new(kind, w, n, k))
+                .collect()
         } else {
             Vec::new()
         };
@@ -140,10 +142,10 @@ fn main() -> candle_core::Result<()> {
                     t_ours / t_tiles,
                     t_gemm * 1e3
                 )
-            } else if !q4k_tiles.is_empty() {
+            } else if !k_tiles.is_empty() {
                 let t_tiles = median(|| {
                     turn = (turn + 1) % copies;
-                    std::hint::black_box(q4k_tiles[turn].matmul(&xs, m));
+                    std::hint::black_box(k_tiles[turn].matmul(&xs, m));
                 });
                 format!(
                     "   tiles {:7.3} ms {:5.1} GB/s ({:.2}x ours, {:.2}x candle)",

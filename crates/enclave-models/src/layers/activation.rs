@@ -231,7 +231,7 @@ unsafe fn gated_avx2(kind: Gate, gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// little early: the logistic function's `v / (1 + eˣ)` is then 0 either way).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn exp256(x: __m256) -> __m256 {
+pub(crate) unsafe fn exp256(x: __m256) -> __m256 {
     // SAFETY: called from AVX2 + FMA code only.
     unsafe {
         let x = _mm256_min_ps(

@@ -92,8 +92,8 @@ fn attend(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX-512F (and with it AVX2) and FMA, checked just above.
             return unsafe { attend_avx512(shape, query, kv_head, k_pool, v_pool, out) };
         }
         if is_x86_feature_detected!("avx2") {
@@ -104,8 +104,12 @@ fn attend(
     attend_generic(shape, query, kv_head, k_pool, v_pool, out)
 }
 
+/// [`attend_generic`] in AVX-512 registers for head sizes that are a multiple of 16: each
+/// score's 16 lanes reduced as a tree (the generic code's in-order sum of lanes is a chain of
+/// 16 dependent adds per score, which bound decoding at long contexts), the exponentials
+/// vectorized, and each head's output kept in registers across the positions.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn attend_avx512(
     shape: HeadShape,
     query: &DecodeQuery,
@@ -114,7 +118,110 @@ unsafe fn attend_avx512(
     v_pool: &[f32],
     out: &mut [f32],
 ) {
-    attend_generic(shape, query, kv_head, k_pool, v_pool, out)
+    // SAFETY: the caller checked the features.
+    unsafe {
+        match shape.head_dim {
+            64 => attend_avx512_chunks::<4>(shape, query, kv_head, k_pool, v_pool, out),
+            128 => attend_avx512_chunks::<8>(shape, query, kv_head, k_pool, v_pool, out),
+            256 => attend_avx512_chunks::<16>(shape, query, kv_head, k_pool, v_pool, out),
+            _ => attend_generic(shape, query, kv_head, k_pool, v_pool, out),
+        }
+    }
+}
+
+/// [`attend_avx512`] for heads of `16 CHUNKS` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512_chunks<const CHUNKS: usize>(
+    shape: HeadShape,
+    query: &DecodeQuery,
+    kv_head: usize,
+    k_pool: &[f32],
+    v_pool: &[f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let HeadShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        scale,
+    } = shape;
+    let chunks = CHUNKS;
+    let group = num_heads / num_kv_heads;
+    let width = num_kv_heads * head_dim;
+    let positions = query.slots.len();
+    let q = &query.q[kv_head * group * head_dim..(kv_head + 1) * group * head_dim];
+    let column = kv_head * head_dim;
+    // SAFETY: `decode_attention` checked every slot's row lies inside both pools, so
+    // `slot * width + column + head_dim` does; `q` holds `group` heads of `head_dim`; `scores`
+    // and `out` are sized below and by the caller.
+    unsafe {
+        // scores[g * positions + p]
+        let mut scores = vec![0f32; group * positions];
+        for (p, &slot) in query.slots.iter().enumerate() {
+            let key = k_pool.as_ptr().add(slot as usize * width + column);
+            for g in 0..group {
+                let q_head = q.as_ptr().add(g * head_dim);
+                let mut even = _mm512_setzero_ps();
+                let mut odd = _mm512_setzero_ps();
+                for c in (0..chunks).step_by(2) {
+                    let at = 16 * c;
+                    even = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(q_head.add(at)),
+                        _mm512_loadu_ps(key.add(at)),
+                        even,
+                    );
+                    if c + 1 < chunks {
+                        odd = _mm512_fmadd_ps(
+                            _mm512_loadu_ps(q_head.add(at + 16)),
+                            _mm512_loadu_ps(key.add(at + 16)),
+                            odd,
+                        );
+                    }
+                }
+                *scores.get_unchecked_mut(g * positions + p) =
+                    _mm512_reduce_add_ps(_mm512_add_ps(even, odd)) * scale;
+            }
+        }
+        for head_scores in scores.chunks_exact_mut(positions.max(1)) {
+            let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let shift = _mm256_set1_ps(max);
+            let mut sums = _mm256_setzero_ps();
+            let mut lanes = head_scores.chunks_exact_mut(8);
+            for lane in &mut lanes {
+                let e =
+                    super::activation::exp256(_mm256_sub_ps(_mm256_loadu_ps(lane.as_ptr()), shift));
+                _mm256_storeu_ps(lane.as_mut_ptr(), e);
+                sums = _mm256_add_ps(sums, e);
+            }
+            let mut sum = super::quantized::hsum256(sums);
+            for s in lanes.into_remainder() {
+                let mut padded = [f32::NEG_INFINITY; 8];
+                padded[0] = *s - max;
+                let e = super::activation::exp256(_mm256_loadu_ps(padded.as_ptr()));
+                *s = _mm256_cvtss_f32(e);
+                sum += *s;
+            }
+            let inverse = 1.0 / sum;
+            for s in head_scores.iter_mut() {
+                *s *= inverse;
+            }
+        }
+        for g in 0..group {
+            let mut acc = [_mm512_setzero_ps(); CHUNKS];
+            for (p, &slot) in query.slots.iter().enumerate() {
+                let value = v_pool.as_ptr().add(slot as usize * width + column);
+                let weight = _mm512_set1_ps(*scores.get_unchecked(g * positions + p));
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(weight, _mm512_loadu_ps(value.add(16 * c)), *a);
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(g * head_dim + 16 * c), *a);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -255,12 +362,19 @@ mod tests {
 
     #[test]
     fn matches_the_textbook_computation_through_scattered_slots() {
-        // 6 query heads over 2 KV heads (Qwen2's grouping), a head size that leaves a tail.
+        // 6 query heads over 2 KV heads (Qwen2's grouping); a head size that leaves a tail and
+        // the sizes with vector kernels.
+        for head_dim in [40, 64, 128, 256] {
+            matches_the_textbook_computation_with_heads_of(head_dim);
+        }
+    }
+
+    fn matches_the_textbook_computation_with_heads_of(head_dim: usize) {
         let shape = HeadShape {
             num_heads: 6,
             num_kv_heads: 2,
-            head_dim: 40,
-            scale: 40f32.powf(-0.5),
+            head_dim,
+            scale: (head_dim as f32).powf(-0.5),
         };
         let slots_total = 64;
         let width = shape.num_kv_heads * shape.head_dim;
@@ -291,7 +405,10 @@ mod tests {
         for (i, query) in queries.iter().enumerate() {
             let want = reference(shape, query.q, &query.slots, &k, &v);
             for (j, (a, b)) in got[i * row..(i + 1) * row].iter().zip(&want).enumerate() {
-                assert!((a - b).abs() < 1e-5, "query {i} [{j}]: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "heads of {head_dim}, query {i} [{j}]: {a} vs {b}"
+                );
             }
         }
         // A query alone gets the bits it gets in the batch.

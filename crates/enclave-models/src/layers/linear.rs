@@ -16,8 +16,8 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::kquant_tiles::KQuantTiles;
 use super::kquants::{self, KQuant};
-use super::q4k_tiles::Q4KTiles;
 use super::q8_tiles;
 use super::quantized::{self, Q8Weights, QK8_0};
 
@@ -38,9 +38,9 @@ pub struct Linear {
     /// `weight` is an empty placeholder and products go through candle's quantized kernels,
     /// which quantize the activations per block as llama.cpp does.
     quantized: Option<QMatMul>,
-    /// A Q4_K weight repacked into tiles of eight features (`layers/q4k_tiles.rs`), on CPUs
-    /// with AVX-512 VNNI: then every product takes them and candle's copy is never built.
-    q4k_tiles: Option<Arc<Q4KTiles>>,
+    /// A Q4_K or Q6_K weight repacked into tiles of eight features (`layers/kquant_tiles.rs`),
+    /// on CPUs with AVX-512 VNNI: then every product takes them and candle's copy is never built.
+    k_tiles: Option<Arc<KQuantTiles>>,
     bias: Option<Tensor>,
     /// The checkpoint name of the weight (`model.layers.0.mlp.up_proj.weight`), so a loader can
     /// find its quantized form.
@@ -52,7 +52,7 @@ impl Linear {
         Self {
             weight,
             quantized: None,
-            q4k_tiles: None,
+            k_tiles: None,
             bias,
             name: String::new(),
         }
@@ -80,10 +80,10 @@ impl Linear {
             );
         }
         self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
-        self.q4k_tiles = None;
-        if weight.dtype() == GgmlDType::Q4K && weight.device().is_cpu() {
+        self.k_tiles = None;
+        if let Some(kind) = KQuant::from_ggml(weight.dtype()).filter(|_| weight.device().is_cpu()) {
             let (n, k) = weight.shape().dims2()?;
-            self.q4k_tiles = Q4KTiles::new(&weight.data()?, n, k).map(Arc::new);
+            self.k_tiles = KQuantTiles::new(kind, &weight.data()?, n, k).map(Arc::new);
         }
         self.quantized = Some(QMatMul::from_arc(weight)?);
         Ok(())
@@ -107,7 +107,7 @@ impl Linear {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let weight = match &self.quantized {
             Some(QMatMul::QTensor(q)) => {
-                q.storage_size_in_bytes() + self.q4k_tiles.as_ref().map_or(0, |t| t.bytes())
+                q.storage_size_in_bytes() + self.k_tiles.as_ref().map_or(0, |t| t.bytes())
             }
             Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => bytes(t),
             None => bytes(&self.weight),
@@ -170,8 +170,8 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if let Some(tiles) = self.q4k_tiles.as_ref().filter(|_| x.device().is_cpu()) {
-            forward_q4k_tiles(tiles, x)?
+        let y = if let Some(tiles) = self.k_tiles.as_ref().filter(|_| x.device().is_cpu()) {
+            forward_k_tiles(tiles, x)?
         } else if let Some(quantized) = &self.quantized {
             forward_quantized(quantized, x)?
         } else if self.takes_small_batch_kernel(x) {
@@ -232,8 +232,8 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
     )
 }
 
-/// `x Wᵀ` for block-quantized `W`, by route (Q4_K weights on a CPU with AVX-512 VNNI never come
-/// here: they take their tiles, see [`forward_q4k_tiles`]):
+/// `x Wᵀ` for block-quantized `W`, by route (Q4_K and Q6_K weights on a CPU with AVX-512 VNNI
+/// never come here: they take their tiles, see [`forward_k_tiles`]):
 /// - our one-row kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
 ///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 and [`BLOCK_GEMV_ROWS`]
 ///   of a Q8_0 matrix too large to dequantise (an output head; `layers/quantized.rs`): they
@@ -312,9 +312,9 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     y.to_dtype(dtype)
 }
 
-/// `x Wᵀ` on Q4_K tiles: every row count, since they beat both the one-row kernel and
+/// `x Wᵀ` on Q4_K or Q6_K tiles: every row count, since they beat both the one-row kernel and
 /// candle's product from one row to a whole prompt chunk (`examples/kquant_matmul.rs`).
-fn forward_q4k_tiles(tiles: &Q4KTiles, x: &Tensor) -> Result<Tensor> {
+fn forward_k_tiles(tiles: &KQuantTiles, x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let (n, k) = tiles.shape();

@@ -1,0 +1,597 @@
+//! Q4_K and Q6_K weights repacked at load into tiles of eight output features, for products of
+//! any number of rows on AVX-512 VNNI. A tile block holds one 256-value block of each of eight
+//! weight rows: their quants interleaved four bytes at a time, so one `vpdpbusd` multiplies four
+//! activation bytes (broadcast) by four weights of each of the eight features and the sums land
+//! in the features' lanes; the sub-block scales (and Q4_K's mins) unpacked to a byte per
+//! sub-block and feature; `d` (and `dmin`) side by side. A Q4_K block then costs about 30
+//! instructions per feature and activation row, against about 75 in the one-row kernel
+//! (`layers/kquants.rs`), which is what bound decoding on Q4_K_M files below llama.cpp's speed.
+//!
+//! The arithmetic is llama.cpp's (and the one-row kernel's): activations quantized to Q8_K, a
+//! block's sums in integers, weighted by the sub-block scales in integers, then by `d·dx` once:
+//! Q4_K `d·dx·Σ_s scale_s·(q·x)_s − dmin·dx·Σ_s min_s·Σx_s`, Q6_K
+//! `d·dx·Σ_g scale_g·((u − 32)·x)_g` with the 6-bit values `u` unsigned. A tile block takes
+//! 1,184 bytes for the 1,152 of eight Q4_K blocks, 1,696 for the 1,680 of eight Q6_K blocks.
+//!
+//! Ours because candle 0.11's k-quant products decode at under half the memory bandwidth and its
+//! repacked Q4_K copy takes a third more bytes per weight (`examples/kquant_matmul.rs`).
+
+use super::kquants::{q4k_scales_mins, quantize_rows_q8_k, KQuant, Q8KActivations, QK_K};
+use super::quantized::OutPtr;
+
+/// Output features interleaved in one tile (the lanes of a 256-bit vector).
+const FEATURES: usize = 8;
+/// Activation rows whose sums are kept in registers together.
+const ROW_TILE: usize = 4;
+
+/// Byte offsets within a Q4_K tile block: `d` and `dmin` (f16 per feature), the scales
+/// (`[sub-block][feature]`), the mins (`[sub-block pair][feature][2]`, for `vpdpwssd` on
+/// pairs), the nibbles (`[chunk][4-byte group][feature][4]`).
+mod q4k {
+    pub const D: usize = 0;
+    pub const DMIN: usize = 16;
+    pub const SCALES: usize = 32;
+    pub const MINS: usize = 96;
+    pub const QS: usize = 160;
+    /// 32-byte lines per tile block (1,184 bytes).
+    pub const LINES: usize = (QS + super::FEATURES * 128) / 32;
+}
+
+/// Byte offsets within a Q6_K tile block: `d` (f16 per feature), the signed scales
+/// (`[16-value group pair][feature][2]`), the quants (`[half][4-byte group][3][feature][4]`:
+/// per half block and group the two low-nibble chunks and the high bit pairs, in the order the
+/// kernel reads them, which keeps the hardware prefetchers on one stream).
+mod q6k {
+    pub const D: usize = 0;
+    pub const SCALES: usize = 32;
+    pub const QUANTS: usize = 160;
+    /// 32-byte lines per tile block (1,696 bytes).
+    pub const LINES: usize = (QUANTS + super::FEATURES * 192) / 32;
+}
+
+/// A 32-byte line, so every vector load of the quants is aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Line([u8; 32]);
+
+/// A Q4_K or Q6_K matrix `[n, k]` in tiles: `n.div_ceil(8)` groups of eight features, each
+/// group's `k / 256` tile blocks in order.
+pub struct KQuantTiles {
+    kind: KQuant,
+    n: usize,
+    k: usize,
+    lines: Vec<Line>,
+}
+
+impl std::fmt::Debug for KQuantTiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KQuantTiles")
+            .field("kind", &self.kind)
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether this CPU runs the tiles.
+pub fn available() -> bool {
+    super::q8_tiles::available()
+}
+
+/// 32-byte lines per tile block of `kind`.
+fn tile_lines(kind: KQuant) -> usize {
+    match kind {
+        KQuant::Q4K => q4k::LINES,
+        KQuant::Q6K => q6k::LINES,
+    }
+}
+
+impl KQuantTiles {
+    /// Repacks `w`, the file's `n · k/256` blocks of `kind`; `None` when the CPU lacks AVX-512
+    /// VNNI or the shape does not fit (`k` not a positive multiple of 256, `w` not `n` rows).
+    pub fn new(kind: KQuant, w: &[u8], n: usize, k: usize) -> Option<Self> {
+        let blocks = k / QK_K;
+        if !available()
+            || k == 0
+            || !k.is_multiple_of(QK_K)
+            || w.len() != n * blocks * kind.block_bytes()
+        {
+            return None;
+        }
+        let groups = n.div_ceil(FEATURES);
+        let group_lines = blocks * tile_lines(kind);
+        let mut lines = vec![Line([0; 32]); groups * group_lines];
+        let out = OutPtr(lines.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
+            for group in range {
+                // SAFETY: each group's tile blocks belong to this call alone, inside `lines`,
+                // which outlives the pool call.
+                let tiles = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out.get().add(group * group_lines).cast::<u8>(),
+                        group_lines * 32,
+                    )
+                };
+                pack_group(kind, w, n, blocks, group, tiles);
+            }
+        });
+        Some(Self { kind, n, k, lines })
+    }
+
+    /// `(n, k)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.lines.len() * 32
+    }
+
+    /// `x [rows, k] · Wᵀ`, `[rows, n]`. A row's result does not depend on the other rows.
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.in_passes(x, rows, (PASS_BYTES / self.k.max(1)).max(4 * ROW_TILE))
+    }
+
+    fn in_passes(&self, x: &[f32], rows: usize, pass_rows: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        assert!(
+            x.len() >= rows * k,
+            "Q4_K tiles: [{rows}, {k}] input of {}",
+            x.len()
+        );
+        let mut out = vec![0f32; rows * n];
+        if rows == 0 || n == 0 || k == 0 {
+            return out;
+        }
+        let mut first_row = 0;
+        while first_row < rows {
+            let pass = (rows - first_row).min(pass_rows);
+            let activations =
+                quantize_rows_q8_k(&x[first_row * k..(first_row + pass) * k], pass, k);
+            let shared = Shared {
+                tiles: self,
+                x: &activations,
+                rows: pass,
+                out: OutPtr(out[first_row * n..].as_mut_ptr()),
+            };
+            candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(FEATURES), |groups| {
+                #[cfg(target_arch = "x86_64")]
+                for group in groups {
+                    // SAFETY: the tiles exist only where `available` saw the features; each
+                    // group writes only its own features' outputs.
+                    unsafe { group_vnni(&shared, group) };
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (groups, &shared);
+            });
+            first_row += pass;
+        }
+        out
+    }
+}
+
+/// Activation bytes (one per value) a pass keeps for the tiles to share from cache.
+const PASS_BYTES: usize = 4 << 20;
+
+/// Writes the tile blocks of features `8 group .. 8 group + 8` (zeros past `n`).
+fn pack_group(kind: KQuant, w: &[u8], n: usize, blocks: usize, group: usize, tiles: &mut [u8]) {
+    let (block_bytes, tile_bytes) = (kind.block_bytes(), tile_lines(kind) * 32);
+    let row_bytes = blocks * block_bytes;
+    for b in 0..blocks {
+        let tile = &mut tiles[b * tile_bytes..(b + 1) * tile_bytes];
+        for j in 0..FEATURES.min(n - group * FEATURES) {
+            let at = (group * FEATURES + j) * row_bytes + b * block_bytes;
+            let block = &w[at..at + block_bytes];
+            match kind {
+                KQuant::Q4K => pack_q4k(block, j, tile),
+                KQuant::Q6K => pack_q6k(block, j, tile),
+            }
+        }
+    }
+}
+
+/// Feature `j`'s Q4_K block into its tile block.
+fn pack_q4k(block: &[u8], j: usize, tile: &mut [u8]) {
+    use q4k::*;
+    tile[D + 2 * j..D + 2 * j + 2].copy_from_slice(&block[0..2]);
+    tile[DMIN + 2 * j..DMIN + 2 * j + 2].copy_from_slice(&block[2..4]);
+    let (scales, mins) = q4k_scales_mins(&block[4..16]);
+    for s in 0..8 {
+        tile[SCALES + 8 * s + j] = (scales >> (8 * s)) as u8;
+        tile[MINS + 16 * (s / 2) + 2 * j + s % 2] = (mins >> (8 * s)) as u8;
+    }
+    for c in 0..4 {
+        for i in 0..8 {
+            let to = QS + (8 * c + i) * 32 + 4 * j;
+            let from = 16 + 32 * c + 4 * i;
+            tile[to..to + 4].copy_from_slice(&block[from..from + 4]);
+        }
+    }
+}
+
+/// Feature `j`'s Q6_K block (`ql[128]`, `qh[64]`, `scales[16]`, `d`) into its tile block.
+fn pack_q6k(block: &[u8], j: usize, tile: &mut [u8]) {
+    use q6k::*;
+    tile[D + 2 * j..D + 2 * j + 2].copy_from_slice(&block[208..210]);
+    for g in 0..16 {
+        tile[SCALES + 16 * (g / 2) + 2 * j + g % 2] = block[192 + g];
+    }
+    for h in 0..2 {
+        for i in 0..8 {
+            // Low nibbles of chunks 2h and 2h + 1, then the high bit pairs of half h.
+            for (v, from) in [64 * h, 64 * h + 32, 128 + 32 * h].into_iter().enumerate() {
+                let to = QUANTS + ((8 * h + i) * 3 + v) * 32 + 4 * j;
+                tile[to..to + 4].copy_from_slice(&block[from + 4 * i..from + 4 * i + 4]);
+            }
+        }
+    }
+}
+
+/// What every work unit of a pass reads.
+struct Shared<'a> {
+    tiles: &'a KQuantTiles,
+    x: &'a Q8KActivations,
+    /// Rows in this pass.
+    rows: usize,
+    /// The pass's first output row.
+    out: OutPtr,
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Every activation row of the pass against the tiles of group `group`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn group_vnni(s: &Shared, group: usize) {
+    // SAFETY: the caller checked the features; rows are below `s.rows`.
+    unsafe {
+        let mut row = 0;
+        while row < s.rows {
+            let tile_rows = (s.rows - row).min(ROW_TILE);
+            let acc = match s.tiles.kind {
+                KQuant::Q4K => match tile_rows {
+                    1 => widen(q4k_rows_vnni::<1>(s, group, row)),
+                    2 => widen(q4k_rows_vnni::<2>(s, group, row)),
+                    3 => widen(q4k_rows_vnni::<3>(s, group, row)),
+                    _ => q4k_rows_vnni::<4>(s, group, row),
+                },
+                KQuant::Q6K => match tile_rows {
+                    1 => widen(q6k_rows_vnni::<1>(s, group, row)),
+                    2 => widen(q6k_rows_vnni::<2>(s, group, row)),
+                    3 => widen(q6k_rows_vnni::<3>(s, group, row)),
+                    _ => q6k_rows_vnni::<4>(s, group, row),
+                },
+            };
+            store(s, group, row, &acc[..tile_rows]);
+            row += tile_rows;
+        }
+    }
+}
+
+/// `R` rows of sums padded to a full row tile.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn widen<const R: usize>(acc: [__m256; R]) -> [__m256; ROW_TILE] {
+    // SAFETY: all-zero bits are a valid `__m256`.
+    std::array::from_fn(|r| {
+        if r < R {
+            acc[r]
+        } else {
+            unsafe { std::mem::zeroed() }
+        }
+    })
+}
+
+/// Writes the sums of activation rows `row ..` for group `group`'s features.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn store(s: &Shared, group: usize, row: usize, acc: &[__m256]) {
+    // SAFETY: the caller's rows exist in this pass and the group's features below `n` are
+    // this unit's alone.
+    unsafe {
+        let n = s.tiles.n;
+        let first = group * FEATURES;
+        let count = (n - first).min(FEATURES);
+        for (r, sum) in acc.iter().enumerate() {
+            let out = s.out.get().add((row + r) * n + first);
+            if count == FEATURES {
+                _mm256_storeu_ps(out, *sum);
+            } else {
+                let mut lanes = [0f32; FEATURES];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *sum);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), out, count);
+            }
+        }
+    }
+}
+
+/// Q4_K: activation rows `row .. row + R` against the tiles of group `group`. Per 64-value chunk the
+/// low nibbles hold sub-block `2c` and the high ones `2c + 1`; each sub-block's sums
+/// (`vpdpbusd`, unsigned nibbles by signed activations, at most 32·15·128) are weighted by its
+/// scales (`vpmulld`), the mins by the activations' 32-value sums in 16-bit pairs (`vpdpwssd`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn q4k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) -> [__m256; R] {
+    // SAFETY: rows `row .. row + R` exist (the caller's loop), each with `k` quants, `blocks`
+    // scales and `8 blocks` sums; the group's tile blocks are inside `lines`; the outputs
+    // written are this group's features of those rows.
+    unsafe {
+        use q4k::*;
+        let k = s.tiles.k;
+        let blocks = k / QK_K;
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let tiles = s
+            .tiles
+            .lines
+            .as_ptr()
+            .add(group * blocks * LINES)
+            .cast::<u8>();
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let tile = tiles.add(b * LINES * 32);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(D).cast()));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(DMIN).cast()));
+            let xq: [*const u8; R] =
+                std::array::from_fn(|r| s.x.qs.as_ptr().add((row + r) * k + b * QK_K).cast());
+            let mut dot = [_mm256_setzero_si256(); R];
+            for c in 0..4 {
+                let mut low = [_mm256_setzero_si256(); R];
+                let mut high = [_mm256_setzero_si256(); R];
+                for i in 0..8 {
+                    let bits = _mm256_load_si256(tile.add(QS + (8 * c + i) * 32).cast());
+                    let w_low = _mm256_and_si256(bits, low_nibbles);
+                    let w_high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low_nibbles);
+                    for r in 0..R {
+                        let x = xq[r].add(64 * c + 4 * i);
+                        let x_low = _mm256_set1_epi32((x as *const i32).read_unaligned());
+                        let x_high = _mm256_set1_epi32((x.add(32) as *const i32).read_unaligned());
+                        low[r] = _mm256_dpbusd_epi32(low[r], w_low, x_low);
+                        high[r] = _mm256_dpbusd_epi32(high[r], w_high, x_high);
+                    }
+                }
+                let scale_low =
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(tile.add(SCALES + 16 * c).cast()));
+                let scale_high =
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(tile.add(SCALES + 16 * c + 8).cast()));
+                for r in 0..R {
+                    dot[r] = _mm256_add_epi32(
+                        dot[r],
+                        _mm256_add_epi32(
+                            _mm256_mullo_epi32(low[r], scale_low),
+                            _mm256_mullo_epi32(high[r], scale_high),
+                        ),
+                    );
+                }
+            }
+            let mins: [__m256i; 4] = std::array::from_fn(|p| {
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(tile.add(MINS + 16 * p).cast()))
+            });
+            for r in 0..R {
+                let at = (row + r) * blocks + b;
+                let sums = s.x.sums32.as_ptr().add(at * 8);
+                let mut min_dot = _mm256_setzero_si256();
+                for (p, &pair) in mins.iter().enumerate() {
+                    let x_sums =
+                        _mm256_set1_epi32((sums.add(2 * p) as *const i32).read_unaligned());
+                    min_dot = _mm256_dpwssd_epi32(min_dot, pair, x_sums);
+                }
+                let dx = _mm256_set1_ps(*s.x.d.get_unchecked(at));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_mul_ps(d, dx), acc[r]);
+                acc[r] =
+                    _mm256_fnmadd_ps(_mm256_cvtepi32_ps(min_dot), _mm256_mul_ps(dmin, dx), acc[r]);
+            }
+        }
+        acc
+    }
+}
+
+/// Q6_K: activation rows `row .. row + R` against the tiles of group `group`. Per half block
+/// and 4-byte group the low nibbles (two chunks) and high bit pairs rebuild four vectors of
+/// unsigned 6-bit values, one per quarter of the half; each 16-value group's sums (`vpdpbusd`,
+/// at most 16·63·128) are weighted by its signed scales (`vpmulld`), and the offset of 32 is
+/// taken off once per block through the activations' 16-value sums (`vpdpwssd` on scale pairs).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn q6k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) -> [__m256; R] {
+    // SAFETY: as for `q4k_rows_vnni`, with `16 blocks` 16-value sums per row.
+    unsafe {
+        use q6k::*;
+        let k = s.tiles.k;
+        let blocks = k / QK_K;
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let bits45 = _mm256_set1_epi8(0x30);
+        let tiles = s
+            .tiles
+            .lines
+            .as_ptr()
+            .add(group * blocks * LINES)
+            .cast::<u8>();
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let tile = tiles.add(b * LINES * 32);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(D).cast()));
+            let xq: [*const u8; R] =
+                std::array::from_fn(|r| s.x.qs.as_ptr().add((row + r) * k + b * QK_K).cast());
+            // Scale pairs (groups 2p, 2p + 1) per feature, 16 bits each.
+            let pairs: [__m256i; 8] = std::array::from_fn(|p| {
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(tile.add(SCALES + 16 * p).cast()))
+            });
+            let mut dot = [_mm256_setzero_si256(); R];
+            for h in 0..2 {
+                for half in 0..2 {
+                    // Sums of quarter j's 16-value group `8h + 2j + half`.
+                    let mut quarters = [[_mm256_setzero_si256(); 4]; R];
+                    for i in 4 * half..4 * half + 4 {
+                        let line = tile.add(QUANTS + (8 * h + i) * 96);
+                        let low_a = _mm256_load_si256(line.cast());
+                        let low_b = _mm256_load_si256(line.add(32).cast());
+                        let high = _mm256_load_si256(line.add(64).cast());
+                        let u = [
+                            _mm256_or_si256(
+                                _mm256_and_si256(low_a, low_nibbles),
+                                _mm256_and_si256(_mm256_slli_epi16(high, 4), bits45),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(low_b, low_nibbles),
+                                _mm256_and_si256(_mm256_slli_epi16(high, 2), bits45),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16(low_a, 4), low_nibbles),
+                                _mm256_and_si256(high, bits45),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16(low_b, 4), low_nibbles),
+                                _mm256_and_si256(_mm256_srli_epi16(high, 2), bits45),
+                            ),
+                        ];
+                        for r in 0..R {
+                            for (j, &weights) in u.iter().enumerate() {
+                                let x = xq[r].add(128 * h + 32 * j + 4 * i);
+                                let four = _mm256_set1_epi32((x as *const i32).read_unaligned());
+                                quarters[r][j] = _mm256_dpbusd_epi32(quarters[r][j], weights, four);
+                            }
+                        }
+                    }
+                    for j in 0..4 {
+                        // Group 8h + 2j + half: the low (even) or high (odd) 16 bits of pair
+                        // 4h + j, sign-extended.
+                        let pair = pairs[4 * h + j];
+                        let scale = if half == 0 {
+                            _mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16)
+                        } else {
+                            _mm256_srai_epi32(pair, 16)
+                        };
+                        for r in 0..R {
+                            dot[r] =
+                                _mm256_add_epi32(dot[r], _mm256_mullo_epi32(quarters[r][j], scale));
+                        }
+                    }
+                }
+            }
+            for r in 0..R {
+                let at = (row + r) * blocks + b;
+                let bsums = s.x.bsums.as_ptr().add(at * 16);
+                let mut offset = _mm256_setzero_si256();
+                for (p, &pair) in pairs.iter().enumerate() {
+                    let x_sums =
+                        _mm256_set1_epi32((bsums.add(2 * p) as *const i32).read_unaligned());
+                    offset = _mm256_dpwssd_epi32(offset, pair, x_sums);
+                }
+                let dot = _mm256_sub_epi32(dot[r], _mm256_slli_epi32(offset, 5));
+                let dx = _mm256_set1_ps(*s.x.d.get_unchecked(at));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, dx), acc[r]);
+            }
+        }
+        acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::kquants::{matmul_k_quant, Q6K_BLOCK_BYTES};
+    use crate::layers::quantized::test_weights;
+    use candle_core::quantized::GgmlDType;
+
+    const KINDS: [(GgmlDType, KQuant); 2] =
+        [(GgmlDType::Q4K, KQuant::Q4K), (GgmlDType::Q6K, KQuant::Q6K)];
+
+    #[test]
+    fn tiles_give_the_one_row_kernels_products() {
+        if !available() {
+            eprintln!("SKIPPED: this CPU lacks AVX-512 VNNI");
+            return;
+        }
+        // 21 features: two whole tiles and a partial one; rows past one row tile and a tail.
+        let (n, k) = (21, 512);
+        for (dtype, kind) in KINDS {
+            let (w, _, _) = test_weights(n, k, dtype, 3);
+            let Some(tiles) = KQuantTiles::new(kind, &w, n, k) else {
+                panic!("no tiles for a [21, 512] {kind:?} matrix");
+            };
+            for (rows, pass_rows) in [(1, 16), (4, 16), (7, 16), (33, 64), (33, 8)] {
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|i| ((i * 53 % 127) as f32 - 63.0) / 9.0)
+                    .collect();
+                let want = matmul_k_quant(kind, &x, rows, k, &w, n);
+                let got = tiles.in_passes(&x, rows, pass_rows);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "{kind:?} rows {rows} in {pass_rows} [{}, {}]: {a} vs {b}",
+                        i / n,
+                        i % n
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_q6_k_values_keep_exact_integer_sums() {
+        if !available() {
+            return;
+        }
+        // One feature, one block: 6-bit values 0 and 63 (-32 and 31), scales ±127 and -128,
+        // activations ±127 after quantization; with d = 1 the product is the exact integer sum.
+        let mut block = vec![0u8; Q6K_BLOCK_BYTES];
+        let u = |i: usize| if i.is_multiple_of(3) { 63u8 } else { 0 };
+        for i in 0..QK_K {
+            let (h, j, l) = (i / 128, (i % 128) / 32, i % 32);
+            let (low, high) = (u(i) & 0x0F, u(i) >> 4);
+            block[64 * h + 32 * (j % 2) + l] |= if j < 2 { low } else { low << 4 };
+            block[128 + 32 * h + l] |= high << (2 * j);
+        }
+        for g in 0..16 {
+            block[192 + g] = [127i8, -128, -127, 5][g % 4] as u8;
+        }
+        block[208..210].copy_from_slice(&half::f16::from_f32(1.0).to_bits().to_le_bytes());
+        let x: Vec<f32> = (0..QK_K)
+            .map(|i| if i % 2 == 0 { 127.0 } else { -127.0 })
+            .collect();
+        let Some(tiles) = KQuantTiles::new(KQuant::Q6K, &block, 1, QK_K) else {
+            panic!("no tiles");
+        };
+        let exact: i64 = (0..QK_K)
+            .map(|i| {
+                let scale = i64::from([127i8, -128, -127, 5][(i / 16) % 4]);
+                let x = if i % 2 == 0 { 127 } else { -127 };
+                scale * (i64::from(u(i)) - 32) * x
+            })
+            .sum();
+        assert_eq!(tiles.matmul(&x, 1)[0], exact as f32);
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_batch() {
+        if !available() {
+            return;
+        }
+        let (n, k) = (13, 256);
+        for (dtype, kind) in KINDS {
+            let (w, _, _) = test_weights(n, k, dtype, 5);
+            let Some(tiles) = KQuantTiles::new(kind, &w, n, k) else {
+                panic!("no tiles");
+            };
+            let x: Vec<f32> = (0..9 * k)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 5.0)
+                .collect();
+            let all = tiles.matmul(&x, 9);
+            for r in 0..9 {
+                let alone = tiles.matmul(&x[r * k..(r + 1) * k], 1);
+                assert_eq!(&all[r * n..(r + 1) * n], &alone[..], "{kind:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_get_no_tiles() {
+        let (w, _, _) = test_weights(8, 256, GgmlDType::Q4K, 1);
+        assert!(KQuantTiles::new(KQuant::Q4K, &w, 9, 256).is_none());
+        assert!(KQuantTiles::new(KQuant::Q4K, &w[..w.len() - 1], 8, 256).is_none());
+        assert!(KQuantTiles::new(KQuant::Q4K, &w, 8, 128).is_none());
+        assert!(KQuantTiles::new(KQuant::Q6K, &w, 8, 256).is_none());
+    }
+}
