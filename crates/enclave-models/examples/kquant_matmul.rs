@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use enclave_models::layers::kquant_tiles::KQuantTiles;
+use enclave_models::layers::block_tiles::{BlockTiles, TileFormat};
 use enclave_models::layers::kquants::{matmul_k_quant, KQuant};
 use enclave_models::layers::q8_tiles::matmul_q8_tiles;
 use enclave_models::layers::quantized::{matmul_q8_blocks, Q8Weights};
@@ -87,14 +87,14 @@ fn main() -> candle_core::Result<()> {
             .map(|w| w.data().map(|d| d.to_vec()))
             .collect::<candle_core::Result<_>>()?;
         let weights_q = weights;
-        // Q4_K and Q6_K: also the tiles repacked at load (`layers/kquant_tiles.rs`).
-        let k_tiles: Vec<KQuantTiles> = if let Ours::K(kind) = kind {
-            raw.iter()
-                .filter_map(|w| KQuantTiles::new(kind, w, n, k))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // Q4_K, Q6_K and Q8_0: also the tiles repacked at load (`layers/block_tiles.rs`).
+        let load_tiles: Vec<BlockTiles> = TileFormat::from_ggml(dtype)
+            .map(|format| {
+                raw.iter()
+                    .filter_map(|w| BlockTiles::new(format, w, n, k))
+                    .collect()
+            })
+            .unwrap_or_default();
         // candle repacks a weight on its first product: do that outside the timings.
         let one = Tensor::zeros((1, k), candle_core::DType::F32, &dev)?;
         let two = Tensor::zeros((2, k), candle_core::DType::F32, &dev)?;
@@ -119,6 +119,21 @@ fn main() -> candle_core::Result<()> {
             });
             // Q8_0 / Q5_0: also the tiled kernel, and the dequantised GEMM the layer falls back
             // to (dequantisation included, as it runs per product).
+            let t_load_tiles = (!load_tiles.is_empty()).then(|| {
+                median(|| {
+                    turn = (turn + 1) % copies;
+                    std::hint::black_box(load_tiles[turn].matmul(&xs, m));
+                })
+            });
+            let load_tiles_column = t_load_tiles.map_or(String::new(), |t| {
+                format!(
+                    "   load-time tiles {:7.3} ms {:5.1} GB/s ({:.2}x ours, {:.2}x candle)",
+                    t * 1e3,
+                    bytes as f64 / t / 1e9,
+                    t_ours / t,
+                    t_candle / t
+                )
+            });
             let extra = if let Ours::Q8(format) = kind {
                 let t_tiles = median(|| {
                     turn = (turn + 1) % copies;
@@ -137,25 +152,13 @@ fn main() -> candle_core::Result<()> {
                     f64::NAN
                 };
                 format!(
-                    "   tiles {:7.3} ms ({:.2}x ours)   dequantised GEMM {:7.3} ms",
+                    "   unit tiles {:7.3} ms ({:.2}x ours)   dequantised GEMM {:7.3} ms{load_tiles_column}",
                     t_tiles * 1e3,
                     t_ours / t_tiles,
                     t_gemm * 1e3
                 )
-            } else if !k_tiles.is_empty() {
-                let t_tiles = median(|| {
-                    turn = (turn + 1) % copies;
-                    std::hint::black_box(k_tiles[turn].matmul(&xs, m));
-                });
-                format!(
-                    "   tiles {:7.3} ms {:5.1} GB/s ({:.2}x ours, {:.2}x candle)",
-                    t_tiles * 1e3,
-                    bytes as f64 / t_tiles / 1e9,
-                    t_ours / t_tiles,
-                    t_candle / t_tiles
-                )
             } else {
-                String::new()
+                load_tiles_column
             };
             println!(
                 "{dtype:?} rows {m:>3} [{k} -> {n}]  ours {:7.3} ms {:5.1} GB/s   candle {:7.3} ms {:5.1} GB/s ({:.2}x ours){extra}",

@@ -16,7 +16,7 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::kquant_tiles::KQuantTiles;
+use super::block_tiles::{BlockTiles, TileFormat};
 use super::kquants::{self, KQuant};
 use super::q8_tiles;
 use super::quantized::{self, Q8Weights, QK8_0};
@@ -38,9 +38,10 @@ pub struct Linear {
     /// `weight` is an empty placeholder and products go through candle's quantized kernels,
     /// which quantize the activations per block as llama.cpp does.
     quantized: Option<QMatMul>,
-    /// A Q4_K or Q6_K weight repacked into tiles of eight features (`layers/kquant_tiles.rs`),
-    /// on CPUs with AVX-512 VNNI: then every product takes them and candle's copy is never built.
-    k_tiles: Option<Arc<KQuantTiles>>,
+    /// A Q4_K, Q6_K or Q8_0 weight repacked into tiles of eight features
+    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI: then every product takes them and
+    /// candle's repacked copy is never built.
+    tiles: Option<Arc<BlockTiles>>,
     bias: Option<Tensor>,
     /// The checkpoint name of the weight (`model.layers.0.mlp.up_proj.weight`), so a loader can
     /// find its quantized form.
@@ -52,7 +53,7 @@ impl Linear {
         Self {
             weight,
             quantized: None,
-            k_tiles: None,
+            tiles: None,
             bias,
             name: String::new(),
         }
@@ -80,10 +81,11 @@ impl Linear {
             );
         }
         self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
-        self.k_tiles = None;
-        if let Some(kind) = KQuant::from_ggml(weight.dtype()).filter(|_| weight.device().is_cpu()) {
+        self.tiles = None;
+        let format = TileFormat::from_ggml(weight.dtype()).filter(|_| weight.device().is_cpu());
+        if let Some(format) = format {
             let (n, k) = weight.shape().dims2()?;
-            self.k_tiles = KQuantTiles::new(kind, &weight.data()?, n, k).map(Arc::new);
+            self.tiles = BlockTiles::new(format, &weight.data()?, n, k).map(Arc::new);
         }
         self.quantized = Some(QMatMul::from_arc(weight)?);
         Ok(())
@@ -107,7 +109,7 @@ impl Linear {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let weight = match &self.quantized {
             Some(QMatMul::QTensor(q)) => {
-                q.storage_size_in_bytes() + self.k_tiles.as_ref().map_or(0, |t| t.bytes())
+                q.storage_size_in_bytes() + self.tiles.as_ref().map_or(0, |t| t.bytes())
             }
             Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => bytes(t),
             None => bytes(&self.weight),
@@ -170,8 +172,8 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if let Some(tiles) = self.k_tiles.as_ref().filter(|_| x.device().is_cpu()) {
-            forward_k_tiles(tiles, x)?
+        let y = if let Some(tiles) = self.tiles.as_ref().filter(|_| x.device().is_cpu()) {
+            forward_tiles(tiles, x)?
         } else if let Some(quantized) = &self.quantized {
             forward_quantized(quantized, x)?
         } else if self.takes_small_batch_kernel(x) {
@@ -232,8 +234,8 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
     )
 }
 
-/// `x Wᵀ` for block-quantized `W`, by route (Q4_K and Q6_K weights on a CPU with AVX-512 VNNI
-/// never come here: they take their tiles, see [`forward_k_tiles`]):
+/// `x Wᵀ` for block-quantized `W`, by route (Q4_K, Q6_K and Q8_0 weights on a CPU with AVX-512
+/// VNNI never come here: they take their tiles, see [`forward_tiles`]):
 /// - our one-row kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
 ///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 and [`BLOCK_GEMV_ROWS`]
 ///   of a Q8_0 matrix too large to dequantise (an output head; `layers/quantized.rs`): they
@@ -312,9 +314,9 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     y.to_dtype(dtype)
 }
 
-/// `x Wᵀ` on Q4_K or Q6_K tiles: every row count, since they beat both the one-row kernel and
-/// candle's product from one row to a whole prompt chunk (`examples/kquant_matmul.rs`).
-fn forward_k_tiles(tiles: &KQuantTiles, x: &Tensor) -> Result<Tensor> {
+/// `x Wᵀ` on load-time tiles: every row count, since they beat our one-row kernels and candle's
+/// product from one row to a whole prompt chunk (`examples/kquant_matmul.rs`).
+fn forward_tiles(tiles: &BlockTiles, x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let (n, k) = tiles.shape();

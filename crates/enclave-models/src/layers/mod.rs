@@ -3,9 +3,9 @@
 pub mod activation;
 pub mod attention;
 pub mod bf16_matmul;
+pub mod block_tiles;
 pub mod decode_attention;
 pub mod decoder;
-pub mod kquant_tiles;
 pub mod kquants;
 pub mod linear;
 pub mod mlp;

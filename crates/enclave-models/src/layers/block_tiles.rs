@@ -1,23 +1,28 @@
-//! Q4_K and Q6_K weights repacked at load into tiles of eight output features, for products of
-//! any number of rows on AVX-512 VNNI. A tile block holds one 256-value block of each of eight
-//! weight rows: their quants interleaved four bytes at a time, so one `vpdpbusd` multiplies four
-//! activation bytes (broadcast) by four weights of each of the eight features and the sums land
-//! in the features' lanes; the sub-block scales (and Q4_K's mins) unpacked to a byte per
-//! sub-block and feature; `d` (and `dmin`) side by side. A Q4_K block then costs about 30
-//! instructions per feature and activation row, against about 75 in the one-row kernel
+//! Q4_K, Q6_K and Q8_0 weights repacked at load into tiles of eight output features, for
+//! products of any number of rows on AVX-512 VNNI. A tile block holds one block (Q8_0: two) of
+//! each of eight weight rows: their quants interleaved four bytes at a time, so one `vpdpbusd`
+//! multiplies four activation bytes (broadcast) by four weights of each of the eight features
+//! and the sums land in the features' lanes; the sub-block scales (and Q4_K's mins) unpacked to
+//! a byte per sub-block and feature; `d` (and `dmin`) side by side. A Q4_K block then costs
+//! about 30 instructions per feature and activation row, against about 75 in the one-row kernel
 //! (`layers/kquants.rs`), which is what bound decoding on Q4_K_M files below llama.cpp's speed.
 //!
-//! The arithmetic is llama.cpp's (and the one-row kernel's): activations quantized to Q8_K, a
-//! block's sums in integers, weighted by the sub-block scales in integers, then by `d·dx` once:
-//! Q4_K `d·dx·Σ_s scale_s·(q·x)_s − dmin·dx·Σ_s min_s·Σx_s`, Q6_K
-//! `d·dx·Σ_g scale_g·((u − 32)·x)_g` with the 6-bit values `u` unsigned. A tile block takes
-//! 1,184 bytes for the 1,152 of eight Q4_K blocks, 1,696 for the 1,680 of eight Q6_K blocks.
+//! The arithmetic is llama.cpp's (and the one-row kernels'): activations quantized to Q8_K (Q8_0
+//! for Q8_0 weights), a block's sums in integers, weighted by the sub-block scales in integers,
+//! then by `d·dx` once: Q4_K `d·dx·Σ_s scale_s·(q·x)_s − dmin·dx·Σ_s min_s·Σx_s`, Q6_K
+//! `d·dx·Σ_g scale_g·((u − 32)·x)_g` with the 6-bit values `u` unsigned, Q8_0 `d·dx·Σ w·x` with
+//! the weights stored offset by 128 (unsigned, as `vpdpbusd` wants them) and `128 Σx` taken off
+//! per block. A tile block takes 1,184 bytes for the 1,152 of eight Q4_K blocks, 1,696 for the
+//! 1,680 of eight Q6_K blocks, 544 for the 544 of sixteen Q8_0 blocks.
 //!
-//! Ours because candle 0.11's k-quant products decode at under half the memory bandwidth and its
-//! repacked Q4_K copy takes a third more bytes per weight (`examples/kquant_matmul.rs`).
+//! Ours because candle 0.11's k-quant products decode at under half the memory bandwidth, its
+//! repacked copies take more bytes per weight (a third more for Q4_K), and its Q8_0 product of a
+//! few rows reads each weight once per row (`examples/kquant_matmul.rs`).
 
-use super::kquants::{q4k_scales_mins, quantize_rows_q8_k, KQuant, Q8KActivations, QK_K};
-use super::quantized::OutPtr;
+use candle_core::quantized::GgmlDType;
+
+use super::kquants::{q4k_scales_mins, quantize_rows_q8_k, Q8KActivations, QK_K};
+use super::quantized::{quantize_block_q8_0, OutPtr, Q8_0_BLOCK_BYTES, QK8_0};
 
 /// Output features interleaved in one tile (the lanes of a 256-bit vector).
 const FEATURES: usize = 8;
@@ -49,24 +54,81 @@ mod q6k {
     pub const LINES: usize = (QUANTS + super::FEATURES * 192) / 32;
 }
 
+/// Byte offsets within a Q8_0 tile block of two blocks: `d` (f16 per block and feature), the
+/// quants plus 128 (`[block][4-byte group][feature][4]`).
+mod q8_0 {
+    pub const D: usize = 0;
+    pub const QS: usize = 32;
+    /// 32-byte lines per tile block (544 bytes).
+    pub const LINES: usize = (QS + 2 * super::FEATURES * 32) / 32;
+}
+
+/// The block formats with tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileFormat {
+    Q4K,
+    Q6K,
+    Q8_0,
+}
+
+impl TileFormat {
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q6K => Some(Self::Q6K),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Values per tile block.
+    fn values(self) -> usize {
+        match self {
+            Self::Q4K | Self::Q6K => QK_K,
+            Self::Q8_0 => 2 * QK8_0,
+        }
+    }
+
+    /// Bytes per block of the file's layout, and values per block.
+    fn file_block(self) -> (usize, usize) {
+        match self {
+            Self::Q4K => (super::kquants::Q4K_BLOCK_BYTES, QK_K),
+            Self::Q6K => (super::kquants::Q6K_BLOCK_BYTES, QK_K),
+            Self::Q8_0 => (Q8_0_BLOCK_BYTES, QK8_0),
+        }
+    }
+
+    /// 32-byte lines per tile block.
+    fn lines(self) -> usize {
+        match self {
+            Self::Q4K => q4k::LINES,
+            Self::Q6K => q6k::LINES,
+            Self::Q8_0 => q8_0::LINES,
+        }
+    }
+}
+
 /// A 32-byte line, so every vector load of the quants is aligned.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct Line([u8; 32]);
 
-/// A Q4_K or Q6_K matrix `[n, k]` in tiles: `n.div_ceil(8)` groups of eight features, each
-/// group's `k / 256` tile blocks in order.
-pub struct KQuantTiles {
-    kind: KQuant,
+/// A block-quantized matrix `[n, k]` in tiles: `n.div_ceil(8)` groups of eight features, each
+/// group's tile blocks in order (the last Q8_0 one padded with a zero block when `k / 32` is
+/// odd).
+pub struct BlockTiles {
+    format: TileFormat,
     n: usize,
     k: usize,
+    /// Tile blocks per group.
+    blocks: usize,
     lines: Vec<Line>,
 }
 
-impl std::fmt::Debug for KQuantTiles {
+impl std::fmt::Debug for BlockTiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KQuantTiles")
-            .field("kind", &self.kind)
+        f.debug_struct("BlockTiles")
+            .field("format", &self.format)
             .field("n", &self.n)
             .field("k", &self.k)
             .finish_non_exhaustive()
@@ -78,28 +140,22 @@ pub fn available() -> bool {
     super::q8_tiles::available()
 }
 
-/// 32-byte lines per tile block of `kind`.
-fn tile_lines(kind: KQuant) -> usize {
-    match kind {
-        KQuant::Q4K => q4k::LINES,
-        KQuant::Q6K => q6k::LINES,
-    }
-}
-
-impl KQuantTiles {
-    /// Repacks `w`, the file's `n · k/256` blocks of `kind`; `None` when the CPU lacks AVX-512
-    /// VNNI or the shape does not fit (`k` not a positive multiple of 256, `w` not `n` rows).
-    pub fn new(kind: KQuant, w: &[u8], n: usize, k: usize) -> Option<Self> {
-        let blocks = k / QK_K;
+impl BlockTiles {
+    /// Repacks `w`, the file's `n` rows of `format` blocks; `None` when the CPU lacks AVX-512
+    /// VNNI or the shape does not fit (`k` not a positive multiple of the block size, `w` not
+    /// `n` rows).
+    pub fn new(format: TileFormat, w: &[u8], n: usize, k: usize) -> Option<Self> {
+        let (block_bytes, block_values) = format.file_block();
         if !available()
             || k == 0
-            || !k.is_multiple_of(QK_K)
-            || w.len() != n * blocks * kind.block_bytes()
+            || !k.is_multiple_of(block_values)
+            || w.len() != n * (k / block_values) * block_bytes
         {
             return None;
         }
+        let blocks = k.div_ceil(format.values());
         let groups = n.div_ceil(FEATURES);
-        let group_lines = blocks * tile_lines(kind);
+        let group_lines = blocks * format.lines();
         let mut lines = vec![Line([0; 32]); groups * group_lines];
         let out = OutPtr(lines.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
@@ -112,10 +168,16 @@ impl KQuantTiles {
                         group_lines * 32,
                     )
                 };
-                pack_group(kind, w, n, blocks, group, tiles);
+                pack_group(format, w, n, k, group, tiles);
             }
         });
-        Some(Self { kind, n, k, lines })
+        Some(Self {
+            format,
+            n,
+            k,
+            blocks,
+            lines,
+        })
     }
 
     /// `(n, k)`.
@@ -137,7 +199,8 @@ impl KQuantTiles {
         let (n, k) = (self.n, self.k);
         assert!(
             x.len() >= rows * k,
-            "Q4_K tiles: [{rows}, {k}] input of {}",
+            "{:?} tiles: [{rows}, {k}] input of {}",
+            self.format,
             x.len()
         );
         let mut out = vec![0f32; rows * n];
@@ -147,11 +210,21 @@ impl KQuantTiles {
         let mut first_row = 0;
         while first_row < rows {
             let pass = (rows - first_row).min(pass_rows);
-            let activations =
-                quantize_rows_q8_k(&x[first_row * k..(first_row + pass) * k], pass, k);
+            let x = &x[first_row * k..(first_row + pass) * k];
+            let (q8k, q8_0);
+            let inputs = match self.format {
+                TileFormat::Q4K | TileFormat::Q6K => {
+                    q8k = quantize_rows_q8_k(x, pass, k);
+                    Inputs::K(&q8k)
+                }
+                TileFormat::Q8_0 => {
+                    q8_0 = Q8_0Inputs::new(x, pass, k, self.blocks);
+                    Inputs::Q8_0(&q8_0)
+                }
+            };
             let shared = Shared {
                 tiles: self,
-                x: &activations,
+                x: inputs,
                 rows: pass,
                 out: OutPtr(out[first_row * n..].as_mut_ptr()),
             };
@@ -174,19 +247,97 @@ impl KQuantTiles {
 /// Activation bytes (one per value) a pass keeps for the tiles to share from cache.
 const PASS_BYTES: usize = 4 << 20;
 
-/// Writes the tile blocks of features `8 group .. 8 group + 8` (zeros past `n`).
-fn pack_group(kind: KQuant, w: &[u8], n: usize, blocks: usize, group: usize, tiles: &mut [u8]) {
-    let (block_bytes, tile_bytes) = (kind.block_bytes(), tile_lines(kind) * 32);
-    let row_bytes = blocks * block_bytes;
-    for b in 0..blocks {
-        let tile = &mut tiles[b * tile_bytes..(b + 1) * tile_bytes];
-        for j in 0..FEATURES.min(n - group * FEATURES) {
-            let at = (group * FEATURES + j) * row_bytes + b * block_bytes;
-            let block = &w[at..at + block_bytes];
-            match kind {
-                KQuant::Q4K => pack_q4k(block, j, tile),
-                KQuant::Q6K => pack_q6k(block, j, tile),
+/// Activations for Q8_0 tiles: quantized to Q8_0 as llama.cpp does, rows padded with zeros to
+/// whole tile blocks; `scales[r * blocks + b]`, `quants[r * k_padded + i]`, and per block
+/// `-128 Σq`, the offset's share of the sums against weights stored plus 128.
+struct Q8_0Inputs {
+    scales: Vec<f32>,
+    quants: Vec<i8>,
+    offsets: Vec<i32>,
+}
+
+impl Q8_0Inputs {
+    /// `x [rows, k]` for `tile_blocks` tile blocks per row, quantized in parallel over rows.
+    fn new(x: &[f32], rows: usize, k: usize, tile_blocks: usize) -> Self {
+        let blocks = 2 * tile_blocks;
+        let padded = blocks * QK8_0;
+        let mut scales = vec![0f32; rows * blocks];
+        let mut quants = vec![0i8; rows * padded];
+        let mut offsets = vec![0i32; rows * blocks];
+        let (scales_out, quants_out, offsets_out) = (
+            OutPtr(scales.as_mut_ptr()),
+            OutPtr(quants.as_mut_ptr()),
+            OutPtr(offsets.as_mut_ptr()),
+        );
+        let quantize = |range: std::ops::Range<usize>| {
+            for r in range {
+                for b in 0..k / QK8_0 {
+                    // SAFETY: row `r` of each buffer belongs to this call alone, and the buffers
+                    // outlive the pool call.
+                    unsafe {
+                        let q = std::slice::from_raw_parts_mut(
+                            quants_out.get().add(r * padded + b * QK8_0),
+                            QK8_0,
+                        );
+                        *scales_out.get().add(r * blocks + b) =
+                            quantize_block_q8_0(&x[r * k + b * QK8_0..][..QK8_0], q);
+                        *offsets_out.get().add(r * blocks + b) =
+                            -128 * q.iter().map(|&v| i32::from(v)).sum::<i32>();
+                    }
+                }
             }
+        };
+        if rows > 1 {
+            candle_core::utils::barrier_pool().execute_chunked(rows, quantize);
+        } else {
+            quantize(0..rows);
+        }
+        Self {
+            scales,
+            quants,
+            offsets,
+        }
+    }
+}
+
+/// Writes the tile blocks of features `8 group .. 8 group + 8` (zeros past `n`).
+fn pack_group(format: TileFormat, w: &[u8], n: usize, k: usize, group: usize, tiles: &mut [u8]) {
+    let (block_bytes, block_values) = format.file_block();
+    let row_bytes = k / block_values * block_bytes;
+    let tile_bytes = format.lines() * 32;
+    for (t, tile) in tiles.chunks_exact_mut(tile_bytes).enumerate() {
+        for j in 0..FEATURES.min(n - group * FEATURES) {
+            let row = &w[(group * FEATURES + j) * row_bytes..][..row_bytes];
+            match format {
+                TileFormat::Q4K => pack_q4k(&row[t * block_bytes..][..block_bytes], j, tile),
+                TileFormat::Q6K => pack_q6k(&row[t * block_bytes..][..block_bytes], j, tile),
+                TileFormat::Q8_0 => {
+                    // Blocks 2t and 2t + 1; the second is absent (zero) past an odd count.
+                    for half in 0..2 {
+                        if let Some(block) = row
+                            .get((2 * t + half) * block_bytes..)
+                            .and_then(|rest| rest.get(..block_bytes))
+                        {
+                            pack_q8_0(block, half, j, tile);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Feature `j`'s Q8_0 block (f16 `d`, 32 signed quants) as block `half` of its tile block.
+fn pack_q8_0(block: &[u8], half: usize, j: usize, tile: &mut [u8]) {
+    use q8_0::*;
+    tile[D + 16 * half + 2 * j..][..2].copy_from_slice(&block[0..2]);
+    for i in 0..8 {
+        let to = QS + (8 * half + i) * 32 + 4 * j;
+        for (t, &q) in tile[to..to + 4]
+            .iter_mut()
+            .zip(&block[2 + 4 * i..2 + 4 * i + 4])
+        {
+            *t = q ^ 0x80;
         }
     }
 }
@@ -228,10 +379,17 @@ fn pack_q6k(block: &[u8], j: usize, tile: &mut [u8]) {
     }
 }
 
+/// A pass's quantized activations.
+#[derive(Clone, Copy)]
+enum Inputs<'a> {
+    K(&'a Q8KActivations),
+    Q8_0(&'a Q8_0Inputs),
+}
+
 /// What every work unit of a pass reads.
 struct Shared<'a> {
-    tiles: &'a KQuantTiles,
-    x: &'a Q8KActivations,
+    tiles: &'a BlockTiles,
+    x: Inputs<'a>,
     /// Rows in this pass.
     rows: usize,
     /// The pass's first output row.
@@ -250,19 +408,26 @@ unsafe fn group_vnni(s: &Shared, group: usize) {
         let mut row = 0;
         while row < s.rows {
             let tile_rows = (s.rows - row).min(ROW_TILE);
-            let acc = match s.tiles.kind {
-                KQuant::Q4K => match tile_rows {
-                    1 => widen(q4k_rows_vnni::<1>(s, group, row)),
-                    2 => widen(q4k_rows_vnni::<2>(s, group, row)),
-                    3 => widen(q4k_rows_vnni::<3>(s, group, row)),
-                    _ => q4k_rows_vnni::<4>(s, group, row),
+            let acc = match (s.tiles.format, s.x) {
+                (TileFormat::Q4K, Inputs::K(x)) => match tile_rows {
+                    1 => widen(q4k_rows_vnni::<1>(s, x, group, row)),
+                    2 => widen(q4k_rows_vnni::<2>(s, x, group, row)),
+                    3 => widen(q4k_rows_vnni::<3>(s, x, group, row)),
+                    _ => q4k_rows_vnni::<4>(s, x, group, row),
                 },
-                KQuant::Q6K => match tile_rows {
-                    1 => widen(q6k_rows_vnni::<1>(s, group, row)),
-                    2 => widen(q6k_rows_vnni::<2>(s, group, row)),
-                    3 => widen(q6k_rows_vnni::<3>(s, group, row)),
-                    _ => q6k_rows_vnni::<4>(s, group, row),
+                (TileFormat::Q6K, Inputs::K(x)) => match tile_rows {
+                    1 => widen(q6k_rows_vnni::<1>(s, x, group, row)),
+                    2 => widen(q6k_rows_vnni::<2>(s, x, group, row)),
+                    3 => widen(q6k_rows_vnni::<3>(s, x, group, row)),
+                    _ => q6k_rows_vnni::<4>(s, x, group, row),
                 },
+                (TileFormat::Q8_0, Inputs::Q8_0(x)) => match tile_rows {
+                    1 => widen(q8_0_rows_vnni::<1>(s, x, group, row)),
+                    2 => widen(q8_0_rows_vnni::<2>(s, x, group, row)),
+                    3 => widen(q8_0_rows_vnni::<3>(s, x, group, row)),
+                    _ => q8_0_rows_vnni::<4>(s, x, group, row),
+                },
+                _ => unreachable!("inputs are quantized for the tiles' format"),
             };
             store(s, group, row, &acc[..tile_rows]);
             row += tile_rows;
@@ -313,7 +478,12 @@ unsafe fn store(s: &Shared, group: usize, row: usize, acc: &[__m256]) {
 /// scales (`vpmulld`), the mins by the activations' 32-value sums in 16-bit pairs (`vpdpwssd`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn q4k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) -> [__m256; R] {
+unsafe fn q4k_rows_vnni<const R: usize>(
+    s: &Shared,
+    x: &Q8KActivations,
+    group: usize,
+    row: usize,
+) -> [__m256; R] {
     // SAFETY: rows `row .. row + R` exist (the caller's loop), each with `k` quants, `blocks`
     // scales and `8 blocks` sums; the group's tile blocks are inside `lines`; the outputs
     // written are this group's features of those rows.
@@ -334,7 +504,7 @@ unsafe fn q4k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) ->
             let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(D).cast()));
             let dmin = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(DMIN).cast()));
             let xq: [*const u8; R] =
-                std::array::from_fn(|r| s.x.qs.as_ptr().add((row + r) * k + b * QK_K).cast());
+                std::array::from_fn(|r| x.qs.as_ptr().add((row + r) * k + b * QK_K).cast());
             let mut dot = [_mm256_setzero_si256(); R];
             for c in 0..4 {
                 let mut low = [_mm256_setzero_si256(); R];
@@ -344,9 +514,9 @@ unsafe fn q4k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) ->
                     let w_low = _mm256_and_si256(bits, low_nibbles);
                     let w_high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low_nibbles);
                     for r in 0..R {
-                        let x = xq[r].add(64 * c + 4 * i);
-                        let x_low = _mm256_set1_epi32((x as *const i32).read_unaligned());
-                        let x_high = _mm256_set1_epi32((x.add(32) as *const i32).read_unaligned());
+                        let at = xq[r].add(64 * c + 4 * i);
+                        let x_low = _mm256_set1_epi32((at as *const i32).read_unaligned());
+                        let x_high = _mm256_set1_epi32((at.add(32) as *const i32).read_unaligned());
                         low[r] = _mm256_dpbusd_epi32(low[r], w_low, x_low);
                         high[r] = _mm256_dpbusd_epi32(high[r], w_high, x_high);
                     }
@@ -370,14 +540,14 @@ unsafe fn q4k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) ->
             });
             for r in 0..R {
                 let at = (row + r) * blocks + b;
-                let sums = s.x.sums32.as_ptr().add(at * 8);
+                let sums = x.sums32.as_ptr().add(at * 8);
                 let mut min_dot = _mm256_setzero_si256();
                 for (p, &pair) in mins.iter().enumerate() {
                     let x_sums =
                         _mm256_set1_epi32((sums.add(2 * p) as *const i32).read_unaligned());
                     min_dot = _mm256_dpwssd_epi32(min_dot, pair, x_sums);
                 }
-                let dx = _mm256_set1_ps(*s.x.d.get_unchecked(at));
+                let dx = _mm256_set1_ps(*x.d.get_unchecked(at));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_mul_ps(d, dx), acc[r]);
                 acc[r] =
                     _mm256_fnmadd_ps(_mm256_cvtepi32_ps(min_dot), _mm256_mul_ps(dmin, dx), acc[r]);
@@ -394,7 +564,12 @@ unsafe fn q4k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) ->
 /// taken off once per block through the activations' 16-value sums (`vpdpwssd` on scale pairs).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn q6k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) -> [__m256; R] {
+unsafe fn q6k_rows_vnni<const R: usize>(
+    s: &Shared,
+    x: &Q8KActivations,
+    group: usize,
+    row: usize,
+) -> [__m256; R] {
     // SAFETY: as for `q4k_rows_vnni`, with `16 blocks` 16-value sums per row.
     unsafe {
         use q6k::*;
@@ -413,7 +588,7 @@ unsafe fn q6k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) ->
             let tile = tiles.add(b * LINES * 32);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(D).cast()));
             let xq: [*const u8; R] =
-                std::array::from_fn(|r| s.x.qs.as_ptr().add((row + r) * k + b * QK_K).cast());
+                std::array::from_fn(|r| x.qs.as_ptr().add((row + r) * k + b * QK_K).cast());
             // Scale pairs (groups 2p, 2p + 1) per feature, 16 bits each.
             let pairs: [__m256i; 8] = std::array::from_fn(|p| {
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(tile.add(SCALES + 16 * p).cast()))
@@ -448,8 +623,8 @@ unsafe fn q6k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) ->
                         ];
                         for r in 0..R {
                             for (j, &weights) in u.iter().enumerate() {
-                                let x = xq[r].add(128 * h + 32 * j + 4 * i);
-                                let four = _mm256_set1_epi32((x as *const i32).read_unaligned());
+                                let at = xq[r].add(128 * h + 32 * j + 4 * i);
+                                let four = _mm256_set1_epi32((at as *const i32).read_unaligned());
                                 quarters[r][j] = _mm256_dpbusd_epi32(quarters[r][j], weights, four);
                             }
                         }
@@ -472,7 +647,7 @@ unsafe fn q6k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) ->
             }
             for r in 0..R {
                 let at = (row + r) * blocks + b;
-                let bsums = s.x.bsums.as_ptr().add(at * 16);
+                let bsums = x.bsums.as_ptr().add(at * 16);
                 let mut offset = _mm256_setzero_si256();
                 for (p, &pair) in pairs.iter().enumerate() {
                     let x_sums =
@@ -480,8 +655,58 @@ unsafe fn q6k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) ->
                     offset = _mm256_dpwssd_epi32(offset, pair, x_sums);
                 }
                 let dot = _mm256_sub_epi32(dot[r], _mm256_slli_epi32(offset, 5));
-                let dx = _mm256_set1_ps(*s.x.d.get_unchecked(at));
+                let dx = _mm256_set1_ps(*x.d.get_unchecked(at));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, dx), acc[r]);
+            }
+        }
+        acc
+    }
+}
+
+/// Q8_0: activation rows `row .. row + R` against the tiles of group `group`. Per block the
+/// sums start at `-128 Σx` (the weights' offset), take eight `vpdpbusd` (weights plus 128 by
+/// signed activations, at most 32·255·127), and are scaled by `d·dx` into the rows' totals.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn q8_0_rows_vnni<const R: usize>(
+    s: &Shared,
+    x: &Q8_0Inputs,
+    group: usize,
+    row: usize,
+) -> [__m256; R] {
+    // SAFETY: rows `row .. row + R` exist (the caller's loop), each with `2 blocks` padded
+    // blocks of quants, scales and offsets; the group's tile blocks are inside `lines`.
+    unsafe {
+        use q8_0::*;
+        let blocks = 2 * s.tiles.blocks;
+        let tiles = s
+            .tiles
+            .lines
+            .as_ptr()
+            .add(group * s.tiles.blocks * LINES)
+            .cast::<u8>();
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let tile = tiles.add(b / 2 * LINES * 32);
+            let half = b % 2;
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(D + 16 * half).cast()));
+            let mut sums: [__m256i; R] = std::array::from_fn(|r| {
+                _mm256_set1_epi32(*x.offsets.get_unchecked((row + r) * blocks + b))
+            });
+            for i in 0..8 {
+                let weights = _mm256_load_si256(tile.add(QS + (8 * half + i) * 32).cast());
+                for (r, sum) in sums.iter_mut().enumerate() {
+                    let at = x
+                        .quants
+                        .as_ptr()
+                        .add((row + r) * blocks * QK8_0 + b * QK8_0 + 4 * i);
+                    let four = _mm256_set1_epi32((at as *const i32).read_unaligned());
+                    *sum = _mm256_dpbusd_epi32(*sum, weights, four);
+                }
+            }
+            for (r, sum) in sums.iter().enumerate() {
+                let dx = _mm256_set1_ps(*x.scales.get_unchecked((row + r) * blocks + b));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sum), _mm256_mul_ps(d, dx), acc[r]);
             }
         }
         acc
@@ -491,12 +716,30 @@ unsafe fn q6k_rows_vnni<const R: usize>(s: &Shared, group: usize, row: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::kquants::{matmul_k_quant, Q6K_BLOCK_BYTES};
-    use crate::layers::quantized::test_weights;
-    use candle_core::quantized::GgmlDType;
+    use crate::layers::kquants::{matmul_k_quant, KQuant, Q6K_BLOCK_BYTES};
+    use crate::layers::quantized::{matmul_q8_blocks, test_weights, Q8Weights};
 
-    const KINDS: [(GgmlDType, KQuant); 2] =
-        [(GgmlDType::Q4K, KQuant::Q4K), (GgmlDType::Q6K, KQuant::Q6K)];
+    const FORMATS: [(GgmlDType, TileFormat); 3] = [
+        (GgmlDType::Q4K, TileFormat::Q4K),
+        (GgmlDType::Q6K, TileFormat::Q6K),
+        (GgmlDType::Q8_0, TileFormat::Q8_0),
+    ];
+
+    /// The one-row kernels' product, which the tiles must match.
+    fn one_row_kernels(
+        format: TileFormat,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        w: &[u8],
+        n: usize,
+    ) -> Vec<f32> {
+        match format {
+            TileFormat::Q4K => matmul_k_quant(KQuant::Q4K, x, rows, k, w, n),
+            TileFormat::Q6K => matmul_k_quant(KQuant::Q6K, x, rows, k, w, n),
+            TileFormat::Q8_0 => matmul_q8_blocks(Q8Weights::Q8_0, x, rows, k, w, n),
+        }
+    }
 
     #[test]
     fn tiles_give_the_one_row_kernels_products() {
@@ -504,23 +747,28 @@ mod tests {
             eprintln!("SKIPPED: this CPU lacks AVX-512 VNNI");
             return;
         }
-        // 21 features: two whole tiles and a partial one; rows past one row tile and a tail.
-        let (n, k) = (21, 512);
-        for (dtype, kind) in KINDS {
+        // 21 features: two whole tiles and a partial one; rows past one row tile and a tail;
+        // for Q8_0 also an odd number of blocks (a padded tile block).
+        for (dtype, format, k) in FORMATS
+            .iter()
+            .map(|&(dtype, format)| (dtype, format, 512))
+            .chain([(GgmlDType::Q8_0, TileFormat::Q8_0, 160)])
+        {
+            let n = 21;
             let (w, _, _) = test_weights(n, k, dtype, 3);
-            let Some(tiles) = KQuantTiles::new(kind, &w, n, k) else {
-                panic!("no tiles for a [21, 512] {kind:?} matrix");
+            let Some(tiles) = BlockTiles::new(format, &w, n, k) else {
+                panic!("no tiles for a [{n}, {k}] {format:?} matrix");
             };
             for (rows, pass_rows) in [(1, 16), (4, 16), (7, 16), (33, 64), (33, 8)] {
                 let x: Vec<f32> = (0..rows * k)
                     .map(|i| ((i * 53 % 127) as f32 - 63.0) / 9.0)
                     .collect();
-                let want = matmul_k_quant(kind, &x, rows, k, &w, n);
+                let want = one_row_kernels(format, &x, rows, k, &w, n);
                 let got = tiles.in_passes(&x, rows, pass_rows);
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                        "{kind:?} rows {rows} in {pass_rows} [{}, {}]: {a} vs {b}",
+                        "{format:?} k {k} rows {rows} in {pass_rows} [{}, {}]: {a} vs {b}",
                         i / n,
                         i % n
                     );
@@ -551,7 +799,7 @@ mod tests {
         let x: Vec<f32> = (0..QK_K)
             .map(|i| if i % 2 == 0 { 127.0 } else { -127.0 })
             .collect();
-        let Some(tiles) = KQuantTiles::new(KQuant::Q6K, &block, 1, QK_K) else {
+        let Some(tiles) = BlockTiles::new(TileFormat::Q6K, &block, 1, QK_K) else {
             panic!("no tiles");
         };
         let exact: i64 = (0..QK_K)
@@ -570,9 +818,9 @@ mod tests {
             return;
         }
         let (n, k) = (13, 256);
-        for (dtype, kind) in KINDS {
+        for (dtype, format) in FORMATS {
             let (w, _, _) = test_weights(n, k, dtype, 5);
-            let Some(tiles) = KQuantTiles::new(kind, &w, n, k) else {
+            let Some(tiles) = BlockTiles::new(format, &w, n, k) else {
                 panic!("no tiles");
             };
             let x: Vec<f32> = (0..9 * k)
@@ -581,7 +829,7 @@ mod tests {
             let all = tiles.matmul(&x, 9);
             for r in 0..9 {
                 let alone = tiles.matmul(&x[r * k..(r + 1) * k], 1);
-                assert_eq!(&all[r * n..(r + 1) * n], &alone[..], "{kind:?} row {r}");
+                assert_eq!(&all[r * n..(r + 1) * n], &alone[..], "{format:?} row {r}");
             }
         }
     }
@@ -589,9 +837,10 @@ mod tests {
     #[test]
     fn shapes_that_do_not_fit_get_no_tiles() {
         let (w, _, _) = test_weights(8, 256, GgmlDType::Q4K, 1);
-        assert!(KQuantTiles::new(KQuant::Q4K, &w, 9, 256).is_none());
-        assert!(KQuantTiles::new(KQuant::Q4K, &w[..w.len() - 1], 8, 256).is_none());
-        assert!(KQuantTiles::new(KQuant::Q4K, &w, 8, 128).is_none());
-        assert!(KQuantTiles::new(KQuant::Q6K, &w, 8, 256).is_none());
+        assert!(BlockTiles::new(TileFormat::Q4K, &w, 9, 256).is_none());
+        assert!(BlockTiles::new(TileFormat::Q4K, &w[..w.len() - 1], 8, 256).is_none());
+        assert!(BlockTiles::new(TileFormat::Q4K, &w, 8, 128).is_none());
+        assert!(BlockTiles::new(TileFormat::Q6K, &w, 8, 256).is_none());
+        assert!(BlockTiles::new(TileFormat::Q8_0, &w, 8, 250).is_none());
     }
 }
