@@ -234,6 +234,7 @@ impl Engine {
         if let WeightFormat::Quantize(quantization) = config.quantize {
             model.quantize(quantization)?;
         }
+        model.pack_for_cpu()?;
         let max_model_len = Self::context_limit(&model, config)?;
         Ok(Self {
             model,
@@ -303,6 +304,7 @@ impl Engine {
         if let WeightFormat::Quantize(quantization) = config.quantize {
             model.quantize(quantization)?;
         }
+        model.pack_for_cpu()?;
         let max_model_len = Self::context_limit(&model, config)?;
         Ok(Self {
             model,

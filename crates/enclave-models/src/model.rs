@@ -270,6 +270,18 @@ impl Model {
         Ok(())
     }
 
+    /// Repacks every bf16 projection matrix for this CPU's bf16 dot products (AVX512-BF16:
+    /// `layers/bf16_tiles.rs`), in place of its dense copy; a no-op elsewhere. Call after
+    /// [`Model::quantize`], which needs the dense weights.
+    pub fn pack_for_cpu(&mut self) -> Result<()> {
+        if !self.device.is_cpu() {
+            return Ok(());
+        }
+        self.for_each_linear_mut(&mut |linear| linear.pack_bf16())?;
+        self.refresh_weight_info();
+        Ok(())
+    }
+
     /// Visits every projection matrix (see [`Model::quantize`]).
     fn for_each_linear_mut(
         &mut self,

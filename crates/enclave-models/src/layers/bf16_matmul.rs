@@ -61,6 +61,16 @@ pub fn matmul_bf16(x: &[f32], rows: usize, w: &[bf16], n: usize, k: usize) -> Op
     }
 }
 
+/// `x` rounded to bf16 (to nearest, ties to even) as the kernels round their inputs.
+pub(crate) fn round_to_bf16(x: &[f32]) -> Vec<bf16> {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: `available` saw AVX-512F/BW and AVX512-BF16.
+        return unsafe { avx512::to_bf16(x) };
+    }
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;

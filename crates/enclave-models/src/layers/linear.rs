@@ -16,6 +16,7 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::bf16_tiles::Bf16Tiles;
 use super::block_tiles::{BlockTiles, TileFormat};
 use super::kquants::{self, KQuant};
 use super::q8_tiles;
@@ -42,6 +43,9 @@ pub struct Linear {
     /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI: then every product takes them and
     /// candle's repacked copy is never built.
     tiles: Option<Arc<BlockTiles>>,
+    /// A bf16 weight repacked into tiles of sixteen features (`layers/bf16_tiles.rs`) by
+    /// [`Linear::pack_bf16`]: then `weight` is an empty placeholder and every product takes them.
+    bf16_tiles: Option<Arc<Bf16Tiles>>,
     bias: Option<Tensor>,
     /// The checkpoint name of the weight (`model.layers.0.mlp.up_proj.weight`), so a loader can
     /// find its quantized form.
@@ -54,6 +58,7 @@ impl Linear {
             weight,
             quantized: None,
             tiles: None,
+            bf16_tiles: None,
             bias,
             name: String::new(),
         }
@@ -91,9 +96,30 @@ impl Linear {
         Ok(())
     }
 
-    /// The dense weight, `None` once quantized.
+    /// The dense weight, `None` once quantized or packed.
     pub fn dense_weight(&self) -> Option<&Tensor> {
-        self.quantized.is_none().then_some(&self.weight)
+        (self.quantized.is_none() && self.bf16_tiles.is_none()).then_some(&self.weight)
+    }
+
+    /// Repacks a bf16 weight on a CPU with AVX512-BF16 into tiles of sixteen features
+    /// (`layers/bf16_tiles.rs`), dropping the dense copy; other weights are left as they are.
+    /// Quantize first: a packed layer has no dense weight to quantize.
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        if self.quantized.is_some()
+            || self.bf16_tiles.is_some()
+            || self.weight.dtype() != DType::BF16
+            || !self.weight.device().is_cpu()
+            || !super::bf16_tiles::available()
+        {
+            return Ok(());
+        }
+        let (n, k) = self.weight.dims2()?;
+        let values = self.weight.flatten_all()?.to_vec1::<bf16>()?;
+        if let Some(tiles) = Bf16Tiles::new(&values, n, k) {
+            self.weight = Tensor::zeros(0, DType::BF16, self.weight.device())?;
+            self.bf16_tiles = Some(Arc::new(tiles));
+        }
+        Ok(())
     }
 
     /// The GGML type of a quantized weight, `None` for a dense one.
@@ -112,7 +138,7 @@ impl Linear {
                 q.storage_size_in_bytes() + self.tiles.as_ref().map_or(0, |t| t.bytes())
             }
             Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => bytes(t),
-            None => bytes(&self.weight),
+            None => bytes(&self.weight) + self.bf16_tiles.as_ref().map_or(0, |t| t.bytes()),
         };
         weight + self.bias.as_ref().map_or(0, bytes)
     }
@@ -173,7 +199,9 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if let Some(tiles) = self.tiles.as_ref().filter(|_| x.device().is_cpu()) {
-            forward_tiles(tiles, x)?
+            forward_tiles(tiles.shape(), x, |xs, rows| tiles.matmul(xs, rows))?
+        } else if let Some(tiles) = &self.bf16_tiles {
+            forward_tiles(tiles.shape(), x, |xs, rows| tiles.matmul(xs, rows))?
         } else if let Some(quantized) = &self.quantized {
             forward_quantized(quantized, x)?
         } else if self.takes_small_batch_kernel(x) {
@@ -316,18 +344,18 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
 
 /// `x Wᵀ` on load-time tiles: every row count, since they beat our one-row kernels and candle's
 /// product from one row to a whole prompt chunk (`examples/kquant_matmul.rs`).
-fn forward_tiles(tiles: &BlockTiles, x: &Tensor) -> Result<Tensor> {
+fn forward_tiles(
+    (n, k): (usize, usize),
+    x: &Tensor,
+    product: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let (n, k) = tiles.shape();
     if x.dims().last() != Some(&k) {
-        candle_core::bail!(
-            "quantized linear: input {:?} vs weight [{n}, {k}]",
-            x.dims()
-        );
+        candle_core::bail!("tiled linear: input {:?} vs weight [{n}, {k}]", x.dims());
     }
     let rows = x.elem_count() / k.max(1);
-    let out = tiles.matmul(&x.flatten_all()?.to_vec1::<f32>()?, rows);
+    let out = product(&x.flatten_all()?.to_vec1::<f32>()?, rows);
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = n;
@@ -804,6 +832,38 @@ mod tests {
                     assert_eq!(&row(&out, i), want, "{dtype:?}: row {i} of {batch}");
                 }
             }
+        }
+    }
+
+    /// A bf16 layer packed into tiles (AVX512-BF16 CPUs) computes the unpacked layer's product
+    /// up to f32 summation order, with its bias, whatever the batch; elsewhere packing leaves it
+    /// as it is.
+    #[test]
+    fn packed_bf16_layers_give_the_unpacked_products() {
+        let dev = Device::Cpu;
+        let (k, n) = (301, 45);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let plain = Linear::new(w, Some(b));
+        let mut packed = plain.clone();
+        packed.pack_bf16().unwrap();
+        assert_eq!(
+            packed.dense_weight().is_none(),
+            crate::layers::bf16_tiles::available()
+        );
+        let xs = Tensor::randn(0f32, 1.0, (1, 40, k), &dev).unwrap();
+        let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let want = flat(plain.forward(&xs).unwrap());
+        let got = flat(packed.forward(&xs).unwrap());
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        for rows in [1, 3, 8, 9, 17] {
+            let part = flat(packed.forward(&xs.narrow(1, 0, rows).unwrap()).unwrap());
+            assert_eq!(part, got[..rows * n], "first {rows} rows");
         }
     }
 

@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod attention;
 pub mod bf16_matmul;
+pub mod bf16_tiles;
 pub mod block_tiles;
 pub mod decode_attention;
 pub mod decoder;
