@@ -180,6 +180,15 @@ impl BlockTiles {
         })
     }
 
+    /// The GGML type the tiles were packed from.
+    pub fn ggml_dtype(&self) -> GgmlDType {
+        match self.format {
+            TileFormat::Q4K => GgmlDType::Q4K,
+            TileFormat::Q6K => GgmlDType::Q6K,
+            TileFormat::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
     /// `(n, k)`.
     pub fn shape(&self) -> (usize, usize) {
         (self.n, self.k)

@@ -35,13 +35,13 @@ const FEATURES_PER_TASK: usize = 64;
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
-    /// Set when the weight is held in a block-quantized GGML type (Q8_0, Q4_K, …): then
-    /// `weight` is an empty placeholder and products go through candle's quantized kernels,
-    /// which quantize the activations per block as llama.cpp does.
+    /// Set when the weight is held in a block-quantized GGML type (Q8_0, Q4_K, …) without tiles
+    /// (`tiles` below): then `weight` is an empty placeholder and products go through
+    /// `forward_quantized`'s routes, which quantize the activations per block as llama.cpp does.
     quantized: Option<QMatMul>,
     /// A Q4_K, Q6_K or Q8_0 weight repacked into tiles of eight features
-    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI: then every product takes them and
-    /// candle's repacked copy is never built.
+    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI: then they are the layer's only copy
+    /// of the weight (`quantized` is `None`) and every product takes them.
     tiles: Option<Arc<BlockTiles>>,
     /// A bf16 weight repacked into tiles of sixteen features (`layers/bf16_tiles.rs`) by
     /// [`Linear::pack_bf16`]: then `weight` is an empty placeholder and every product takes them.
@@ -76,6 +76,8 @@ impl Linear {
     }
 
     /// Replaces the weight by its block-quantized form (same shape), dropping the dense copy.
+    /// Where tiles are built (see [`Linear::tiles`]) they replace the blocks too, so the layer
+    /// holds its weight once.
     pub fn set_quantized(&mut self, weight: Arc<QTensor>) -> Result<()> {
         if weight.shape().dims() != self.weight.dims() {
             candle_core::bail!(
@@ -87,26 +89,29 @@ impl Linear {
         }
         self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
         self.tiles = None;
+        self.quantized = None;
         let format = TileFormat::from_ggml(weight.dtype()).filter(|_| weight.device().is_cpu());
         if let Some(format) = format {
             let (n, k) = weight.shape().dims2()?;
             self.tiles = BlockTiles::new(format, &weight.data()?, n, k).map(Arc::new);
         }
-        self.quantized = Some(QMatMul::from_arc(weight)?);
+        if self.tiles.is_none() {
+            self.quantized = Some(QMatMul::from_arc(weight)?);
+        }
         Ok(())
     }
 
     /// The dense weight, `None` once quantized or packed.
     pub fn dense_weight(&self) -> Option<&Tensor> {
-        (self.quantized.is_none() && self.bf16_tiles.is_none()).then_some(&self.weight)
+        (self.quantized.is_none() && self.tiles.is_none() && self.bf16_tiles.is_none())
+            .then_some(&self.weight)
     }
 
     /// Repacks a bf16 weight on a CPU with AVX512-BF16 into tiles of sixteen features
     /// (`layers/bf16_tiles.rs`), dropping the dense copy; other weights are left as they are.
     /// Quantize first: a packed layer has no dense weight to quantize.
     pub fn pack_bf16(&mut self) -> Result<()> {
-        if self.quantized.is_some()
-            || self.bf16_tiles.is_some()
+        if self.dense_weight().is_none()
             || self.weight.dtype() != DType::BF16
             || !self.weight.device().is_cpu()
             || !super::bf16_tiles::available()
@@ -114,8 +119,19 @@ impl Linear {
             return Ok(());
         }
         let (n, k) = self.weight.dims2()?;
-        let values = self.weight.flatten_all()?.to_vec1::<bf16>()?;
-        if let Some(tiles) = Bf16Tiles::new(&values, n, k) {
+        let weight = self.weight.contiguous()?;
+        let tiles = {
+            // Packed from the tensor's own storage: a copy of the largest matrix (the output
+            // head) would add its size to the load's peak memory.
+            let (storage, layout) = weight.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) => {
+                    Bf16Tiles::new(&values[start..end], n, k)
+                }
+                _ => None,
+            }
+        };
+        if let Some(tiles) = tiles {
             self.weight = Tensor::zeros(0, DType::BF16, self.weight.device())?;
             self.bf16_tiles = Some(Arc::new(tiles));
         }
@@ -124,6 +140,9 @@ impl Linear {
 
     /// The GGML type of a quantized weight, `None` for a dense one.
     pub fn quantized_dtype(&self) -> Option<candle_core::quantized::GgmlDType> {
+        if let Some(tiles) = &self.tiles {
+            return Some(tiles.ggml_dtype());
+        }
         match &self.quantized {
             Some(QMatMul::QTensor(q)) => Some(q.dtype()),
             _ => None,
@@ -134,11 +153,13 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let weight = match &self.quantized {
-            Some(QMatMul::QTensor(q)) => {
-                q.storage_size_in_bytes() + self.tiles.as_ref().map_or(0, |t| t.bytes())
-            }
+            Some(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => bytes(t),
-            None => bytes(&self.weight) + self.bf16_tiles.as_ref().map_or(0, |t| t.bytes()),
+            None => {
+                bytes(&self.weight)
+                    + self.tiles.as_ref().map_or(0, |t| t.bytes())
+                    + self.bf16_tiles.as_ref().map_or(0, |t| t.bytes())
+            }
         };
         weight + self.bias.as_ref().map_or(0, bytes)
     }
@@ -198,7 +219,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if let Some(tiles) = self.tiles.as_ref().filter(|_| x.device().is_cpu()) {
+        let y = if let Some(tiles) = &self.tiles {
             forward_tiles(tiles.shape(), x, |xs, rows| tiles.matmul(xs, rows))?
         } else if let Some(tiles) = &self.bf16_tiles {
             forward_tiles(tiles.shape(), x, |xs, rows| tiles.matmul(xs, rows))?
