@@ -255,6 +255,12 @@ impl Model {
             )));
         }
         self.for_each_linear_mut(&mut |linear| {
+            if linear.is_bf16_packed() {
+                candle_core::bail!(
+                    "{}: packed for bf16 dot products; quantize before Model::pack_for_cpu",
+                    linear.name()
+                );
+            }
             let Some(weight) = linear.dense_weight() else {
                 return Ok(()); // already quantized (a GGUF file's blocks)
             };
@@ -272,7 +278,7 @@ impl Model {
 
     /// Repacks every bf16 projection matrix for this CPU's bf16 dot products (AVX512-BF16:
     /// `layers/bf16_tiles.rs`), in place of its dense copy; a no-op elsewhere. Call after
-    /// [`Model::quantize`], which needs the dense weights.
+    /// [`Model::quantize`], which needs the dense weights (and refuses packed ones).
     pub fn pack_for_cpu(&mut self) -> Result<()> {
         if !self.device.is_cpu() {
             return Ok(());

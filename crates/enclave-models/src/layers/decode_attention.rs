@@ -104,8 +104,8 @@ fn attend(
     attend_generic(shape, query, kv_head, k_pool, v_pool, out)
 }
 
-/// [`attend_generic`] in AVX-512 registers for head sizes that are a multiple of 16: each
-/// score's 16 lanes reduced as a tree (the generic code's in-order sum of lanes is a chain of
+/// [`attend_generic`] in AVX-512 registers for heads of 64, 128 or 256 values (others take the
+/// generic code): each score's 16 lanes reduced as a tree (the generic code's in-order sum of lanes is a chain of
 /// 16 dependent adds per score, which bound decoding at long contexts), the exponentials
 /// vectorized, and each head's output kept in registers across the positions.
 #[cfg(target_arch = "x86_64")]

@@ -138,6 +138,11 @@ impl Linear {
         Ok(())
     }
 
+    /// Whether [`Linear::pack_bf16`] packed the weight.
+    pub fn is_bf16_packed(&self) -> bool {
+        self.bf16_tiles.is_some()
+    }
+
     /// The GGML type of a quantized weight, `None` for a dense one.
     pub fn quantized_dtype(&self) -> Option<candle_core::quantized::GgmlDType> {
         if let Some(tiles) = &self.tiles {
@@ -286,20 +291,18 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 /// `x Wᵀ` for block-quantized `W`, by route (Q4_K, Q6_K and Q8_0 weights on a CPU with AVX-512
 /// VNNI never come here: they take their tiles, see [`forward_tiles`]):
 /// - our one-row kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
-///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 and [`BLOCK_GEMV_ROWS`]
-///   of a Q8_0 matrix too large to dequantise (an output head; `layers/quantized.rs`): they
-///   stream the file's blocks at up to the memory bandwidth;
-/// - our tiled kernel (`layers/q8_tiles.rs`, AVX-512 VNNI) for more rows of Q5_0 and of a Q8_0
-///   head, and for more than [`QUANTIZED_GEMV_ROWS`] rows of other Q8_0 matrices: eight weight
-///   rows interleaved so each block's integer sums cover eight features at once;
-/// - without AVX-512 VNNI, the one-row kernels up to [`QUANTIZED_GEMV_ROWS`] rows of Q5_0 and
-///   [`SMALL_BATCH_ROWS`] of a Q8_0 head;
+///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 (up to
+///   [`QUANTIZED_GEMV_ROWS`] without AVX-512 VNNI) and up to [`SMALL_BATCH_ROWS`] of a Q8_0
+///   matrix too large to dequantise (an output head; `layers/quantized.rs`): they stream the
+///   file's blocks at up to the memory bandwidth;
+/// - our tiled kernel built per work unit (`layers/q8_tiles.rs`, AVX-512 VNNI) for more rows of
+///   Q5_0: eight weight rows interleaved so each block's integer sums cover eight features;
 /// - candle's product for the other rows of the types it has SIMD code for: it quantizes the
 ///   activations per block as llama.cpp does and reads each weight block once for a tile of
-///   rows (Q4_K, Q6_K past 4 rows; Q8_0 layers up to 16, and past that without AVX-512 VNNI);
+///   rows (Q4_K, Q6_K past 4 rows; Q8_0 layers);
 /// - the GEMM on the dequantised weight for more than [`QUANTIZED_GEMV_ROWS`] rows of the types
 ///   candle computes in scalar code (Q4_1, Q5_1, and Q5_0 without AVX-512 VNNI) and of small
-///   Q8_0 matrices without it.
+///   Q8_0 matrices.
 ///
 /// Within a route a row's bits do not depend on the other rows of the batch.
 fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
@@ -322,14 +325,12 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
         .filter(|_| cpu && k.is_multiple_of(kquants::QK_K) && rows <= BLOCK_GEMV_ROWS);
     let q8_format = Q8Weights::from_ggml(dtype_q).filter(|_| cpu && k.is_multiple_of(QK8_0));
     let head = n * k >= DEQUANTIZE_LIMIT;
-    // Rows from which the tiled kernel beats the alternatives (`examples/kquant_matmul.rs`):
-    // building its tile costs about one row's product on the one-row kernel.
-    let tiles_from = |format| match format {
-        Q8Weights::Q5_0 => Q5_0_ROW_KERNEL_ROWS + 1,
-        Q8Weights::Q8_0 if head => BLOCK_GEMV_ROWS + 1,
-        Q8Weights::Q8_0 => QUANTIZED_GEMV_ROWS + 1,
-    };
-    let q8_tiles = q8_format.filter(|&format| rows >= tiles_from(format) && q8_tiles::available());
+    // Past this many rows the per-unit tiles beat the one-row kernel (`examples/kquant_matmul.rs`):
+    // building a tile costs about one row's product. Q8_0 never takes them: on CPUs that have
+    // them its tiles are built at load.
+    let q5_0_tiles = q8_format
+        .filter(|&format| format == Q8Weights::Q5_0)
+        .filter(|_| rows > Q5_0_ROW_KERNEL_ROWS && q8_tiles::available());
     let q8_rows = q8_format.filter(|&format| match format {
         Q8Weights::Q5_0 => rows <= QUANTIZED_GEMV_ROWS,
         // Up to 16 rows a layer's matrices stay on candle's repacked tiles: ours is 4-34 %
@@ -341,7 +342,7 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
         on_block_kernel(q, &x, |xs, w| {
             kquants::matmul_k_quant(kind, xs, rows, k, w, n)
         })?
-    } else if let Some(format) = q8_tiles {
+    } else if let Some(format) = q5_0_tiles {
         on_block_kernel(q, &x, |xs, w| {
             q8_tiles::matmul_q8_tiles(format, xs, rows, k, w, n)
                 .unwrap_or_else(|| quantized::matmul_q8_blocks(format, xs, rows, k, w, n))
