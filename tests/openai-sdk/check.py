@@ -1,11 +1,21 @@
 """What an application using the official `openai` SDK does, against `enclave serve`."""
 
+import os
 import sys
 
 import openai
 
 base_url = sys.argv[1]
-client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+# The key `run.sh` created (`enclave keys create`), sent as `Authorization: Bearer …`.
+client = openai.OpenAI(base_url=base_url, api_key=os.environ["OPENAI_API_KEY"], max_retries=0)
+
+# A wrong key is the SDK's AuthenticationError (HTTP 401), not a crash or a 500.
+intruder = openai.OpenAI(base_url=base_url, api_key="enc_" + "0" * 16 + "_" + "0" * 64, max_retries=0)
+try:
+    intruder.models.list()
+    raise SystemExit("a made-up key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401, e
 
 # Models list.
 models = client.models.list()

@@ -16,10 +16,14 @@ fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3"
 
 LOG=$(mktemp)
-"$ENCLAVE" serve --model fixtures/models/qwen2 --served-model-name tiny --port 0 \
+DATA=$(mktemp -d)
+# A developer key, made the way an operator would; the SDK sends it as a bearer token.
+OPENAI_API_KEY=$("$ENCLAVE" --data-dir "$DATA" keys create --role developer --name openai-sdk)
+export OPENAI_API_KEY
+"$ENCLAVE" --data-dir "$DATA" serve --model fixtures/models/qwen2 --served-model-name tiny --port 0 \
   --kv-cache-memory 64MiB --no-reasoning-split 2>"$LOG" &
 PID=$!
-trap 'kill "$PID" 2>/dev/null || true; rm -f "$LOG"' EXIT
+trap 'kill "$PID" 2>/dev/null || true; rm -rf "$LOG" "$DATA"' EXIT
 for _ in $(seq 1 600); do
   grep -q '^ready:' "$LOG" && break
   kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; exit 1; }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use enclave_engine::{Engine, Event, GenerateRequest, Prompt, RequestStream, MAX_TOP_LOGPROBS};
+use enclave_gateway::Principal;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -56,9 +58,10 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let served = state.model(request.model.as_deref())?;
+    let served = state.model(request.model.as_deref(), &caller)?;
     let engine = served.handle.engine();
     let messages = normalize_messages(request.messages)?;
     let n = choices(request.n, state.config.max_n)?;

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use enclave_engine::{Engine, Event, GenerateRequest, Prompt, PromptLogprob, RequestStream};
+use enclave_gateway::Principal;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -64,9 +66,10 @@ const DEFAULT_MAX_TOKENS: usize = 16;
 
 pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let served = state.model(request.model.as_deref())?;
+    let served = state.model(request.model.as_deref(), &caller)?;
     let engine = served.handle.engine();
     let n = choices(request.n, state.config.max_n)?;
     if let Some(best_of) = request.best_of.filter(|&b| b != n as i64) {

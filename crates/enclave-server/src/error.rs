@@ -58,6 +58,29 @@ impl ApiError {
         }
     }
 
+    /// A 401: no credentials, or credentials that identify no one. The message never says
+    /// which (unknown, revoked, expired), so a client cannot probe keys.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            code: Some("invalid_api_key"),
+            ..Self::invalid(None, message)
+        }
+    }
+
+    /// A 403: the caller is known but its role lacks `permission`.
+    pub fn forbidden(permission: &str) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            kind: "permission_error",
+            code: Some("permission_denied"),
+            ..Self::invalid(
+                None,
+                format!("this key's role does not grant `{permission}`, which this route needs"),
+            )
+        }
+    }
+
     /// A 503 while the model loads or the queue is full; the client should retry.
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         Self {
@@ -147,6 +170,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"enclave\""),
+            );
+        }
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()

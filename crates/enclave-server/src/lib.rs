@@ -6,8 +6,11 @@
 //! - Every error a client sees is an OpenAI error object made by [`ApiError`]; a client's
 //!   mistake is a 4xx, never a 500, and a panic in a handler becomes a 500, never a dropped
 //!   connection.
+//! - Every route but `/livez` and `/health` needs credentials and the permission
+//!   [`ROUTES`] gives it; a model outside the caller's scope is answered as if it did not exist.
 //! - A stream whose client disconnects drops its engine requests, which frees their KV blocks.
 
+mod auth;
 mod chat;
 mod completions;
 mod error;
@@ -31,6 +34,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
+pub use auth::{Access, ROUTES};
 pub use error::ApiError;
 pub use state::{AppState, ServerConfig};
 
@@ -49,6 +53,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/livez", get(|| async { StatusCode::OK }))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the server hit a bug while handling this request").into_response()

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::Json;
+use axum::{Extension, Json};
+use enclave_gateway::Principal;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -25,15 +26,25 @@ fn model_object(state: &AppState) -> Value {
     model
 }
 
-pub(crate) async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_object(&state)]}))
+/// The models the caller's tenant and key may use.
+pub(crate) async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
+) -> Json<Value> {
+    let data: Vec<Value> = if state.visible_to(&caller) {
+        vec![model_object(&state)]
+    } else {
+        Vec::new()
+    };
+    Json(json!({"object": "list", "data": data}))
 }
 
 pub(crate) async fn get(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if id != state.config.served_model_name {
+    if id != state.config.served_model_name || !state.visible_to(&caller) {
         return Err(ApiError::model_not_found(&id));
     }
     Ok(Json(model_object(&state)))

@@ -5,6 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use enclave_engine::{EngineHandle, GenerateRequest, Prompt};
 
+use enclave_gateway::Principal;
+
+use crate::auth::Access;
 use crate::error::ApiError;
 
 /// How the server presents the model and bounds its requests.
@@ -45,15 +48,17 @@ pub(crate) struct Served {
 /// Shared state: configuration, and the model once it is loaded and warmed up.
 pub struct AppState {
     pub(crate) config: ServerConfig,
+    pub(crate) access: Access,
     served: OnceLock<Served>,
     /// Unix time the server started (the model's `created`).
     pub(crate) created: u64,
 }
 
 impl AppState {
-    pub fn new(config: ServerConfig) -> Arc<Self> {
+    pub fn new(config: ServerConfig, access: Access) -> Arc<Self> {
         Arc::new(Self {
             config,
+            access,
             served: OnceLock::new(),
             created: unix_time(),
         })
@@ -88,6 +93,11 @@ impl AppState {
         Ok(())
     }
 
+    /// Whether `caller` may see the served model (in `/v1/models`).
+    pub(crate) fn visible_to(&self, caller: &Principal) -> bool {
+        caller.may_use_model(&self.config.served_model_name)
+    }
+
     pub fn is_ready(&self) -> bool {
         self.served.get().is_some()
     }
@@ -97,11 +107,19 @@ impl AppState {
         self.served.get().map(|s| &s.handle)
     }
 
-    /// The model a request names (or the served one when it names none).
-    pub(crate) fn model(&self, requested: Option<&str>) -> Result<&Served, ApiError> {
+    /// The model a request names (or the served one when it names none), if `caller` may use
+    /// it; one it may not is reported as missing, so its existence is not revealed.
+    pub(crate) fn model(
+        &self,
+        requested: Option<&str>,
+        caller: &Principal,
+    ) -> Result<&Served, ApiError> {
         let name = &self.config.served_model_name;
         if let Some(requested) = requested.filter(|r| *r != name) {
             return Err(ApiError::model_not_found(requested));
+        }
+        if !caller.may_use_model(name) {
+            return Err(ApiError::model_not_found(requested.unwrap_or(name)));
         }
         self.served.get().ok_or_else(|| {
             ApiError::unavailable("model_loading", "the model is still loading; retry shortly")

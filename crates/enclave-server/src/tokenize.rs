@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::Extension;
 use axum::Json;
+use enclave_gateway::Principal;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -23,9 +25,10 @@ pub(crate) struct TokenizeRequest {
 
 pub(crate) async fn tokenize(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
     ApiJson(request): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let served = state.model(request.model.as_deref())?;
+    let served = state.model(request.model.as_deref(), &caller)?;
     let engine = served.handle.engine();
     let (text, add_special) = match (request.prompt, request.messages) {
         (Some(prompt), None) => (prompt, request.add_special_tokens.unwrap_or(true)),
@@ -62,9 +65,10 @@ pub(crate) struct DetokenizeRequest {
 
 pub(crate) async fn detokenize(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
     ApiJson(request): ApiJson<DetokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let served = state.model(request.model.as_deref())?;
+    let served = state.model(request.model.as_deref(), &caller)?;
     let engine = served.handle.engine();
     let vocab = engine.model().info().vocab_size;
     if let Some(bad) = request.tokens.iter().find(|&&t| t as usize >= vocab) {

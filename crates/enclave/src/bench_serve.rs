@@ -47,6 +47,11 @@ pub struct BenchServeArgs {
     /// Print one JSON object per level instead of a table row.
     #[arg(long)]
     pub json: bool,
+
+    /// API key to send (`Authorization: Bearer …`); needs the `inference` and `models:read`
+    /// permissions.
+    #[arg(long, env = "ENCLAVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 struct Sample {
@@ -68,7 +73,17 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
 
 async fn bench(args: BenchServeArgs) -> Result<()> {
     let base = args.url.trim_end_matches('/').to_string();
-    let client = reqwest::Client::new();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = &args.api_key {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("--api-key holds characters a header cannot carry")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .context("cannot build the HTTP client")?;
     wait_until_ready(&client, &base, Duration::from_secs(args.wait)).await?;
     let model = match &args.model {
         Some(m) => m.clone(),

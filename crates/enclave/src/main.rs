@@ -1,8 +1,10 @@
 //! `enclave`: the command-line entry point. Reads flags and the environment, wires the crates.
 
+mod access;
 mod bench;
 mod bench_serve;
 mod chat;
+mod config;
 mod generate;
 mod model_source;
 mod serve;
@@ -24,6 +26,9 @@ use enclave_models::Quantization;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+
+    #[command(flatten)]
+    global: config::GlobalArgs,
 }
 
 #[derive(Subcommand)]
@@ -41,6 +46,12 @@ enum Command {
     /// Load a running server over HTTP: requests/s, output tokens/s, latency and time to first
     /// token at several numbers of concurrent connections.
     BenchServe(bench_serve::BenchServeArgs),
+    /// Create, list and revoke API keys (in the database `serve` reads).
+    #[command(subcommand)]
+    Keys(access::KeysCommand),
+    /// Create and list tenants: the unit of isolation (models, keys, usage).
+    #[command(subcommand)]
+    Tenants(access::TenantsCommand),
 }
 
 /// How the serving engine batches requests and sizes its KV cache.
@@ -198,11 +209,20 @@ fn parse_percent(text: &str) -> anyhow::Result<Option<f64>> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    let settings = match config::Settings::load(&cli.global) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Serve(args) => {
             set_threads(args.model.threads);
-            serve::run(args)
+            serve::run(args, &settings)
         }
+        Command::Keys(command) => access::keys(&settings, command),
+        Command::Tenants(command) => access::tenants(&settings, command),
         Command::Generate(args) => {
             set_threads(args.model.threads);
             generate::run(args)

@@ -1,13 +1,16 @@
 //! `enclave serve`: the OpenAI-compatible HTTP API over the serving engine.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use enclave_engine::{Engine, EngineHandle};
-use enclave_server::{AppState, ServerConfig};
+use enclave_gateway::Authenticator;
+use enclave_server::{Access, AppState, ServerConfig};
 
+use crate::config::Settings;
 use crate::{bench, model_source, ModelArgs, ServingArgs};
 
 #[derive(Args, Debug)]
@@ -46,10 +49,25 @@ pub struct ServeArgs {
     /// Seconds requests in flight may take to finish after SIGTERM or SIGINT.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub shutdown_timeout: u64,
+
+    /// Serve without authentication (every caller may do everything). Refused unless --host
+    /// is a loopback address; the same as `auth.enabled = false` in the configuration.
+    #[arg(long)]
+    pub no_auth: bool,
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     args.serving.config()?;
+    let auth_enabled = settings.auth_enabled() && !args.no_auth;
+    if !auth_enabled && !is_loopback(&args.host) {
+        anyhow::bail!(
+            "authentication is off (--no-auth or auth.enabled = false), so Enclave listens only \
+             on loopback addresses, not on {}; create API keys (`enclave keys create`) to serve \
+             other machines",
+            args.host
+        );
+    }
+    let roles = settings.roles()?;
     let config = ServerConfig {
         served_model_name: args
             .served_model_name
@@ -65,20 +83,44 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .thread_name("enclave-http")
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(serve(args, config));
+    let result = runtime.block_on(async {
+        let access = if auth_enabled {
+            let store = settings.store().await?;
+            let active = store
+                .keys(None)
+                .await?
+                .iter()
+                .filter(|k| k.revoked_at.is_none())
+                .count();
+            if active == 0 {
+                eprintln!(
+                    "no API keys yet: every request will get 401 until you create one \
+                     (`enclave keys create --role developer`)"
+                );
+            }
+            Access::Keys(Arc::new(Authenticator::new(store, roles)))
+        } else {
+            eprintln!(
+                "WARNING: authentication is off; any local process may use every model and route"
+            );
+            tracing::warn!("authentication disabled");
+            Access::Disabled
+        };
+        serve(args, config, access).await
+    });
     // A model still loading when a signal arrived must not hold the exit.
     runtime.shutdown_background();
     result
 }
 
-async fn serve(args: ServeArgs, config: ServerConfig) -> Result<()> {
+async fn serve(args: ServeArgs, config: ServerConfig, access: Access) -> Result<()> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let address = listener.local_addr().context("listening address")?;
     let name = config.served_model_name.clone();
     eprintln!("listening on http://{address} (loading {name}; /health answers 503 until ready)");
-    let state = AppState::new(config);
+    let state = AppState::new(config, access);
     let mut server = tokio::spawn(enclave_server::serve(
         listener,
         state.clone(),
@@ -116,6 +158,16 @@ async fn serve(args: ServeArgs, config: ServerConfig) -> Result<()> {
     Ok(())
 }
 
+/// Whether `host` names only this machine (`127.0.0.1`, `::1`, `localhost`).
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The folder name of a local model, or the Hub id as given.
 fn default_model_name(model: &str) -> String {
     let path = Path::new(model);
@@ -129,4 +181,33 @@ fn default_model_name(model: &str) -> String {
         }
     }
     model.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "localhost",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in [
+            "0.0.0.0",
+            "::",
+            "10.0.0.1",
+            "example.com",
+            "localhost.example.com",
+            "",
+        ] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
 }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod api;
+mod auth;
 mod dify;
 mod errors;
 mod lifecycle;
@@ -72,9 +73,14 @@ pub struct TestServer {
 impl TestServer {
     /// Starts listening (the model not yet loaded: `/health` is 503).
     pub async fn listen(config: ServerConfig) -> Self {
+        Self::listen_with(config, enclave_server::Access::Disabled).await
+    }
+
+    /// Starts listening, authenticating callers as `access` says.
+    pub async fn listen_with(config: ServerConfig, access: enclave_server::Access) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let state = AppState::new(config);
+        let state = AppState::new(config, access);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(enclave_server::serve(listener, state.clone(), async {
             let _ = stopped.await;
@@ -90,7 +96,17 @@ impl TestServer {
 
     /// A ready server for the model in `dir`.
     pub async fn start(dir: &Path, config: ServerConfig, serving: ServingConfig) -> Self {
-        let server = Self::listen(config).await;
+        Self::start_with(dir, config, serving, enclave_server::Access::Disabled).await
+    }
+
+    /// A ready server for the model in `dir`, authenticating callers as `access` says.
+    pub async fn start_with(
+        dir: &Path,
+        config: ServerConfig,
+        serving: ServingConfig,
+        access: enclave_server::Access,
+    ) -> Self {
+        let server = Self::listen_with(config, access).await;
         let handle = EngineHandle::start(load(dir), serving).unwrap();
         server.state.warm_up_and_serve(handle).await.unwrap();
         server

@@ -8,17 +8,24 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::model_dir;
+use std::path::Path;
+
+use crate::{enclave, model_dir, stderr, stdout};
 
 struct Served {
     child: Child,
     base: String,
     stderr: mpsc::Receiver<String>,
+    /// What it printed up to "ready".
+    startup: Vec<String>,
 }
 
-/// Starts `enclave serve` on a free port and waits for its "ready" line.
-fn serve(extra: &[&str]) -> Served {
+/// Starts `enclave serve` on a free port with its state in `data_dir` and waits for its
+/// "ready" line.
+fn serve(data_dir: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_enclave"))
+        .arg("--data-dir")
+        .arg(data_dir)
         .args(["serve", "--model"])
         .arg(model_dir("qwen2"))
         .args([
@@ -43,10 +50,12 @@ fn serve(extra: &[&str]) -> Served {
         }
     });
     let mut base = None;
+    let mut startup = Vec::new();
     loop {
         let line = stderr
             .recv_timeout(Duration::from_secs(120))
-            .expect("enclave serve printed nothing");
+            .unwrap_or_else(|_| panic!("enclave serve did not become ready: {startup:?}"));
+        startup.push(line.clone());
         if let Some(rest) = line.strip_prefix("listening on ") {
             base = rest.split_whitespace().next().map(String::from);
         }
@@ -58,6 +67,7 @@ fn serve(extra: &[&str]) -> Served {
         child,
         base: base.expect("no listening address"),
         stderr,
+        startup,
     }
 }
 
@@ -69,10 +79,44 @@ fn terminate(child: &Child) {
     assert!(status.success());
 }
 
+/// A new key in `data_dir`'s database, through the CLI (`keys create --json`).
+fn create_key(data_dir: &Path, role: &str) -> (String, String) {
+    let out = enclave(&[
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "keys",
+        "create",
+        "--role",
+        role,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    (
+        created["id"].as_str().unwrap().to_string(),
+        created["key"].as_str().unwrap().to_string(),
+    )
+}
+
+/// A client that sends `key` with every request.
+fn client_with(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_over_http_and_exits_cleanly_on_sigterm() {
-    let mut served = serve(&[]);
-    let client = reqwest::Client::new();
+    let data = tempfile::tempdir().unwrap();
+    let (_, key) = create_key(data.path(), "developer");
+    let mut served = serve(data.path(), &[]);
+    let client = client_with(&key);
     let health = client
         .get(format!("{}/health", served.base))
         .send()
@@ -115,7 +159,10 @@ async fn serves_over_http_and_exits_cleanly_on_sigterm() {
 fn a_port_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
+    let data = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_enclave"))
+        .arg("--data-dir")
+        .arg(data.path())
         .args(["serve", "--model"])
         .arg(model_dir("qwen2"))
         .args(["--port", &port])
@@ -132,9 +179,12 @@ fn a_port_in_use_is_a_clear_error() {
 /// `enclave bench-serve` drives a running server and reports every level.
 #[test]
 fn bench_serve_measures_a_running_server() {
-    let mut served = serve(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let (_, key) = create_key(data.path(), "developer");
+    let mut served = serve(data.path(), &[]);
     let out = Command::new(env!("CARGO_BIN_EXE_enclave"))
         .args(["bench-serve", "--url", &served.base, "--concurrency", "1,4"])
+        .env("ENCLAVE_API_KEY", &key)
         .args([
             "--requests",
             "6",
@@ -167,6 +217,109 @@ fn bench_serve_measures_a_running_server() {
         assert!((tokens - 18.0).abs() < 1e-6, "{level}");
         assert!(level["ttft_p50_s"].as_f64().unwrap() <= level["latency_p99_s"].as_f64().unwrap());
     }
+    terminate(&served.child);
+    assert!(served.child.wait().unwrap().success());
+}
+
+/// Keys made and revoked with the CLI on the database a running server reads: 401 without a
+/// key, 200 with one, 401 again within five seconds of `keys revoke`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_from_the_cli_open_and_close_a_running_server() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let (id, key) = create_key(data.path(), "developer");
+    let mut served = serve(data.path(), &[]);
+    let models = format!("{}/v1/models", served.base);
+    let anonymous = reqwest::Client::new();
+    let refused = anonymous.get(&models).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(refused.headers().contains_key("www-authenticate"));
+    assert_eq!(
+        anonymous
+            .get(format!("{}/livez", served.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let client = client_with(&key);
+    assert_eq!(client.get(&models).send().await.unwrap().status(), 200);
+
+    let listed = enclave(&["--data-dir", dir, "keys", "list", "--json"]);
+    let listed: Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    assert_eq!(listed["keys"][0]["id"], id.as_str());
+    assert_eq!(listed["keys"][0]["state"], "active");
+    assert!(listed["keys"][0]["last_used_at"].is_i64(), "{listed}");
+    assert!(
+        !listed.to_string().contains(&key[20..]),
+        "the secret is never listed"
+    );
+
+    let revoked = enclave(&["--data-dir", dir, "keys", "revoke", &id, "--json"]);
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    let start = std::time::Instant::now();
+    loop {
+        let status = client.get(&models).send().await.unwrap().status();
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the revoked key still works"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    terminate(&served.child);
+    assert!(served.child.wait().unwrap().success());
+}
+
+#[test]
+fn without_authentication_only_loopback_is_served() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_enclave"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["serve", "--model"])
+        .arg(model_dir("qwen2"))
+        .args(["--host", "0.0.0.0", "--port", "0", "--no-auth"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let message = stderr(&out);
+    assert!(message.contains("only on loopback"), "{message}");
+    // The configuration's switch is refused the same way.
+    let out = Command::new(env!("CARGO_BIN_EXE_enclave"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["serve", "--model"])
+        .arg(model_dir("qwen2"))
+        .args(["--host", "0.0.0.0", "--port", "0"])
+        .env("ENCLAVE_AUTH_ENABLED", "false")
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("only on loopback"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_authentication_loopback_callers_are_served_after_a_warning() {
+    let data = tempfile::tempdir().unwrap();
+    let mut served = serve(data.path(), &["--no-auth"]);
+    let reply = reqwest::Client::new()
+        .get(format!("{}/v1/models", served.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    assert!(
+        served
+            .startup
+            .iter()
+            .any(|l| l.contains("authentication is off")),
+        "{:?}",
+        served.startup
+    );
     terminate(&served.child);
     assert!(served.child.wait().unwrap().success());
 }

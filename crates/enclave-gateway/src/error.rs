@@ -1,0 +1,38 @@
+//! The one error type of the gateway.
+
+/// What went wrong in access control or its database.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A value given to the gateway (a name, a pattern, a role) is not acceptable; `field`
+    /// names it as the caller knows it (`tenant`, `models`, `role`).
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// The named thing does not exist (`tenant \`acme\``, `key \`…\``).
+    #[error("{0} does not exist")]
+    NotFound(String),
+    /// The thing to create exists already.
+    #[error("{0} exists already")]
+    Exists(String),
+    /// The credentials presented identify no one (unknown, malformed, expired or revoked);
+    /// the reason is for the log, never for the client.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(&'static str),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database schema: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+impl GatewayError {
+    pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+pub type Result<T, E = GatewayError> = std::result::Result<T, E>;

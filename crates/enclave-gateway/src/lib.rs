@@ -1,0 +1,24 @@
+//! Enclave's access control: identities (API keys), tenants, roles and permissions, and the
+//! database they live in (SQLite in the data directory, or PostgreSQL). Knows nothing of
+//! inference or HTTP: the server asks it who a caller is ([`Authenticator`]) and what that
+//! [`Principal`] may do.
+//!
+//! Invariants:
+//! - A key's secret is never stored or logged: only its SHA-256, compared in constant time.
+//! - Anything not positively authenticated is `Unauthenticated`; a key whose role is no longer
+//!   configured authenticates to nothing rather than to a default.
+//! - A revocation is seen by every server on the same database within [`CACHE_TTL`].
+
+mod authenticator;
+mod error;
+mod keys;
+mod principal;
+mod rbac;
+mod store;
+
+pub use authenticator::{unix_time, Authenticator, CACHE_TTL};
+pub use error::{GatewayError, Result};
+pub use keys::KEY_PREFIX;
+pub use principal::{Identity, Principal};
+pub use rbac::{ModelScope, Permission, Permissions, Roles, BUILT_IN_ROLES};
+pub use store::{CreatedKey, KeyInfo, NewKey, Store, Tenant};

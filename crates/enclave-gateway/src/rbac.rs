@@ -1,0 +1,357 @@
+//! Permissions, roles and model scopes: what an authenticated caller may do, and with which
+//! models.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+use crate::error::{GatewayError, Result};
+
+/// One thing a caller may be allowed to do, at the granularity of the API's routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Permission {
+    /// Completions, chat completions, tokenize and detokenize.
+    Inference,
+    /// List and read the models the caller's tenant may use.
+    ModelsRead,
+    /// Load, roll out and roll back models.
+    ModelsManage,
+    /// Create, list and revoke API keys of the caller's tenant.
+    KeysManage,
+    /// Create and change tenants.
+    TenantsManage,
+    /// Read metrics and usage.
+    MetricsRead,
+    /// Read the audit log.
+    AuditRead,
+    /// Change the running configuration.
+    ConfigManage,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 8] = [
+        Permission::Inference,
+        Permission::ModelsRead,
+        Permission::ModelsManage,
+        Permission::KeysManage,
+        Permission::TenantsManage,
+        Permission::MetricsRead,
+        Permission::AuditRead,
+        Permission::ConfigManage,
+    ];
+
+    /// The name used in configuration files and messages (`models:read`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Permission::Inference => "inference",
+            Permission::ModelsRead => "models:read",
+            Permission::ModelsManage => "models:manage",
+            Permission::KeysManage => "keys:manage",
+            Permission::TenantsManage => "tenants:manage",
+            Permission::MetricsRead => "metrics:read",
+            Permission::AuditRead => "audit:read",
+            Permission::ConfigManage => "config:manage",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                GatewayError::invalid(
+                    "permissions",
+                    format!(
+                        "unknown permission `{name}` (known: {})",
+                        Self::ALL.map(Permission::name).join(", ")
+                    ),
+                )
+            })
+    }
+
+    fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A set of permissions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Permissions(u16);
+
+impl Permissions {
+    pub fn all() -> Self {
+        Self::of(&Permission::ALL)
+    }
+
+    pub fn of(permissions: &[Permission]) -> Self {
+        Self(permissions.iter().fold(0, |bits, p| bits | p.bit()))
+    }
+
+    pub fn contains(self, permission: Permission) -> bool {
+        self.0 & permission.bit() != 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Permission> {
+        Permission::ALL
+            .into_iter()
+            .filter(move |p| self.contains(*p))
+    }
+}
+
+/// The built-in roles, each with what it is for.
+pub const BUILT_IN_ROLES: [(&str, &[Permission], &str); 6] = [
+    (
+        "admin",
+        &Permission::ALL,
+        "everything, including tenants, keys and configuration",
+    ),
+    (
+        "operator",
+        &[
+            Permission::Inference,
+            Permission::ModelsRead,
+            Permission::ModelsManage,
+            Permission::MetricsRead,
+            Permission::ConfigManage,
+        ],
+        "runs the service: models, configuration, metrics; no keys or tenants",
+    ),
+    (
+        "developer",
+        &[Permission::Inference, Permission::ModelsRead],
+        "builds applications: inference and the model list",
+    ),
+    (
+        "analyst",
+        &[Permission::ModelsRead, Permission::MetricsRead],
+        "reads usage and metrics; no inference",
+    ),
+    (
+        "auditor",
+        &[Permission::AuditRead, Permission::MetricsRead],
+        "reads the audit log and metrics; nothing else",
+    ),
+    (
+        "viewer",
+        &[Permission::ModelsRead],
+        "sees which models exist",
+    ),
+];
+
+/// Every role a key may hold: the built-in ones and those the configuration adds.
+#[derive(Debug, Clone)]
+pub struct Roles {
+    roles: BTreeMap<String, Permissions>,
+}
+
+impl Default for Roles {
+    fn default() -> Self {
+        Self {
+            roles: BUILT_IN_ROLES
+                .iter()
+                .map(|(name, permissions, _)| (name.to_string(), Permissions::of(permissions)))
+                .collect(),
+        }
+    }
+}
+
+impl Roles {
+    /// The built-in roles and `custom` ones (name → permission names); a custom role may not
+    /// redefine a built-in one.
+    pub fn with_custom<'a>(
+        custom: impl IntoIterator<Item = (&'a str, &'a [String])>,
+    ) -> Result<Self> {
+        let mut roles = Self::default();
+        for (name, permissions) in custom {
+            check_name("roles", name)?;
+            if roles.roles.contains_key(name) {
+                return Err(GatewayError::invalid(
+                    "roles",
+                    format!("`{name}` is a built-in role and cannot be redefined"),
+                ));
+            }
+            let permissions = permissions
+                .iter()
+                .map(|p| Permission::parse(p))
+                .collect::<Result<Vec<_>>>()
+                .map_err(|e| match e {
+                    GatewayError::Invalid { message, .. } => {
+                        GatewayError::invalid("roles", format!("role `{name}`: {message}"))
+                    }
+                    other => other,
+                })?;
+            roles
+                .roles
+                .insert(name.to_string(), Permissions::of(&permissions));
+        }
+        Ok(roles)
+    }
+
+    pub fn permissions(&self, role: &str) -> Option<Permissions> {
+        self.roles.get(role).copied()
+    }
+
+    /// `role`'s permissions, or an error naming the known roles.
+    pub fn require(&self, role: &str) -> Result<Permissions> {
+        self.permissions(role).ok_or_else(|| {
+            GatewayError::invalid(
+                "role",
+                format!(
+                    "unknown role `{role}` (known: {})",
+                    self.roles.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.roles.keys().map(String::as_str)
+    }
+}
+
+/// Which models a tenant or key may use: glob patterns over served model names
+/// (`deepseek-r1-*`, `*`).
+#[derive(Debug, Clone)]
+pub struct ModelScope {
+    patterns: Vec<String>,
+    set: GlobSet,
+}
+
+impl ModelScope {
+    /// Every model.
+    pub fn all() -> Self {
+        // `*` is always a valid glob.
+        Self::new(&["*".to_string()]).unwrap_or_else(|_| Self {
+            patterns: Vec::new(),
+            set: GlobSet::empty(),
+        })
+    }
+
+    pub fn new(patterns: &[String]) -> Result<Self> {
+        if patterns.is_empty() {
+            return Err(GatewayError::invalid(
+                "models",
+                "give at least one model pattern (`*` for every model)",
+            ));
+        }
+        let mut builder = GlobSetBuilder::new();
+        for pattern in patterns {
+            if pattern.is_empty() || pattern.len() > 256 || pattern.chars().any(char::is_control) {
+                return Err(GatewayError::invalid(
+                    "models",
+                    format!("`{}` is not a model pattern", pattern.escape_debug()),
+                ));
+            }
+            // `literal_separator` off: `*` also matches across the `/` of Hub-style names.
+            let glob = Glob::new(pattern).map_err(|e| {
+                GatewayError::invalid("models", format!("`{pattern}` is not a valid glob: {e}"))
+            })?;
+            builder.add(glob);
+        }
+        let set = builder
+            .build()
+            .map_err(|e| GatewayError::invalid("models", e.to_string()))?;
+        Ok(Self {
+            patterns: patterns.to_vec(),
+            set,
+        })
+    }
+
+    /// Patterns stored one per line.
+    pub(crate) fn parse_stored(stored: &str) -> Result<Self> {
+        Self::new(&stored.lines().map(str::to_string).collect::<Vec<_>>())
+    }
+
+    pub(crate) fn stored(&self) -> String {
+        self.patterns.join("\n")
+    }
+
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
+    pub fn allows(&self, model: &str) -> bool {
+        self.set.is_match(model)
+    }
+}
+
+/// Names of tenants, roles and keys: a letter or digit, then letters, digits, `-`, `_` or `.`,
+/// at most 64 in all — so they read well in logs and never need quoting.
+pub(crate) fn check_name(field: &'static str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(GatewayError::invalid(
+            field,
+            format!(
+                "`{}` is not a valid name (a letter or digit, then letters, digits, `-`, `_` or `.`; at most 64)",
+                name.escape_debug()
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_scopes_match_globs_across_slashes() -> Result<()> {
+        let scope = ModelScope::new(&["deepseek-r1-*".into(), "acme/*".into()])?;
+        assert!(scope.allows("deepseek-r1-distill-qwen-1.5b"));
+        assert!(scope.allows("acme/tuned"));
+        assert!(!scope.allows("deepseek-v3"));
+        assert!(!scope.allows("gemma-3-270m"));
+        assert!(ModelScope::all().allows("deepseek-ai/DeepSeek-R1"));
+        assert!(ModelScope::new(&[]).is_err());
+        assert!(ModelScope::new(&["a[".into()]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn roles_and_custom_roles() -> Result<()> {
+        let roles = Roles::with_custom([("support", &["inference".to_string()][..])])?;
+        let support = roles.require("support")?;
+        assert!(support.contains(Permission::Inference));
+        assert!(!support.contains(Permission::ModelsRead));
+        assert_eq!(roles.require("admin")?, Permissions::all());
+        assert!(!roles.require("developer")?.contains(Permission::KeysManage));
+        assert!(roles.require("root").is_err());
+        assert!(Roles::with_custom([("admin", &[][..])]).is_err());
+        assert!(Roles::with_custom([("x", &["launch:missiles".to_string()][..])]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn names_reject_what_needs_quoting() {
+        for good in ["acme", "acme-2", "a.b_c", "A1"] {
+            assert!(check_name("tenant", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "-acme",
+            "acme'; DROP TABLE tenants; --",
+            "a b",
+            "ü",
+            &"a".repeat(65),
+        ] {
+            assert!(check_name("tenant", bad).is_err(), "{bad}");
+        }
+    }
+}

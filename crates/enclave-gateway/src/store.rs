@@ -1,0 +1,290 @@
+//! Where access-control state lives: SQLite in the data directory by default, PostgreSQL
+//! when several replicas share it. One schema for both (portable SQL through sqlx's `Any`
+//! driver), migrated at connection.
+
+use std::path::Path;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::error::{GatewayError, Result};
+use crate::keys;
+use crate::rbac::{check_name, ModelScope, Roles};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The database of tenants and keys. Cheap to clone (a connection pool).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+/// A tenant: the unit of isolation (its models, its keys, its usage).
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub name: String,
+    pub models: ModelScope,
+    pub created_at: i64,
+}
+
+/// What `keys create` asks for.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub tenant: String,
+    pub role: String,
+    /// Model patterns the key may use, within its tenant's (`["*"]`: all of the tenant's).
+    pub models: Vec<String>,
+    /// A label for people (`ci-runner`, `alice-laptop`).
+    pub name: String,
+    pub expires_at: Option<i64>,
+}
+
+/// A stored key, without its secret.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    pub id: String,
+    pub tenant: String,
+    pub role: String,
+    pub models: ModelScope,
+    pub name: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+/// A key just created: the one time its full value is known.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    pub info: KeyInfo,
+    pub key: String,
+}
+
+/// What authentication needs of a key: the key, its hash and its tenant's models.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyForAuth {
+    pub info: KeyInfo,
+    pub sha256: String,
+    pub tenant_models: ModelScope,
+}
+
+impl Store {
+    /// The default database: `enclave.db` in `data_dir` (created if missing).
+    pub fn sqlite_url(data_dir: &Path) -> String {
+        format!(
+            "sqlite://{}?mode=rwc",
+            data_dir.join("enclave.db").display()
+        )
+    }
+
+    /// Connects to `url` (`sqlite://…` or `postgres://…`) and brings its schema up to date.
+    pub async fn connect(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let is_sqlite = url.starts_with("sqlite:");
+        let pool = AnyPoolOptions::new()
+            .max_connections(if is_sqlite { 4 } else { 8 })
+            .connect(url)
+            .await?;
+        if is_sqlite {
+            // Readers (a running server) and a writer (`enclave keys revoke`) at once; the mode
+            // is kept in the file.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
+        }
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn create_tenant(&self, name: &str, models: &[String], now: i64) -> Result<Tenant> {
+        check_name("tenant", name)?;
+        let models = ModelScope::new(models)?;
+        if self.tenant(name).await?.is_some() {
+            return Err(GatewayError::Exists(format!("tenant `{name}`")));
+        }
+        sqlx::query("INSERT INTO tenants (name, models, created_at) VALUES ($1, $2, $3)")
+            .bind(name)
+            .bind(models.stored())
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(Tenant {
+            name: name.to_string(),
+            models,
+            created_at: now,
+        })
+    }
+
+    pub async fn tenant(&self, name: &str) -> Result<Option<Tenant>> {
+        sqlx::query("SELECT name, models, created_at FROM tenants WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| tenant_from(&row))
+            .transpose()
+    }
+
+    pub async fn tenants(&self) -> Result<Vec<Tenant>> {
+        sqlx::query("SELECT name, models, created_at FROM tenants ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(tenant_from)
+            .collect()
+    }
+
+    /// Creates a key for an existing tenant with a role `roles` knows; returns it with its
+    /// secret, which is not kept.
+    pub async fn create_key(&self, new: NewKey, roles: &Roles, now: i64) -> Result<CreatedKey> {
+        check_name("tenant", &new.tenant)?;
+        roles.require(&new.role)?;
+        let models = ModelScope::new(&new.models)?;
+        if new.name.len() > 128 || new.name.chars().any(char::is_control) {
+            return Err(GatewayError::invalid(
+                "name",
+                "a key's name is at most 128 characters, without control characters",
+            ));
+        }
+        if new.expires_at.is_some_and(|at| at <= now) {
+            return Err(GatewayError::invalid(
+                "expires",
+                "the expiry is in the past",
+            ));
+        }
+        if self.tenant(&new.tenant).await?.is_none() {
+            return Err(GatewayError::NotFound(format!(
+                "tenant `{}` (create it first: `enclave tenants create {}`)",
+                new.tenant, new.tenant
+            )));
+        }
+        let secret = keys::generate();
+        sqlx::query(
+            "INSERT INTO api_keys (id, secret_sha256, tenant, role, models, name, created_at, \
+             expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&secret.id)
+        .bind(&secret.sha256)
+        .bind(&new.tenant)
+        .bind(&new.role)
+        .bind(models.stored())
+        .bind(&new.name)
+        .bind(now)
+        .bind(new.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(CreatedKey {
+            info: KeyInfo {
+                id: secret.id,
+                tenant: new.tenant,
+                role: new.role,
+                models,
+                name: new.name,
+                created_at: now,
+                expires_at: new.expires_at,
+                revoked_at: None,
+                last_used_at: None,
+            },
+            key: secret.key,
+        })
+    }
+
+    /// Keys, oldest first; only `tenant`'s when given.
+    pub async fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyInfo>> {
+        let rows = match tenant {
+            Some(tenant) => {
+                sqlx::query(&format!(
+                    "SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.tenant = $1 ORDER BY k.created_at, k.id"
+                ))
+                .bind(tenant)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.created_at, k.id"
+                ))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(key_from).collect()
+    }
+
+    pub async fn key(&self, id: &str) -> Result<Option<KeyInfo>> {
+        sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| key_from(&row))
+        .transpose()
+    }
+
+    /// Revokes key `id` (from now on, and on running servers within the authenticator's
+    /// cache lifetime); revoking a revoked key keeps its first revocation time.
+    pub async fn revoke_key(&self, id: &str, now: i64) -> Result<KeyInfo> {
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        self.key(id)
+            .await?
+            .ok_or_else(|| GatewayError::NotFound(format!("key `{id}`")))
+    }
+
+    pub(crate) async fn key_for_auth(&self, id: &str) -> Result<Option<KeyForAuth>> {
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS}, k.secret_sha256, t.models AS tenant_models FROM api_keys k \
+             JOIN tenants t ON t.name = k.tenant WHERE k.id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(KeyForAuth {
+            info: key_from(&row)?,
+            sha256: row.try_get("secret_sha256")?,
+            tenant_models: ModelScope::parse_stored(&row.try_get::<String, _>("tenant_models")?)?,
+        }))
+    }
+
+    pub(crate) async fn touch_key(&self, id: &str, now: i64) -> Result<()> {
+        sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+// Qualified with `k.` so the join with `tenants` can share the list: every query names the
+// table `api_keys k`.
+const KEY_COLUMNS: &str = "k.id, k.tenant, k.role, k.models, k.name, k.created_at, \
+                           k.expires_at, k.revoked_at, k.last_used_at";
+
+fn tenant_from(row: &AnyRow) -> Result<Tenant> {
+    Ok(Tenant {
+        name: row.try_get("name")?,
+        models: ModelScope::parse_stored(&row.try_get::<String, _>("models")?)?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn key_from(row: &AnyRow) -> Result<KeyInfo> {
+    Ok(KeyInfo {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        role: row.try_get("role")?,
+        models: ModelScope::parse_stored(&row.try_get::<String, _>("models")?)?,
+        name: row.try_get("name")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        last_used_at: row.try_get("last_used_at")?,
+    })
+}

@@ -1,0 +1,129 @@
+//! Authentication and authorization at the edge: every route but liveness and readiness needs
+//! credentials (`Authorization: Bearer <key>`), and each route names the permission it needs in
+//! [`ROUTES`]. The middleware wraps the whole router, so a route added later is authenticated
+//! whether or not anyone remembered to, and one missing from [`ROUTES`] is refused to everyone
+//! until it is listed (a test walks the table).
+
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use enclave_gateway::{Authenticator, GatewayError, Permission, Principal};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// How callers are authenticated.
+#[derive(Clone)]
+pub enum Access {
+    /// API keys from the gateway's database.
+    Keys(Arc<Authenticator>),
+    /// No authentication: every caller is [`Principal::unauthenticated`]. The binary allows
+    /// this only on loopback addresses, and only when asked explicitly.
+    Disabled,
+}
+
+/// Every route as registered, with the permission it needs; `None` marks the two public
+/// probes.
+pub const ROUTES: &[(&str, &str, Option<Permission>)] = &[
+    ("POST", "/v1/chat/completions", Some(Permission::Inference)),
+    ("POST", "/v1/completions", Some(Permission::Inference)),
+    ("POST", "/tokenize", Some(Permission::Inference)),
+    ("POST", "/detokenize", Some(Permission::Inference)),
+    ("GET", "/v1/models", Some(Permission::ModelsRead)),
+    ("GET", "/v1/models/{*id}", Some(Permission::ModelsRead)),
+    ("GET", "/health", None),
+    ("GET", "/livez", None),
+];
+
+/// The middleware: resolves the caller, checks the route's permission, and leaves the
+/// [`Principal`] in the request's extensions for the handler (model scopes are checked there,
+/// where the model is known).
+pub(crate) async fn authorize(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    let needs = route
+        .as_deref()
+        .map(|path| ROUTES.iter().find(|(_, p, _)| *p == path).map(|r| r.2));
+    if let Some(Some(None)) = needs {
+        return next.run(request).await; // a public probe
+    }
+    let principal = match &state.access {
+        Access::Disabled => Principal::unauthenticated(),
+        Access::Keys(authenticator) => match authenticate(authenticator, bearer(&request)).await {
+            Ok(principal) => principal,
+            Err(error) => return error.into_response(),
+        },
+    };
+    match needs {
+        // A registered route missing from `ROUTES`: nobody may use it until it is listed.
+        Some(None) => {
+            tracing::error!(route = ?route, "route missing from auth::ROUTES; refused");
+            return ApiError::forbidden("a permission this route does not declare").into_response();
+        }
+        Some(Some(Some(permission))) if !principal.can(permission) => {
+            tracing::info!(subject = %principal.subject(), tenant = %principal.tenant, route = ?route, %permission, "permission denied");
+            return ApiError::forbidden(permission.name()).into_response();
+        }
+        // Allowed; or no route matched at all (the 404 fallback, after authentication so that
+        // unknown callers learn nothing of which routes exist).
+        _ => {}
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+async fn authenticate(
+    authenticator: &Authenticator,
+    presented: Result<String, ApiError>,
+) -> Result<Principal, ApiError> {
+    authenticator
+        .authenticate_key(&presented?)
+        .await
+        .map_err(|error| match error {
+            GatewayError::Unauthenticated(reason) => {
+                tracing::info!(reason, "authentication failed");
+                ApiError::unauthenticated("the API key is not valid")
+            }
+            other => {
+                tracing::error!(error = %other, "cannot authenticate: the database failed");
+                ApiError::unavailable(
+                    "authentication_unavailable",
+                    "credentials cannot be checked right now; retry shortly",
+                )
+            }
+        })
+}
+
+/// The token of `Authorization: Bearer <token>`, or a 401 saying what was expected.
+fn bearer(request: &Request) -> Result<String, ApiError> {
+    let expected = "send the API key as `Authorization: Bearer <key>`";
+    let mut values = request.headers().get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        tracing::info!("authentication failed: no single Authorization header");
+        return Err(ApiError::unauthenticated(format!("no API key: {expected}")));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        })
+        .filter(|t| !t.is_empty())
+        .map(str::to_string);
+    token.ok_or_else(|| {
+        tracing::info!("authentication failed: malformed Authorization header");
+        ApiError::unauthenticated(format!("malformed Authorization header: {expected}"))
+    })
+}

@@ -1,0 +1,286 @@
+//! `enclave keys …` and `enclave tenants …`: manage API keys and tenants in the database the
+//! servers read (a revocation reaches running servers within seconds). `--json` prints one JSON
+//! object per command, for scripts.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use enclave_gateway::{unix_time, KeyInfo, NewKey, Tenant};
+use serde_json::{json, Value};
+
+use crate::config::Settings;
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Create an API key; the key is printed once and only its hash is kept.
+    Create(KeysCreateArgs),
+    /// List keys (never their secrets).
+    List(KeysListArgs),
+    /// Revoke a key by its id (running servers refuse it within seconds).
+    Revoke(KeysRevokeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KeysCreateArgs {
+    /// Tenant the key acts for (`default` exists from the start).
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Role: admin, operator, developer, analyst, auditor, viewer, or one from the
+    /// configuration's `[roles]`.
+    #[arg(long)]
+    pub role: String,
+    /// Model name patterns the key may use, within its tenant's (`deepseek-r1-*`); repeat or
+    /// separate with commas.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    pub models: Vec<String>,
+    /// A label for people (`ci-runner`).
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Lifetime: `90d`, `12h`, `30m` or seconds; default: until revoked.
+    #[arg(long, value_name = "DURATION")]
+    pub expires_in: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeysListArgs {
+    /// Only this tenant's keys.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeysRevokeArgs {
+    /// The key's id (as `keys list` shows it), or the whole key.
+    pub id: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantsCommand {
+    /// Create a tenant with the models it may use.
+    Create(TenantsCreateArgs),
+    /// List tenants.
+    List(TenantsListArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TenantsCreateArgs {
+    pub name: String,
+    /// Model name patterns the tenant may use; repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    pub models: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TenantsListArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn keys(settings: &Settings, command: KeysCommand) -> Result<()> {
+    runtime()?.block_on(async {
+        let store = settings.store().await?;
+        match command {
+            KeysCommand::Create(args) => {
+                let roles = settings.roles()?;
+                let now = unix_time();
+                let expires_at = args
+                    .expires_in
+                    .as_deref()
+                    .map(|text| parse_duration(text).map(|seconds| now.saturating_add(seconds)))
+                    .transpose()
+                    .context("--expires-in")?;
+                let created = store
+                    .create_key(
+                        NewKey {
+                            tenant: args.tenant,
+                            role: args.role,
+                            models: args.models,
+                            name: args.name,
+                            expires_at,
+                        },
+                        &roles,
+                        now,
+                    )
+                    .await?;
+                if args.json {
+                    let mut object = key_json(&created.info);
+                    object["key"] = json!(created.key);
+                    println!("{object}");
+                } else {
+                    println!("{}", created.key);
+                    eprintln!(
+                        "created key {} (tenant {}, role {}); it is shown only now — store it safely",
+                        created.info.id, created.info.tenant, created.info.role
+                    );
+                }
+            }
+            KeysCommand::List(args) => {
+                let keys = store.keys(args.tenant.as_deref()).await?;
+                if args.json {
+                    println!("{}", json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()}));
+                } else {
+                    println!(
+                        "{:<16}  {:<12}  {:<10}  {:<8}  {:<20}  NAME",
+                        "ID", "TENANT", "ROLE", "STATE", "MODELS"
+                    );
+                    let now = unix_time();
+                    for key in &keys {
+                        println!(
+                            "{:<16}  {:<12}  {:<10}  {:<8}  {:<20}  {}",
+                            key.id,
+                            key.tenant,
+                            key.role,
+                            state(key, now),
+                            key.models.patterns().join(","),
+                            key.name
+                        );
+                    }
+                }
+            }
+            KeysCommand::Revoke(args) => {
+                // The whole key is accepted too (`enc_<id>_<secret>`), so a leaked key can be
+                // revoked as found.
+                let id = args
+                    .id
+                    .strip_prefix(enclave_gateway::KEY_PREFIX)
+                    .and_then(|rest| rest.split('_').next())
+                    .unwrap_or(&args.id);
+                let key = store.revoke_key(id, unix_time()).await?;
+                if args.json {
+                    println!("{}", key_json(&key));
+                } else {
+                    eprintln!("revoked key {} (tenant {})", key.id, key.tenant);
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn tenants(settings: &Settings, command: TenantsCommand) -> Result<()> {
+    runtime()?.block_on(async {
+        let store = settings.store().await?;
+        match command {
+            TenantsCommand::Create(args) => {
+                let tenant = store
+                    .create_tenant(&args.name, &args.models, unix_time())
+                    .await?;
+                if args.json {
+                    println!("{}", tenant_json(&tenant));
+                } else {
+                    eprintln!(
+                        "created tenant {} (models {})",
+                        tenant.name,
+                        tenant.models.patterns().join(",")
+                    );
+                }
+            }
+            TenantsCommand::List(args) => {
+                let tenants = store.tenants().await?;
+                if args.json {
+                    println!(
+                        "{}",
+                        json!({"tenants": tenants.iter().map(tenant_json).collect::<Vec<_>>()})
+                    );
+                } else {
+                    println!("{:<24}  MODELS", "TENANT");
+                    for tenant in &tenants {
+                        println!(
+                            "{:<24}  {}",
+                            tenant.name,
+                            tenant.models.patterns().join(",")
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn state(key: &KeyInfo, now: i64) -> &'static str {
+    if key.revoked_at.is_some() {
+        "revoked"
+    } else if key.expires_at.is_some_and(|at| at <= now) {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+fn key_json(key: &KeyInfo) -> Value {
+    json!({
+        "id": key.id,
+        "tenant": key.tenant,
+        "role": key.role,
+        "models": key.models.patterns(),
+        "name": key.name,
+        "state": state(key, unix_time()),
+        "created_at": key.created_at,
+        "expires_at": key.expires_at,
+        "revoked_at": key.revoked_at,
+        "last_used_at": key.last_used_at,
+    })
+}
+
+fn tenant_json(tenant: &Tenant) -> Value {
+    json!({
+        "name": tenant.name,
+        "models": tenant.models.patterns(),
+        "created_at": tenant.created_at,
+    })
+}
+
+/// `90d`, `12h`, `30m`, `45s` or a number of seconds.
+fn parse_duration(text: &str) -> Result<i64> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().last() {
+        Some((at, c)) if c.is_ascii_alphabetic() => (&text[..at], c),
+        _ => (text, 's'),
+    };
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => anyhow::bail!("{text:?}: the unit must be s, m, h or d"),
+    };
+    let number: i64 = number
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .with_context(|| format!("{text:?} is not a positive duration such as 90d"))?;
+    number
+        .checked_mul(scale)
+        .with_context(|| format!("{text:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90d").unwrap(), 90 * 86_400);
+        assert_eq!(parse_duration("12h").unwrap(), 12 * 3600);
+        assert_eq!(parse_duration("45").unwrap(), 45);
+        for bad in ["", "0d", "-1h", "3w", "d", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! `enclave.toml`: settings every subcommand shares, read from a file (`--config`), then
+//! overridden by `ENCLAVE_…` environment variables (one per key, `auth.enabled` →
+//! `ENCLAVE_AUTH_ENABLED`), then by flags. Unknown keys and ill-typed values are refused at
+//! start, naming the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use enclave_gateway::{Roles, Store};
+use serde::Deserialize;
+
+/// Flags every subcommand takes.
+#[derive(Args, Debug, Clone, Default)]
+pub struct GlobalArgs {
+    /// Configuration file (TOML; see `enclave.example.toml`).
+    #[arg(long, global = true, value_name = "FILE", env = "ENCLAVE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Where Enclave keeps its state (the SQLite database of keys and tenants); default
+    /// `$XDG_DATA_HOME/enclave` or `~/.local/share/enclave`.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The settings file's contents; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub data_dir: Option<PathBuf>,
+    /// `postgres://…` to share state between replicas; default: SQLite in the data directory.
+    pub database_url: Option<String>,
+    #[serde(default)]
+    pub auth: AuthSettings,
+    /// Custom roles: `[roles.support] permissions = ["inference"]`.
+    #[serde(default)]
+    pub roles: BTreeMap<String, RoleSettings>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// `false` turns authentication off (loopback addresses only); default on.
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSettings {
+    pub permissions: Vec<String>,
+}
+
+/// Keys an environment variable may set: (key, variable).
+const ENV_KEYS: &[(&str, &str)] = &[
+    ("data_dir", "ENCLAVE_DATA_DIR"),
+    ("database_url", "ENCLAVE_DATABASE_URL"),
+    ("auth.enabled", "ENCLAVE_AUTH_ENABLED"),
+];
+
+impl Settings {
+    /// The file (if any), the environment over it, the flags over both.
+    pub fn load(global: &GlobalArgs) -> Result<Self> {
+        let env: Vec<(&str, String)> = ENV_KEYS
+            .iter()
+            .filter_map(|(key, var)| std::env::var(var).ok().map(|v| (*key, v)))
+            .collect();
+        let mut settings = Self::from_sources(global.config.as_deref(), &env)?;
+        if let Some(dir) = &global.data_dir {
+            settings.data_dir = Some(dir.clone());
+        }
+        Ok(settings)
+    }
+
+    fn from_sources(file: Option<&Path>, env: &[(&str, String)]) -> Result<Self> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("{} is not valid TOML", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (key, raw) in env {
+            let var = ENV_KEYS.iter().find(|(k, _)| k == key).map_or("", |e| e.1);
+            // `true`, `42` and quoted strings keep their TOML type; anything else is a string.
+            let value = format!("v = {raw}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.clone()));
+            let mut at = &mut table;
+            let mut parts: Vec<&str> = key.split('.').collect();
+            let leaf = parts.pop().unwrap_or(key);
+            for part in parts {
+                let entry = at
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                at = entry.as_table_mut().with_context(|| {
+                    format!("{var}: `{part}` in the configuration is not a table")
+                })?;
+            }
+            at.insert(leaf.to_string(), value);
+        }
+        let from = file.map_or_else(
+            || "the environment".to_string(),
+            |p| format!("{} (with the environment)", p.display()),
+        );
+        Self::deserialize(table).map_err(|e| anyhow::anyhow!("configuration in {from}: {e}"))
+    }
+
+    pub fn data_dir(&self) -> Result<PathBuf> {
+        if let Some(dir) = &self.data_dir {
+            return Ok(dir.clone());
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .context("no data directory: set --data-dir (or ENCLAVE_DATA_DIR, or HOME)")?;
+        Ok(base.join("enclave"))
+    }
+
+    /// The built-in roles and the configured ones.
+    pub fn roles(&self) -> Result<Roles> {
+        Roles::with_custom(
+            self.roles
+                .iter()
+                .map(|(name, role)| (name.as_str(), role.permissions.as_slice())),
+        )
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))
+    }
+
+    pub fn auth_enabled(&self) -> bool {
+        self.auth.enabled.unwrap_or(true)
+    }
+
+    /// Connects to the configured database (creating the data directory for SQLite).
+    pub async fn store(&self) -> Result<Store> {
+        let url = match &self.database_url {
+            Some(url) => url.clone(),
+            None => {
+                let dir = self.data_dir()?;
+                std::fs::create_dir_all(&dir).with_context(|| {
+                    format!("cannot create the data directory {}", dir.display())
+                })?;
+                Store::sqlite_url(&dir)
+            }
+        };
+        Store::connect(&url)
+            .await
+            .with_context(|| format!("cannot open the database {}", redact_url(&url)))
+    }
+}
+
+/// A database URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let f = file("data_dir = \"/srv/a\"\n[auth]\nenabled = true\n");
+        let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
+        assert_eq!(s.data_dir.as_deref(), Some(Path::new("/srv/a")));
+        assert!(s.auth_enabled());
+        let env = [
+            ("auth.enabled", "false".to_string()),
+            ("database_url", "postgres://u:p@db/enclave".to_string()),
+        ];
+        let s = Settings::from_sources(Some(f.path()), &env).unwrap();
+        assert!(!s.auth_enabled());
+        assert_eq!(s.database_url.as_deref(), Some("postgres://u:p@db/enclave"));
+        assert_eq!(s.data_dir.as_deref(), Some(Path::new("/srv/a")));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let f = file("[auth]\nenabeld = false\n");
+        let e = Settings::from_sources(Some(f.path()), &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("enabeld"), "{e:#}");
+        let e = Settings::from_sources(None, &[("auth.enabled", "maybe".into())]).unwrap_err();
+        assert!(format!("{e:#}").contains("enabled"), "{e:#}");
+        let f = file("[roles.support]\npermissions = [\"inference\", \"launch\"]\n");
+        let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
+        let e = s.roles().unwrap_err();
+        assert!(format!("{e:#}").contains("launch"), "{e:#}");
+        let f = file("data_dir = [");
+        assert!(Settings::from_sources(Some(f.path()), &[]).is_err());
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../enclave.example.toml");
+        let s = Settings::from_sources(Some(&example), &[]).unwrap();
+        assert!(s.auth_enabled());
+        assert!(s.roles().unwrap().require("support").is_ok());
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact_url("postgres://enclave:s3cret@db:5432/enclave"),
+            "postgres://enclave:***@db:5432/enclave"
+        );
+        assert_eq!(
+            redact_url("sqlite:///x/enclave.db?mode=rwc"),
+            "sqlite:///x/enclave.db?mode=rwc"
+        );
+    }
+}
