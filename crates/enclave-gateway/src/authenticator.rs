@@ -9,9 +9,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{GatewayError, Result};
 use crate::keys;
-use crate::principal::{Identity, Principal};
-use crate::rbac::Roles;
-use crate::store::{KeyForAuth, Store};
+use crate::limits::Limits;
+use crate::principal::{Grants, Identity, Principal};
+use crate::rbac::{ModelScope, Roles};
+use crate::store::{KeyForAuth, Store, Tenant};
 
 /// How long a key record read from the database is trusted (the bound on revocation delay).
 pub const CACHE_TTL: Duration = Duration::from_secs(2);
@@ -26,11 +27,23 @@ struct Cached {
     key: Option<KeyForAuth>,
 }
 
-/// Authenticates API keys against the [`Store`].
+/// A client-certificate subject (mTLS) bound to a tenant, a role and model patterns.
+#[derive(Debug, Clone)]
+pub struct CertificateBinding {
+    /// As [`crate::certificate_subject`] writes it: `CN=app1, O=Acme`.
+    pub subject: String,
+    pub tenant: String,
+    pub role: String,
+    pub models: ModelScope,
+}
+
+/// Authenticates API keys against the [`Store`], and client certificates by their bindings.
 pub struct Authenticator {
     store: Store,
     roles: Roles,
     cache: Mutex<HashMap<String, Cached>>,
+    certificates: Vec<CertificateBinding>,
+    tenants: Mutex<HashMap<String, (Instant, Option<Tenant>)>>,
 }
 
 impl Authenticator {
@@ -39,7 +52,69 @@ impl Authenticator {
             store,
             roles,
             cache: Mutex::new(HashMap::new()),
+            certificates: Vec::new(),
+            tenants: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Also accepts clients by these certificate subjects; each role must be known.
+    pub fn with_certificates(mut self, bindings: Vec<CertificateBinding>) -> Result<Self> {
+        for binding in &bindings {
+            self.roles.require(&binding.role)?;
+        }
+        self.certificates = bindings;
+        Ok(self)
+    }
+
+    /// The principal a verified client certificate's subject is bound to; `Unauthenticated`
+    /// when it is bound to nothing (or its tenant is gone).
+    pub async fn authenticate_certificate(&self, subject: &str) -> Result<Principal> {
+        let binding = self
+            .certificates
+            .iter()
+            .find(|b| b.subject == subject)
+            .ok_or(GatewayError::Unauthenticated(
+                "certificate subject not bound",
+            ))?;
+        let permissions = self
+            .roles
+            .permissions(&binding.role)
+            .ok_or(GatewayError::Unauthenticated("role no longer configured"))?;
+        let tenant = self
+            .tenant(&binding.tenant)
+            .await?
+            .ok_or(GatewayError::Unauthenticated(
+                "certificate's tenant does not exist",
+            ))?;
+        Ok(Principal::new(
+            Identity::Certificate {
+                subject: binding.subject.clone(),
+            },
+            tenant.name.clone(),
+            binding.role.clone(),
+            permissions,
+            Grants {
+                tenant_models: tenant.models.clone(),
+                key_models: binding.models.clone(),
+                tenant_limits: tenant.limits,
+                key_limits: Limits::default(),
+            },
+        ))
+    }
+
+    async fn tenant(&self, name: &str) -> Result<Option<Tenant>> {
+        {
+            let tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((fetched, tenant)) = tenants.get(name) {
+                if fetched.elapsed() < CACHE_TTL {
+                    return Ok(tenant.clone());
+                }
+            }
+        }
+        let tenant = self.store.tenant(name).await?;
+        let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        tenants.insert(name.to_string(), (Instant::now(), tenant.clone()));
+        Ok(tenant)
     }
 
     pub fn store(&self) -> &Store {
@@ -95,8 +170,12 @@ impl Authenticator {
             info.tenant.clone(),
             info.role.clone(),
             permissions,
-            record.tenant_models.clone(),
-            info.models.clone(),
+            Grants {
+                tenant_models: record.tenant_models.clone(),
+                key_models: info.models.clone(),
+                tenant_limits: record.tenant_limits,
+                key_limits: info.limits,
+            },
         ))
     }
 

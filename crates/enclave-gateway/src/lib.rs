@@ -1,4 +1,5 @@
-//! Enclave's access control: identities (API keys), tenants, roles and permissions, and the
+//! Enclave's access control: TLS settings, identities (API keys, client certificates), tenants, roles and permissions, rate
+//! limits and usage, and the
 //! database they live in (SQLite in the data directory, or PostgreSQL). Knows nothing of
 //! inference or HTTP: the server asks it who a caller is ([`Authenticator`]) and what that
 //! [`Principal`] may do.
@@ -12,13 +13,19 @@
 mod authenticator;
 mod error;
 mod keys;
+mod limits;
 mod principal;
 mod rbac;
 mod store;
+mod tls;
+mod usage;
 
-pub use authenticator::{unix_time, Authenticator, CACHE_TTL};
+pub use authenticator::{unix_time, Authenticator, CertificateBinding, CACHE_TTL};
 pub use error::{GatewayError, Result};
 pub use keys::KEY_PREFIX;
+pub use limits::{Admission, Limits, Quota, Quotas, RateLimiter, Refusal, Subject};
 pub use principal::{Identity, Principal};
 pub use rbac::{ModelScope, Permission, Permissions, Roles, BUILT_IN_ROLES};
 pub use store::{CreatedKey, KeyInfo, NewKey, Store, Tenant};
+pub use tls::{certificate_subject, ClientAuth, TlsSettings};
+pub use usage::{UsageCounts, UsageLedger, UsageRow};

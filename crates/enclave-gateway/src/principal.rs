@@ -1,5 +1,6 @@
 //! Who is calling, once authenticated: the identity, its tenant, and what it may do.
 
+use crate::limits::{Limits, Subject};
 use crate::rbac::{ModelScope, Permission, Permissions};
 
 /// How the caller proved who it is.
@@ -7,6 +8,8 @@ use crate::rbac::{ModelScope, Permission, Permissions};
 pub enum Identity {
     /// An API key, by its public id.
     ApiKey { id: String },
+    /// A client certificate (mTLS), by its subject.
+    Certificate { subject: String },
     /// Authentication is disabled (`--no-auth`, loopback only): every local caller.
     Unauthenticated,
 }
@@ -20,6 +23,16 @@ pub struct Principal {
     pub permissions: Permissions,
     tenant_models: ModelScope,
     key_models: ModelScope,
+    pub tenant_limits: Limits,
+    pub key_limits: Limits,
+}
+
+/// Where a principal's tenant and key draw their scopes and limits from.
+pub(crate) struct Grants {
+    pub tenant_models: ModelScope,
+    pub key_models: ModelScope,
+    pub tenant_limits: Limits,
+    pub key_limits: Limits,
 }
 
 impl Principal {
@@ -28,16 +41,39 @@ impl Principal {
         tenant: String,
         role: String,
         permissions: Permissions,
-        tenant_models: ModelScope,
-        key_models: ModelScope,
+        grants: Grants,
     ) -> Self {
         Self {
             identity,
             tenant,
             role,
             permissions,
-            tenant_models,
-            key_models,
+            tenant_models: grants.tenant_models,
+            key_models: grants.key_models,
+            tenant_limits: grants.tenant_limits,
+            key_limits: grants.key_limits,
+        }
+    }
+
+    /// The allowances a request of this principal draws on (none when nothing is limited).
+    pub fn rate_subjects(&self) -> Vec<(Subject, Limits)> {
+        let mut subjects = Vec::new();
+        if let (Identity::ApiKey { id }, false) = (&self.identity, self.key_limits.is_unlimited()) {
+            subjects.push((Subject::Key(id.clone()), self.key_limits));
+        }
+        if !self.tenant_limits.is_unlimited() {
+            subjects.push((Subject::Tenant(self.tenant.clone()), self.tenant_limits));
+        }
+        subjects
+    }
+
+    /// The key's id (or the certificate's subject) for usage records; `""` without
+    /// authentication.
+    pub fn key_id(&self) -> &str {
+        match &self.identity {
+            Identity::ApiKey { id } => id,
+            Identity::Certificate { subject } => subject,
+            Identity::Unauthenticated => "",
         }
     }
 
@@ -49,8 +85,12 @@ impl Principal {
             "default".into(),
             "admin".into(),
             Permissions::all(),
-            ModelScope::all(),
-            ModelScope::all(),
+            Grants {
+                tenant_models: ModelScope::all(),
+                key_models: ModelScope::all(),
+                tenant_limits: Limits::default(),
+                key_limits: Limits::default(),
+            },
         )
     }
 
@@ -67,6 +107,7 @@ impl Principal {
     pub fn subject(&self) -> String {
         match &self.identity {
             Identity::ApiKey { id } => format!("key:{id}"),
+            Identity::Certificate { subject } => format!("cert:{subject}"),
             Identity::Unauthenticated => "unauthenticated".into(),
         }
     }

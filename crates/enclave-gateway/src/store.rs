@@ -9,7 +9,9 @@ use sqlx::{AnyPool, Row};
 
 use crate::error::{GatewayError, Result};
 use crate::keys;
+use crate::limits::Limits;
 use crate::rbac::{check_name, ModelScope, Roles};
+use crate::usage::{UsageCounts, UsageRow};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -24,6 +26,7 @@ pub struct Store {
 pub struct Tenant {
     pub name: String,
     pub models: ModelScope,
+    pub limits: Limits,
     pub created_at: i64,
 }
 
@@ -37,6 +40,7 @@ pub struct NewKey {
     /// A label for people (`ci-runner`, `alice-laptop`).
     pub name: String,
     pub expires_at: Option<i64>,
+    pub limits: Limits,
 }
 
 /// A stored key, without its secret.
@@ -47,6 +51,7 @@ pub struct KeyInfo {
     pub role: String,
     pub models: ModelScope,
     pub name: String,
+    pub limits: Limits,
     pub created_at: i64,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
@@ -66,6 +71,7 @@ pub(crate) struct KeyForAuth {
     pub info: KeyInfo,
     pub sha256: String,
     pub tenant_models: ModelScope,
+    pub tenant_limits: Limits,
 }
 
 impl Store {
@@ -96,41 +102,59 @@ impl Store {
         Ok(Self { pool })
     }
 
-    pub async fn create_tenant(&self, name: &str, models: &[String], now: i64) -> Result<Tenant> {
+    pub async fn create_tenant(
+        &self,
+        name: &str,
+        models: &[String],
+        limits: Limits,
+        now: i64,
+    ) -> Result<Tenant> {
         check_name("tenant", name)?;
         let models = ModelScope::new(models)?;
+        check_limits(&limits)?;
         if self.tenant(name).await?.is_some() {
             return Err(GatewayError::Exists(format!("tenant `{name}`")));
         }
-        sqlx::query("INSERT INTO tenants (name, models, created_at) VALUES ($1, $2, $3)")
-            .bind(name)
-            .bind(models.stored())
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO tenants (name, models, created_at, requests_per_minute, \
+             tokens_per_minute, concurrent_requests) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(name)
+        .bind(models.stored())
+        .bind(now)
+        .bind(limits.requests_per_minute.map(to_i64))
+        .bind(limits.tokens_per_minute.map(to_i64))
+        .bind(limits.concurrent_requests.map(to_i64))
+        .execute(&self.pool)
+        .await?;
         Ok(Tenant {
             name: name.to_string(),
             models,
+            limits,
             created_at: now,
         })
     }
 
     pub async fn tenant(&self, name: &str) -> Result<Option<Tenant>> {
-        sqlx::query("SELECT name, models, created_at FROM tenants WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|row| tenant_from(&row))
-            .transpose()
+        sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| tenant_from(&row))
+        .transpose()
     }
 
     pub async fn tenants(&self) -> Result<Vec<Tenant>> {
-        sqlx::query("SELECT name, models, created_at FROM tenants ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(tenant_from)
-            .collect()
+        sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(tenant_from)
+        .collect()
     }
 
     /// Creates a key for an existing tenant with a role `roles` knows; returns it with its
@@ -145,6 +169,7 @@ impl Store {
                 "a key's name is at most 128 characters, without control characters",
             ));
         }
+        check_limits(&new.limits)?;
         if new.expires_at.is_some_and(|at| at <= now) {
             return Err(GatewayError::invalid(
                 "expires",
@@ -160,7 +185,8 @@ impl Store {
         let secret = keys::generate();
         sqlx::query(
             "INSERT INTO api_keys (id, secret_sha256, tenant, role, models, name, created_at, \
-             expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             expires_at, requests_per_minute, tokens_per_minute, concurrent_requests) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&secret.id)
         .bind(&secret.sha256)
@@ -170,6 +196,9 @@ impl Store {
         .bind(&new.name)
         .bind(now)
         .bind(new.expires_at)
+        .bind(new.limits.requests_per_minute.map(to_i64))
+        .bind(new.limits.tokens_per_minute.map(to_i64))
+        .bind(new.limits.concurrent_requests.map(to_i64))
         .execute(&self.pool)
         .await?;
         Ok(CreatedKey {
@@ -179,6 +208,7 @@ impl Store {
                 role: new.role,
                 models,
                 name: new.name,
+                limits: new.limits,
                 created_at: now,
                 expires_at: new.expires_at,
                 revoked_at: None,
@@ -236,7 +266,9 @@ impl Store {
 
     pub(crate) async fn key_for_auth(&self, id: &str) -> Result<Option<KeyForAuth>> {
         let Some(row) = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS}, k.secret_sha256, t.models AS tenant_models FROM api_keys k \
+            "SELECT {KEY_COLUMNS}, k.secret_sha256, t.models AS tenant_models, \
+             t.requests_per_minute AS tenant_rpm, t.tokens_per_minute AS tenant_tpm, \
+             t.concurrent_requests AS tenant_concurrent FROM api_keys k \
              JOIN tenants t ON t.name = k.tenant WHERE k.id = $1"
         ))
         .bind(id)
@@ -249,6 +281,7 @@ impl Store {
             info: key_from(&row)?,
             sha256: row.try_get("secret_sha256")?,
             tenant_models: ModelScope::parse_stored(&row.try_get::<String, _>("tenant_models")?)?,
+            tenant_limits: limits_from(&row, ["tenant_rpm", "tenant_tpm", "tenant_concurrent"])?,
         }))
     }
 
@@ -260,17 +293,126 @@ impl Store {
             .await?;
         Ok(())
     }
+
+    /// Adds `counts` to the usage of `tenant`'s key `key_id` on the UTC day starting at `day`.
+    pub(crate) async fn add_usage(
+        &self,
+        tenant: &str,
+        key_id: &str,
+        day: i64,
+        counts: UsageCounts,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO usage (tenant, key_id, day, requests, prompt_tokens, completion_tokens) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, key_id, day) DO UPDATE SET \
+             requests = usage.requests + excluded.requests, \
+             prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, \
+             completion_tokens = usage.completion_tokens + excluded.completion_tokens",
+        )
+        .bind(tenant)
+        .bind(key_id)
+        .bind(day)
+        .bind(to_i64(counts.requests))
+        .bind(to_i64(counts.prompt_tokens))
+        .bind(to_i64(counts.completion_tokens))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Usage rows since `since` (Unix time), by day, tenant and key; only `tenant`'s and only
+    /// `key_id`'s when given.
+    pub async fn usage(
+        &self,
+        tenant: Option<&str>,
+        key_id: Option<&str>,
+        since: i64,
+    ) -> Result<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT tenant, key_id, day, requests, prompt_tokens, completion_tokens FROM usage \
+             WHERE day >= $1 AND ($2 = '' OR tenant = $2) AND ($3 = '' OR key_id = $3) \
+             ORDER BY day, tenant, key_id",
+        )
+        .bind(since - since.rem_euclid(86_400))
+        .bind(tenant.unwrap_or(""))
+        .bind(key_id.unwrap_or(""))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let count = |name: &str| -> Result<u64> {
+                    Ok(u64::try_from(row.try_get::<i64, _>(name)?).unwrap_or(0))
+                };
+                Ok(UsageRow {
+                    tenant: row.try_get("tenant")?,
+                    key_id: row.try_get("key_id")?,
+                    day: row.try_get("day")?,
+                    counts: UsageCounts {
+                        requests: count("requests")?,
+                        prompt_tokens: count("prompt_tokens")?,
+                        completion_tokens: count("completion_tokens")?,
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+const TENANT_COLUMNS: &str =
+    "name, models, created_at, requests_per_minute, tokens_per_minute, concurrent_requests";
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Limits of at least 1 (0 would refuse everything: revoke the key instead).
+fn check_limits(limits: &Limits) -> Result<()> {
+    for (name, value) in [
+        ("requests_per_minute", limits.requests_per_minute),
+        ("tokens_per_minute", limits.tokens_per_minute),
+        ("concurrent_requests", limits.concurrent_requests),
+    ] {
+        if value == Some(0) {
+            return Err(GatewayError::invalid(
+                "limits",
+                format!("`{name}` must be at least 1 (leave it out for no limit)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn limits_from(row: &AnyRow, [rpm, tpm, concurrent]: [&str; 3]) -> Result<Limits> {
+    let get = |name: &str| -> Result<Option<u64>> {
+        Ok(row
+            .try_get::<Option<i64>, _>(name)?
+            .map(|v| u64::try_from(v).unwrap_or(0)))
+    };
+    Ok(Limits {
+        requests_per_minute: get(rpm)?,
+        tokens_per_minute: get(tpm)?,
+        concurrent_requests: get(concurrent)?,
+    })
 }
 
 // Qualified with `k.` so the join with `tenants` can share the list: every query names the
 // table `api_keys k`.
 const KEY_COLUMNS: &str = "k.id, k.tenant, k.role, k.models, k.name, k.created_at, \
-                           k.expires_at, k.revoked_at, k.last_used_at";
+                           k.expires_at, k.revoked_at, k.last_used_at, k.requests_per_minute, \
+                           k.tokens_per_minute, k.concurrent_requests";
 
 fn tenant_from(row: &AnyRow) -> Result<Tenant> {
     Ok(Tenant {
         name: row.try_get("name")?,
         models: ModelScope::parse_stored(&row.try_get::<String, _>("models")?)?,
+        limits: limits_from(
+            row,
+            [
+                "requests_per_minute",
+                "tokens_per_minute",
+                "concurrent_requests",
+            ],
+        )?,
         created_at: row.try_get("created_at")?,
     })
 }
@@ -282,6 +424,14 @@ fn key_from(row: &AnyRow) -> Result<KeyInfo> {
         role: row.try_get("role")?,
         models: ModelScope::parse_stored(&row.try_get::<String, _>("models")?)?,
         name: row.try_get("name")?,
+        limits: limits_from(
+            row,
+            [
+                "requests_per_minute",
+                "tokens_per_minute",
+                "concurrent_requests",
+            ],
+        )?,
         created_at: row.try_get("created_at")?,
         expires_at: row.try_get("expires_at")?,
         revoked_at: row.try_get("revoked_at")?,

@@ -1,12 +1,12 @@
 //! Authentication and authorization at the edge: every route but liveness and readiness needs
-//! credentials (`Authorization: Bearer <key>`), and each route names the permission it needs in
+//! credentials (`Authorization: Bearer <key>`, or a client certificate bound to a role), and each route names the permission it needs in
 //! [`ROUTES`]. The middleware wraps the whole router, so a route added later is authenticated
 //! whether or not anyone remembered to, and one missing from [`ROUTES`] is refused to everyone
 //! until it is listed (a test walks the table).
 
 use std::sync::Arc;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -14,6 +14,7 @@ use enclave_gateway::{Authenticator, GatewayError, Permission, Principal};
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::tls::TlsPeer;
 
 /// How callers are authenticated.
 #[derive(Clone)]
@@ -58,10 +59,25 @@ pub(crate) async fn authorize(
     }
     let principal = match &state.access {
         Access::Disabled => Principal::unauthenticated(),
-        Access::Keys(authenticator) => match authenticate(authenticator, bearer(&request)).await {
-            Ok(principal) => principal,
-            Err(error) => return error.into_response(),
-        },
+        Access::Keys(authenticator) => {
+            // A bearer key names the caller; without one, a verified client certificate may.
+            let presented = if request.headers().contains_key(header::AUTHORIZATION) {
+                Presented::Key(bearer(&request))
+            } else {
+                match request
+                    .extensions()
+                    .get::<ConnectInfo<TlsPeer>>()
+                    .and_then(|peer| peer.0.client_subject.clone())
+                {
+                    Some(subject) => Presented::Certificate(subject),
+                    None => Presented::Key(bearer(&request)),
+                }
+            };
+            match authenticate(authenticator, presented).await {
+                Ok(principal) => principal,
+                Err(error) => return error.into_response(),
+            }
+        }
     };
     match needs {
         // A registered route missing from `ROUTES`: nobody may use it until it is listed.
@@ -77,30 +93,55 @@ pub(crate) async fn authorize(
         // unknown callers learn nothing of which routes exist).
         _ => {}
     }
+    let meter = match &state.access {
+        Access::Disabled => None,
+        Access::Keys(_) => match state.metering.admit(&principal) {
+            Ok(meter) => Some(meter),
+            Err(refused) => return refused.into_response(),
+        },
+    };
     request.extensions_mut().insert(principal);
-    next.run(request).await
+    request.extensions_mut().insert(meter.clone());
+    let response = next.run(request).await;
+    match meter {
+        Some(meter) => crate::metering::finish(meter, response),
+        None => response,
+    }
+}
+
+/// The credentials a request came with.
+enum Presented {
+    Key(Result<String, ApiError>),
+    Certificate(String),
 }
 
 async fn authenticate(
     authenticator: &Authenticator,
-    presented: Result<String, ApiError>,
+    presented: Presented,
 ) -> Result<Principal, ApiError> {
-    authenticator
-        .authenticate_key(&presented?)
-        .await
-        .map_err(|error| match error {
-            GatewayError::Unauthenticated(reason) => {
-                tracing::info!(reason, "authentication failed");
-                ApiError::unauthenticated("the API key is not valid")
-            }
-            other => {
-                tracing::error!(error = %other, "cannot authenticate: the database failed");
-                ApiError::unavailable(
-                    "authentication_unavailable",
-                    "credentials cannot be checked right now; retry shortly",
-                )
-            }
-        })
+    let (result, refusal) = match presented {
+        Presented::Key(key) => (
+            authenticator.authenticate_key(&key?).await,
+            "the API key is not valid",
+        ),
+        Presented::Certificate(subject) => (
+            authenticator.authenticate_certificate(&subject).await,
+            "the client certificate is not bound to a role; send an API key",
+        ),
+    };
+    result.map_err(|error| match error {
+        GatewayError::Unauthenticated(reason) => {
+            tracing::info!(reason, "authentication failed");
+            ApiError::unauthenticated(refusal)
+        }
+        other => {
+            tracing::error!(error = %other, "cannot authenticate: the database failed");
+            ApiError::unavailable(
+                "authentication_unavailable",
+                "credentials cannot be checked right now; retry shortly",
+            )
+        }
+    })
 }
 
 /// The token of `Authorization: Bearer <token>`, or a 401 saying what was expected.

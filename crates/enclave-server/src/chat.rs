@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use enclave_engine::{Engine, Event, GenerateRequest, Prompt, RequestStream, MAX_TOP_LOGPROBS};
+use enclave_engine::{Engine, Event, GenerateRequest, Prompt, MAX_TOP_LOGPROBS};
 use enclave_gateway::Principal;
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{
-    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, ReplyHeader,
-    SamplingFields, Stop, StreamOptions, TokenLogprob,
+    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, ChoiceStream, Meter,
+    ReplyHeader, SamplingFields, Stop, StreamOptions, TokenLogprob,
 };
 use crate::reasoning::ReasoningSplitter;
 use crate::sse::{merge, send, sse_response};
@@ -59,6 +59,7 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Principal>,
+    Extension(meter): Extension<Meter>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let served = state.model(request.model.as_deref(), &caller)?;
@@ -102,7 +103,7 @@ pub(crate) async fn create(
     generate.ignore_eos = request.ignore_eos.unwrap_or(false);
     generate.stop = request.stop.map(Stop::into_vec).unwrap_or_default();
     generate.logprobs = top_logprobs;
-    let streams = submit_choices(served, generate, n, "messages")?;
+    let streams = submit_choices(served, generate, n, "messages", &meter)?;
 
     let reply = ChatReply {
         header: ReplyHeader::new("chatcmpl", &state.config.served_model_name),
@@ -222,7 +223,7 @@ impl ChatReply {
     async fn complete(
         &self,
         engine: &Engine,
-        streams: Vec<RequestStream>,
+        streams: Vec<ChoiceStream>,
     ) -> Result<Response, ApiError> {
         let prompt_tokens = streams.first().map_or(0, |s| s.prompt_ids.len());
         let results = futures_util::future::join_all(streams.into_iter().map(run_to_end)).await;
@@ -276,7 +277,7 @@ impl ChatReply {
     async fn stream(
         self,
         handle: enclave_engine::EngineHandle,
-        streams: Vec<RequestStream>,
+        streams: Vec<ChoiceStream>,
         include_usage: bool,
         tx: mpsc::Sender<Result<SseEvent, Infallible>>,
     ) {

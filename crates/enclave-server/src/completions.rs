@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use enclave_engine::{Engine, Event, GenerateRequest, Prompt, PromptLogprob, RequestStream};
+use enclave_engine::{Engine, Event, GenerateRequest, Prompt, PromptLogprob};
 use enclave_gateway::Principal;
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -15,8 +15,8 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{
-    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, ReplyHeader,
-    SamplingFields, Stop, StreamOptions, TokenLogprob,
+    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, ChoiceStream, Meter,
+    ReplyHeader, SamplingFields, Stop, StreamOptions, TokenLogprob,
 };
 use crate::sse::{merge, send, sse_response, EventSender};
 use crate::state::AppState;
@@ -67,6 +67,7 @@ const DEFAULT_MAX_TOKENS: usize = 16;
 pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Principal>,
+    Extension(meter): Extension<Meter>,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let served = state.model(request.model.as_deref(), &caller)?;
@@ -143,7 +144,7 @@ pub(crate) async fn create(
         generate.ignore_eos = request.ignore_eos.unwrap_or(false);
         generate.logprobs = logprobs;
         generate.prompt_logprobs = if echo { logprobs } else { None };
-        for stream in submit_choices(served, generate, n, "prompt")? {
+        for stream in submit_choices(served, generate, n, "prompt", &meter)? {
             choices_in_order.push((stream, echo_text.clone()));
         }
     }
@@ -173,7 +174,7 @@ impl CompletionReply {
     async fn complete(
         &self,
         engine: &Engine,
-        choices: Vec<(RequestStream, Option<String>)>,
+        choices: Vec<(ChoiceStream, Option<String>)>,
     ) -> Result<Response, ApiError> {
         let (streams, echoes): (Vec<_>, Vec<_>) = choices.into_iter().unzip();
         let results = futures_util::future::join_all(streams.into_iter().map(run_to_end)).await;
@@ -230,7 +231,7 @@ impl CompletionReply {
     async fn stream(
         self,
         handle: enclave_engine::EngineHandle,
-        choices: Vec<(RequestStream, Option<String>)>,
+        choices: Vec<(ChoiceStream, Option<String>)>,
         include_usage: bool,
         tx: EventSender,
     ) {

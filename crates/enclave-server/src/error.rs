@@ -1,7 +1,7 @@
 //! The one error type of the HTTP API, and the one place errors become OpenAI error objects.
 
 use axum::extract::rejection::JsonRejection;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use enclave_engine::EngineError;
 use serde_json::json;
@@ -18,6 +18,8 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Seconds a client should wait before retrying (sent as `Retry-After`).
     pub retry_after: Option<u32>,
+    /// More headers to send (`x-ratelimit-*` on a 429); boxed to keep errors small.
+    pub headers: Option<Box<HeaderMap>>,
 }
 
 impl ApiError {
@@ -30,6 +32,7 @@ impl ApiError {
             param: param.into(),
             code: None,
             retry_after: None,
+            headers: None,
         }
     }
 
@@ -81,6 +84,21 @@ impl ApiError {
         }
     }
 
+    /// A 429: a rate limit of the caller's key or tenant is reached.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: if message.contains("tokens") {
+                "tokens"
+            } else {
+                "requests"
+            },
+            code: Some("rate_limit_exceeded"),
+            ..Self::invalid(None, message)
+        }
+    }
+
     /// A 503 while the model loads or the queue is full; the client should retry.
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         Self {
@@ -90,6 +108,7 @@ impl ApiError {
             param: None,
             code: Some(code),
             retry_after: Some(1),
+            headers: None,
         }
     }
 
@@ -102,6 +121,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            headers: None,
         }
     }
 
@@ -170,6 +190,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(headers) = self.headers {
+            response.headers_mut().extend(*headers);
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

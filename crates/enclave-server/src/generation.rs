@@ -8,7 +8,10 @@ use enclave_engine::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use std::sync::Arc;
+
 use crate::error::ApiError;
+use crate::metering::RequestMeter;
 use crate::state::{new_id, unix_time, Served};
 
 /// `stop`: one string or a list of them.
@@ -111,15 +114,43 @@ pub(crate) fn max_tokens(value: Option<i64>, param: &str) -> Result<Option<usize
     }
 }
 
+/// The caller's account, when it is metered (authentication on).
+pub(crate) type Meter = Option<Arc<RequestMeter>>;
+
+/// One choice's events, each generated token charged to the caller's account as it arrives.
+pub(crate) struct ChoiceStream {
+    inner: RequestStream,
+    meter: Meter,
+}
+
+impl ChoiceStream {
+    pub async fn next(&mut self) -> Option<Event> {
+        let event = self.inner.next().await;
+        if let (Some(Event::Token { .. }), Some(meter)) = (&event, &self.meter) {
+            meter.charge_completion(1);
+        }
+        event
+    }
+}
+
+impl std::ops::Deref for ChoiceStream {
+    type Target = RequestStream;
+
+    fn deref(&self) -> &RequestStream {
+        &self.inner
+    }
+}
+
 /// Submits `n` copies of `request` (choice `i` seeded `seed + i`, so seeded choices differ
-/// yet reproduce). An error for any cancels those already submitted.
+/// yet reproduce), charging the prompt once. An error for any cancels those already submitted.
 pub(crate) fn submit_choices(
     served: &Served,
     request: GenerateRequest,
     n: usize,
     prompt_param: &str,
-) -> Result<Vec<RequestStream>, ApiError> {
-    (0..n)
+    meter: &Meter,
+) -> Result<Vec<ChoiceStream>, ApiError> {
+    let streams = (0..n)
         .map(|i| {
             let mut request = request.clone();
             if let Some(sampling) = request.sampling.as_mut() {
@@ -128,9 +159,18 @@ pub(crate) fn submit_choices(
             served
                 .handle
                 .submit(request)
+                .map(|inner| ChoiceStream {
+                    inner,
+                    meter: meter.clone(),
+                })
                 .map_err(|e| ApiError::from_engine(e, prompt_param))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    // The choices share one prompt (computed once, through the prefix cache): charged once.
+    if let (Some(first), Some(meter)) = (streams.first(), meter) {
+        meter.charge_prompt(first.prompt_ids.len());
+    }
+    Ok(streams)
 }
 
 /// One generated token with its log-probabilities.
@@ -153,7 +193,7 @@ pub(crate) struct Finished {
 }
 
 /// Collects a choice's events until it finishes.
-pub(crate) async fn run_to_end(mut stream: RequestStream) -> Result<Finished, ApiError> {
+pub(crate) async fn run_to_end(mut stream: ChoiceStream) -> Result<Finished, ApiError> {
     let mut tokens = Vec::new();
     let mut prompt_logprobs = None;
     while let Some(event) = stream.next().await {

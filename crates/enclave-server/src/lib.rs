@@ -16,13 +16,16 @@ mod completions;
 mod error;
 mod extract;
 mod generation;
+mod metering;
 mod models;
 pub mod reasoning;
 mod sse;
 mod state;
+mod tls;
 mod tokenize;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
@@ -37,6 +40,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 pub use auth::{Access, ROUTES};
 pub use error::ApiError;
 pub use state::{AppState, ServerConfig};
+pub use tls::{TlsConfigHandle, TlsListener, TlsPeer, HANDSHAKE_TIMEOUT};
 
 /// Every route of the API.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -73,15 +77,14 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// Serves until `shutdown` resolves, then stops accepting connections and lets requests in
-/// flight finish for up to the configured grace period.
+/// Serves plain HTTP until `shutdown` resolves, then stops accepting connections and lets
+/// requests in flight finish for up to the configured grace period.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = state.config.shutdown_grace;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Without TCP_NODELAY, Nagle's algorithm holds each small SSE event until the client's
     // delayed ACK (~40 ms per response).
     let listener = listener.tap_io(|tcp| {
@@ -89,21 +92,45 @@ pub async fn serve(
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown({
-        let mut stop_rx = stop_rx.clone();
-        async move {
-            let _ = stop_rx.wait_for(|&stop| stop).await;
-        }
-    });
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
+}
+
+/// [`serve`] over TLS: the peer's certificate subject (mTLS) reaches the authentication.
+pub async fn serve_tls(
+    listener: TlsListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = state.config.shutdown_grace;
+    let app = router(state).into_make_service_with_connect_info::<TlsPeer>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
+}
+
+async fn stopped(mut stop_rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop_rx.wait_for(|&stop| stop).await;
+}
+
+/// Runs `server` until it ends, or until `grace` after `shutdown` resolved.
+async fn run_until_stopped(
+    server: impl std::future::IntoFuture<Output = std::io::Result<()>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+    grace: std::time::Duration,
+) -> std::io::Result<()> {
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let mut grace_rx = stop_rx;
     tokio::select! {
-        result = server => result,
+        result = server.into_future() => result,
         _ = async move {
-            let _ = grace_rx.wait_for(|&stop| stop).await;
+            stopped(stop_rx).await;
             tokio::time::sleep(grace).await;
         } => {
             tracing::warn!(?grace, "grace period over; closing connections still open");

@@ -9,7 +9,9 @@ use std::pin::Pin;
 
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use enclave_engine::{Event, RequestStream};
+use enclave_engine::Event;
+
+use crate::generation::ChoiceStream;
 use futures_util::stream::{self, SelectAll, Stream, StreamExt};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -38,7 +40,7 @@ pub(crate) async fn send(tx: &EventSender, chunk: &Value) -> bool {
 type Tagged = Pin<Box<dyn Stream<Item = (usize, Event)> + Send>>;
 
 /// The events of several choices as they come, each tagged with its choice index.
-pub(crate) fn merge(streams: Vec<RequestStream>) -> SelectAll<Tagged> {
+pub(crate) fn merge(streams: Vec<ChoiceStream>) -> SelectAll<Tagged> {
     stream::select_all(streams.into_iter().enumerate().map(|(index, s)| {
         let events = stream::unfold(s, |mut s| async move { s.next().await.map(|e| (e, s)) });
         Box::pin(events.map(move |e| (index, e))) as Tagged

@@ -9,6 +9,7 @@ use enclave_gateway::Principal;
 
 use crate::auth::Access;
 use crate::error::ApiError;
+use crate::metering::Metering;
 
 /// How the server presents the model and bounds its requests.
 #[derive(Debug, Clone)]
@@ -49,6 +50,7 @@ pub(crate) struct Served {
 pub struct AppState {
     pub(crate) config: ServerConfig,
     pub(crate) access: Access,
+    pub(crate) metering: Metering,
     served: OnceLock<Served>,
     /// Unix time the server started (the model's `created`).
     pub(crate) created: u64,
@@ -59,6 +61,7 @@ impl AppState {
         Arc::new(Self {
             config,
             access,
+            metering: Metering::default(),
             served: OnceLock::new(),
             created: unix_time(),
         })
@@ -66,6 +69,11 @@ impl AppState {
 
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// Usage counted since the last flush, for the binary to write to the database.
+    pub fn usage_ledger(&self) -> &Arc<enclave_gateway::UsageLedger> {
+        self.metering.ledger()
     }
 
     /// Runs one short request through the engine (so the first client does not pay for cold

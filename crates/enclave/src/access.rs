@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use enclave_gateway::{unix_time, KeyInfo, NewKey, Tenant};
+use enclave_gateway::{unix_time, KeyInfo, Limits, NewKey, Tenant};
 use serde_json::{json, Value};
 
 use crate::config::Settings;
@@ -38,6 +38,48 @@ pub struct KeysCreateArgs {
     /// Lifetime: `90d`, `12h`, `30m` or seconds; default: until revoked.
     #[arg(long, value_name = "DURATION")]
     pub expires_in: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Rate limits of a key or tenant (a tenant's apply to all its keys together); unlimited when
+/// left out. Enforced by each server process on its own traffic.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LimitArgs {
+    /// Requests per minute.
+    #[arg(long, value_name = "N")]
+    pub rpm: Option<u64>,
+    /// Tokens per minute (prompt and completion, charged as they are produced).
+    #[arg(long, value_name = "N")]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[arg(long, value_name = "N")]
+    pub max_concurrent: Option<u64>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            requests_per_minute: self.rpm,
+            tokens_per_minute: self.tpm,
+            concurrent_requests: self.max_concurrent,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct UsageArgs {
+    /// Only this tenant's usage.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Only this key's usage (its id).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Days back from today (UTC) to include.
+    #[arg(long, default_value_t = 30)]
+    pub days: u32,
     #[arg(long)]
     pub json: bool,
 }
@@ -73,6 +115,8 @@ pub struct TenantsCreateArgs {
     /// Model name patterns the tenant may use; repeat or separate with commas.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     pub models: Vec<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -111,6 +155,7 @@ pub fn keys(settings: &Settings, command: KeysCommand) -> Result<()> {
                             models: args.models,
                             name: args.name,
                             expires_at,
+                            limits: args.limits.limits(),
                         },
                         &roles,
                         now,
@@ -177,7 +222,7 @@ pub fn tenants(settings: &Settings, command: TenantsCommand) -> Result<()> {
         match command {
             TenantsCommand::Create(args) => {
                 let tenant = store
-                    .create_tenant(&args.name, &args.models, unix_time())
+                    .create_tenant(&args.name, &args.models, args.limits.limits(), unix_time())
                     .await?;
                 if args.json {
                     println!("{}", tenant_json(&tenant));
@@ -212,6 +257,71 @@ pub fn tenants(settings: &Settings, command: TenantsCommand) -> Result<()> {
     })
 }
 
+pub fn usage(settings: &Settings, args: UsageArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let store = settings.store().await?;
+        let since = unix_time() - i64::from(args.days) * 86_400;
+        let rows = store
+            .usage(args.tenant.as_deref(), args.key.as_deref(), since)
+            .await?;
+        if args.json {
+            let rows: Vec<Value> = rows
+                .iter()
+                .map(|r| {
+                    json!({
+                        "day": r.day,
+                        "tenant": r.tenant,
+                        "key_id": r.key_id,
+                        "requests": r.counts.requests,
+                        "prompt_tokens": r.counts.prompt_tokens,
+                        "completion_tokens": r.counts.completion_tokens,
+                    })
+                })
+                .collect();
+            println!("{}", json!({ "usage": rows }));
+        } else {
+            println!(
+                "{:<10}  {:<16}  {:<16}  {:>9}  {:>13}  {:>17}",
+                "DAY", "TENANT", "KEY", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS"
+            );
+            for r in &rows {
+                println!(
+                    "{:<10}  {:<16}  {:<16}  {:>9}  {:>13}  {:>17}",
+                    day_text(r.day),
+                    r.tenant,
+                    r.key_id,
+                    r.counts.requests,
+                    r.counts.prompt_tokens,
+                    r.counts.completion_tokens
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `YYYY-MM-DD` of a UTC day's start (civil-from-days, H. Hinnant).
+fn day_text(day_start: i64) -> String {
+    let z = day_start.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn limits_json(limits: &Limits) -> Value {
+    json!({
+        "requests_per_minute": limits.requests_per_minute,
+        "tokens_per_minute": limits.tokens_per_minute,
+        "concurrent_requests": limits.concurrent_requests,
+    })
+}
+
 fn state(key: &KeyInfo, now: i64) -> &'static str {
     if key.revoked_at.is_some() {
         "revoked"
@@ -229,6 +339,7 @@ fn key_json(key: &KeyInfo) -> Value {
         "role": key.role,
         "models": key.models.patterns(),
         "name": key.name,
+        "limits": limits_json(&key.limits),
         "state": state(key, unix_time()),
         "created_at": key.created_at,
         "expires_at": key.expires_at,
@@ -241,6 +352,7 @@ fn tenant_json(tenant: &Tenant) -> Value {
     json!({
         "name": tenant.name,
         "models": tenant.models.patterns(),
+        "limits": limits_json(&tenant.limits),
         "created_at": tenant.created_at,
     })
 }
@@ -273,6 +385,13 @@ fn parse_duration(text: &str) -> Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn days_print_as_dates() {
+        assert_eq!(day_text(0), "1970-01-01");
+        assert_eq!(day_text(1_764_547_200), "2025-12-01");
+        assert_eq!(day_text(951_782_400), "2000-02-29");
+    }
 
     #[test]
     fn durations() {

@@ -33,6 +33,8 @@ pub struct Settings {
     pub database_url: Option<String>,
     #[serde(default)]
     pub auth: AuthSettings,
+    #[serde(default)]
+    pub tls: TlsFileSettings,
     /// Custom roles: `[roles.support] permissions = ["inference"]`.
     #[serde(default)]
     pub roles: BTreeMap<String, RoleSettings>,
@@ -43,6 +45,43 @@ pub struct Settings {
 pub struct AuthSettings {
     /// `false` turns authentication off (loopback addresses only); default on.
     pub enabled: Option<bool>,
+}
+
+/// `[tls]`: the API listener's certificate, and client certificates (mTLS).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFileSettings {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    /// `required` (the default with a client CA) or `optional`.
+    pub client_auth: Option<String>,
+    /// Accept TLS 1.2 as well (ECDHE + AEAD suites only); default TLS 1.3 only.
+    pub allow_tls12: Option<bool>,
+    /// Client-certificate subjects bound to a tenant and role.
+    #[serde(default)]
+    pub client_identities: Vec<ClientIdentity>,
+}
+
+/// `[[tls.client_identities]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIdentity {
+    /// As the certificate's subject reads: `CN=app1, O=Acme`.
+    pub subject: String,
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    pub role: String,
+    #[serde(default = "every_model")]
+    pub models: Vec<String>,
+}
+
+fn default_tenant() -> String {
+    "default".into()
+}
+
+fn every_model() -> Vec<String> {
+    vec!["*".into()]
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +95,11 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("data_dir", "ENCLAVE_DATA_DIR"),
     ("database_url", "ENCLAVE_DATABASE_URL"),
     ("auth.enabled", "ENCLAVE_AUTH_ENABLED"),
+    ("tls.cert", "ENCLAVE_TLS_CERT"),
+    ("tls.key", "ENCLAVE_TLS_KEY"),
+    ("tls.client_ca", "ENCLAVE_TLS_CLIENT_CA"),
+    ("tls.client_auth", "ENCLAVE_TLS_CLIENT_AUTH"),
+    ("tls.allow_tls12", "ENCLAVE_TLS_ALLOW_TLS12"),
 ];
 
 impl Settings {
@@ -130,6 +174,24 @@ impl Settings {
                 .map(|(name, role)| (name.as_str(), role.permissions.as_slice())),
         )
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))
+    }
+
+    /// The certificate bindings of `[[tls.client_identities]]`.
+    pub fn certificate_bindings(&self) -> Result<Vec<enclave_gateway::CertificateBinding>> {
+        self.tls
+            .client_identities
+            .iter()
+            .map(|identity| {
+                Ok(enclave_gateway::CertificateBinding {
+                    subject: identity.subject.clone(),
+                    tenant: identity.tenant.clone(),
+                    role: identity.role.clone(),
+                    models: enclave_gateway::ModelScope::new(&identity.models).map_err(|e| {
+                        anyhow::anyhow!("tls.client_identities `{}`: {e}", identity.subject)
+                    })?,
+                })
+            })
+            .collect()
     }
 
     pub fn auth_enabled(&self) -> bool {

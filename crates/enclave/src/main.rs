@@ -52,6 +52,8 @@ enum Command {
     /// Create and list tenants: the unit of isolation (models, keys, usage).
     #[command(subcommand)]
     Tenants(access::TenantsCommand),
+    /// Requests and tokens per tenant, key and day (as the servers recorded them).
+    Usage(access::UsageArgs),
 }
 
 /// How the serving engine batches requests and sizes its KV cache.
@@ -223,6 +225,7 @@ fn main() -> ExitCode {
         }
         Command::Keys(command) => access::keys(&settings, command),
         Command::Tenants(command) => access::tenants(&settings, command),
+        Command::Usage(args) => access::usage(&settings, args),
         Command::Generate(args) => {
             set_threads(args.model.threads);
             generate::run(args)

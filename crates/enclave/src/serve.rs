@@ -1,14 +1,14 @@
 //! `enclave serve`: the OpenAI-compatible HTTP API over the serving engine.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use enclave_engine::{Engine, EngineHandle};
-use enclave_gateway::Authenticator;
-use enclave_server::{Access, AppState, ServerConfig};
+use enclave_gateway::{Authenticator, ClientAuth, TlsSettings};
+use enclave_server::{Access, AppState, ServerConfig, TlsConfigHandle, TlsListener};
 
 use crate::config::Settings;
 use crate::{bench, model_source, ModelArgs, ServingArgs};
@@ -50,6 +50,25 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub shutdown_timeout: u64,
 
+    /// PEM certificate chain for HTTPS (with --tls-key); TLS 1.3 only unless `tls.allow_tls12`.
+    /// Reloaded from the files on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM bundle of CAs whose client certificates are accepted (mTLS); a client's subject
+    /// becomes its identity (`[[tls.client_identities]]` binds it to a role).
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// With --tls-client-ca: refuse clients without a certificate (`required`, the default)
+    /// or let them authenticate with a key instead (`optional`).
+    #[arg(long, value_name = "MODE")]
+    pub tls_client_auth: Option<String>,
+
     /// Serve without authentication (every caller may do everything). Refused unless --host
     /// is a loopback address; the same as `auth.enabled = false` in the configuration.
     #[arg(long)]
@@ -68,6 +87,7 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         );
     }
     let roles = settings.roles()?;
+    let tls = tls_settings(&args, settings)?;
     let config = ServerConfig {
         served_model_name: args
             .served_model_name
@@ -84,8 +104,10 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on(async {
+        let mut usage_store = None;
         let access = if auth_enabled {
             let store = settings.store().await?;
+            usage_store = Some(store.clone());
             let active = store
                 .keys(None)
                 .await?
@@ -98,7 +120,11 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
                      (`enclave keys create --role developer`)"
                 );
             }
-            Access::Keys(Arc::new(Authenticator::new(store, roles)))
+            Access::Keys(Arc::new(
+                Authenticator::new(store, roles)
+                    .with_certificates(settings.certificate_bindings()?)
+                    .map_err(|e| anyhow::anyhow!("tls.client_identities: {e}"))?,
+            ))
         } else {
             eprintln!(
                 "WARNING: authentication is off; any local process may use every model and route"
@@ -106,26 +132,59 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
             tracing::warn!("authentication disabled");
             Access::Disabled
         };
-        serve(args, config, access).await
+        serve(args, config, access, usage_store, tls).await
     });
     // A model still loading when a signal arrived must not hold the exit.
     runtime.shutdown_background();
     result
 }
 
-async fn serve(args: ServeArgs, config: ServerConfig, access: Access) -> Result<()> {
+async fn serve(
+    args: ServeArgs,
+    config: ServerConfig,
+    access: Access,
+    usage_store: Option<enclave_gateway::Store>,
+    tls: Option<TlsSettings>,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let address = listener.local_addr().context("listening address")?;
     let name = config.served_model_name.clone();
-    eprintln!("listening on http://{address} (loading {name}; /health answers 503 until ready)");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    eprintln!(
+        "listening on {scheme}://{address} (loading {name}; /health answers 503 until ready)"
+    );
     let state = AppState::new(config, access);
-    let mut server = tokio::spawn(enclave_server::serve(
-        listener,
-        state.clone(),
-        enclave_server::shutdown_signal(),
-    ));
+    // Usage is counted in memory and added to the database every few seconds.
+    if let Some(store) = usage_store.clone() {
+        let ledger = state.usage_ledger().clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(USAGE_FLUSH_INTERVAL);
+            loop {
+                tick.tick().await;
+                if let Err(e) = ledger.flush(&store).await {
+                    tracing::warn!(error = %e, "cannot write usage; kept for the next try");
+                }
+            }
+        });
+    }
+    let mut server = match tls {
+        None => tokio::spawn(enclave_server::serve(
+            listener,
+            state.clone(),
+            enclave_server::shutdown_signal(),
+        )),
+        Some(tls) => {
+            let handle = TlsConfigHandle::new(tls.server_config()?);
+            reload_on_sighup(tls, handle.clone());
+            tokio::spawn(enclave_server::serve_tls(
+                TlsListener::new(listener, handle).context("TLS listener")?,
+                state.clone(),
+                enclave_server::shutdown_signal(),
+            ))
+        }
+    };
 
     let loading = {
         let model = args.model.clone();
@@ -149,13 +208,88 @@ async fn serve(args: ServeArgs, config: ServerConfig, access: Access) -> Result<
         .warm_up_and_serve(handle)
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    eprintln!("ready: serving {name} at http://{address}/v1");
+    eprintln!("ready: serving {name} at {scheme}://{address}/v1");
     let result = server.await.context("server task");
     if let Some(engine) = state.engine() {
         engine.shutdown();
     }
+    if let Some(store) = usage_store {
+        if let Err(e) = state.usage_ledger().flush(&store).await {
+            tracing::warn!(error = %e, "usage since the last flush could not be written");
+        }
+    }
     result??;
     Ok(())
+}
+
+/// How often counted usage is written to the database (what a crash can lose).
+const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The listener's TLS settings from the flags over `[tls]`; `None` for plain HTTP.
+fn tls_settings(args: &ServeArgs, settings: &Settings) -> Result<Option<TlsSettings>> {
+    let file = &settings.tls;
+    let cert = args.tls_cert.clone().or_else(|| file.cert.clone());
+    let key = args.tls_key.clone().or_else(|| file.key.clone());
+    let client_ca = args
+        .tls_client_ca
+        .clone()
+        .or_else(|| file.client_ca.clone());
+    let (cert, key) = match (cert, key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, None) if client_ca.is_none() => return Ok(None),
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (tls.cert and tls.key)"),
+    };
+    let client_auth = match args
+        .tls_client_auth
+        .as_deref()
+        .or(file.client_auth.as_deref())
+        .unwrap_or("required")
+    {
+        "required" => ClientAuth::Required,
+        "optional" => ClientAuth::Optional,
+        other => anyhow::bail!(
+            "--tls-client-auth (tls.client_auth): `{other}` is not `required` or `optional`"
+        ),
+    };
+    let tls = TlsSettings {
+        cert,
+        key,
+        client_ca,
+        client_auth,
+        allow_tls12: file.allow_tls12.unwrap_or(false),
+    };
+    // Checked now, so a bad file stops the start with its name.
+    tls.server_config()?;
+    Ok(Some(tls))
+}
+
+/// On SIGHUP, reads the certificate files again; a failure keeps the current ones.
+fn reload_on_sighup(tls: TlsSettings, handle: TlsConfigHandle) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP: certificates will not reload");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match tls.server_config() {
+                Ok(config) => {
+                    handle.replace(config);
+                    eprintln!(
+                        "SIGHUP: TLS certificate reloaded from {}",
+                        tls.cert.display()
+                    );
+                }
+                Err(e) => eprintln!(
+                    "SIGHUP: TLS certificate not reloaded (still serving the old one): {e}"
+                ),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (tls, handle);
 }
 
 /// Whether `host` names only this machine (`127.0.0.1`, `::1`, `localhost`).

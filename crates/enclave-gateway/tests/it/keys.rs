@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use enclave_gateway::{
-    unix_time, Authenticator, GatewayError, Identity, NewKey, Permission, Roles, Store, CACHE_TTL,
+    unix_time, Authenticator, GatewayError, Identity, Limits, NewKey, Permission, Roles, Store,
+    CACHE_TTL,
 };
 
 use crate::databases;
@@ -15,6 +16,7 @@ fn new_key(tenant: &str, role: &str, models: &[&str]) -> NewKey {
         models: models.iter().map(|m| m.to_string()).collect(),
         name: "test".into(),
         expires_at: None,
+        limits: Limits::default(),
     }
 }
 
@@ -34,17 +36,21 @@ async fn tenants_are_created_once_and_names_are_checked() {
             .unwrap_or_else(|e| panic!("{url}: {e}"));
         let now = unix_time();
         let acme = store
-            .create_tenant("acme", &["deepseek-r1-*".into()], now)
+            .create_tenant("acme", &["deepseek-r1-*".into()], Limits::default(), now)
             .await
             .unwrap_or_else(|e| panic!("{url}: {e}"));
         assert_eq!(acme.models.patterns(), ["deepseek-r1-*"]);
         assert!(matches!(
-            again.create_tenant("acme", &["*".into()], now).await,
+            again
+                .create_tenant("acme", &["*".into()], Limits::default(), now)
+                .await,
             Err(GatewayError::Exists(_))
         ));
         for bad in ["acme'; DROP TABLE tenants; --", "", "a b"] {
             assert!(matches!(
-                store.create_tenant(bad, &["*".into()], now).await,
+                store
+                    .create_tenant(bad, &["*".into()], Limits::default(), now)
+                    .await,
                 Err(GatewayError::Invalid {
                     field: "tenant",
                     ..
@@ -52,7 +58,9 @@ async fn tenants_are_created_once_and_names_are_checked() {
             ));
         }
         assert!(matches!(
-            store.create_tenant("beta", &["a[".into()], now).await,
+            store
+                .create_tenant("beta", &["a[".into()], Limits::default(), now)
+                .await,
             Err(GatewayError::Invalid {
                 field: "models",
                 ..
@@ -78,7 +86,12 @@ async fn keys_authenticate_to_their_tenant_role_and_models() {
         let roles = Roles::default();
         let now = unix_time();
         store
-            .create_tenant("acme", &["deepseek-r1-*".into(), "gemma-*".into()], now)
+            .create_tenant(
+                "acme",
+                &["deepseek-r1-*".into(), "gemma-*".into()],
+                Limits::default(),
+                now,
+            )
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(

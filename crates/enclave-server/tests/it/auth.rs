@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use enclave_gateway::{unix_time, Authenticator, NewKey, Permission, Roles, Store, BUILT_IN_ROLES};
+use enclave_gateway::{
+    unix_time, Authenticator, Limits, NewKey, Permission, Roles, Store, BUILT_IN_ROLES,
+};
 use enclave_server::{Access, ROUTES};
 use serde_json::{json, Value};
 
@@ -58,11 +60,11 @@ async fn keys(store: &Store) -> Keys {
     let roles = Roles::default();
     let now = unix_time();
     store
-        .create_tenant("acme", &["tiny-*".into()], now)
+        .create_tenant("acme", &["tiny-*".into()], Limits::default(), now)
         .await
         .unwrap();
     store
-        .create_tenant("other", &["deepseek-*".into()], now)
+        .create_tenant("other", &["deepseek-*".into()], Limits::default(), now)
         .await
         .unwrap();
     let make = |tenant: &'static str, role: &'static str, expires_at: Option<i64>, at: i64| {
@@ -75,6 +77,7 @@ async fn keys(store: &Store) -> Keys {
                 models: vec!["*".into()],
                 name: format!("{tenant}-{role}"),
                 expires_at,
+                limits: Limits::default(),
             };
             store.create_key(new, &roles, at).await.unwrap()
         }

@@ -9,7 +9,9 @@ mod auth;
 mod dify;
 mod errors;
 mod lifecycle;
+mod limits;
 mod reasoning;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

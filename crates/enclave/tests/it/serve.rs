@@ -323,3 +323,67 @@ async fn without_authentication_loopback_callers_are_served_after_a_warning() {
     terminate(&served.child);
     assert!(served.child.wait().unwrap().success());
 }
+
+/// `serve --tls-cert/--tls-key`: HTTPS from the start, the certificate read again on SIGHUP
+/// (a broken file keeps the old one); a missing key file stops the start, naming it.
+#[test]
+fn tls_flags_serve_https_and_sighup_reloads_the_certificate() {
+    let data = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (pki.path().join("cert.pem"), pki.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_arg, key_arg) = (cert_path.to_str().unwrap(), key_path.to_str().unwrap());
+
+    let missing = pki.path().join("missing.pem");
+    let out = Command::new(env!("CARGO_BIN_EXE_enclave"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["serve", "--model"])
+        .arg(model_dir("qwen2"))
+        .args(["--port", "0", "--tls-cert", cert_arg, "--tls-key"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("missing.pem"), "{}", stderr(&out));
+
+    let mut served = serve(data.path(), &["--tls-cert", cert_arg, "--tls-key", key_arg]);
+    assert!(
+        served.base.starts_with("https://127.0.0.1:"),
+        "{}",
+        served.base
+    );
+    let hangup = |child: &Child| {
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let wait_for = |served: &Served, text: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = served
+                .stderr
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .unwrap_or_else(|_| panic!("no line with {text:?}"));
+            if line.contains(text) {
+                return line;
+            }
+        }
+    };
+    hangup(&served.child);
+    wait_for(&served, "TLS certificate reloaded");
+    std::fs::write(&key_path, "not a key").unwrap();
+    hangup(&served.child);
+    let line = wait_for(&served, "not reloaded");
+    assert!(line.contains("key.pem"), "{line}");
+    terminate(&served.child);
+    assert!(served.child.wait().unwrap().success());
+}

@@ -1,0 +1,212 @@
+//! Rate limits and usage at the edge: each authenticated request is admitted against its key's
+//! and tenant's limits (or refused with 429), counted in the usage ledger, and charged for its
+//! prompt and completion tokens as the engine produces them. The admission — which holds the
+//! request's concurrency slots — lives as long as the response body, streams included.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::Response;
+use enclave_gateway::{
+    unix_time, Admission, Principal, Quota, Quotas, RateLimiter, Refusal, UsageCounts, UsageLedger,
+};
+use http_body::{Frame, SizeHint};
+
+use crate::error::ApiError;
+
+/// The limiter and ledger every request shares.
+#[derive(Debug, Default)]
+pub struct Metering {
+    limiter: Arc<RateLimiter>,
+    ledger: Arc<UsageLedger>,
+}
+
+impl Metering {
+    /// The usage counted and not yet written to the database (the binary flushes it).
+    pub fn ledger(&self) -> &Arc<UsageLedger> {
+        &self.ledger
+    }
+
+    /// Admits a request of `principal`, counting it, or refuses it with a 429.
+    pub(crate) fn admit(&self, principal: &Principal) -> Result<Arc<RequestMeter>, ApiError> {
+        let subjects = principal.rate_subjects();
+        let admission = if subjects.is_empty() {
+            None
+        } else {
+            match self.limiter.admit(subjects) {
+                Ok(admission) => Some(admission),
+                Err(refusal) => return Err(too_many(principal, &refusal)),
+            }
+        };
+        let meter = RequestMeter {
+            admission,
+            ledger: self.ledger.clone(),
+            tenant: principal.tenant.clone(),
+            key_id: principal.key_id().to_string(),
+        };
+        meter.record(UsageCounts {
+            requests: 1,
+            ..UsageCounts::default()
+        });
+        Ok(Arc::new(meter))
+    }
+}
+
+/// One admitted request's account.
+#[derive(Debug)]
+pub(crate) struct RequestMeter {
+    admission: Option<Admission>,
+    ledger: Arc<UsageLedger>,
+    tenant: String,
+    key_id: String,
+}
+
+impl RequestMeter {
+    pub fn charge_prompt(&self, tokens: usize) {
+        self.charge(UsageCounts {
+            prompt_tokens: tokens as u64,
+            ..UsageCounts::default()
+        });
+    }
+
+    pub fn charge_completion(&self, tokens: usize) {
+        self.charge(UsageCounts {
+            completion_tokens: tokens as u64,
+            ..UsageCounts::default()
+        });
+    }
+
+    fn charge(&self, counts: UsageCounts) {
+        if let Some(admission) = &self.admission {
+            admission.charge_tokens(counts.prompt_tokens + counts.completion_tokens);
+        }
+        self.record(counts);
+    }
+
+    fn record(&self, counts: UsageCounts) {
+        self.ledger
+            .record(&self.tenant, &self.key_id, unix_time(), counts);
+    }
+
+    /// The quotas as they stood at admission.
+    fn quotas(&self) -> Option<Quotas> {
+        self.admission.as_ref().map(|a| a.quotas)
+    }
+}
+
+/// `x-ratelimit-*` headers on every response of a limited caller, and the admission kept until
+/// the body has been sent.
+pub(crate) fn finish(meter: Arc<RequestMeter>, response: Response) -> Response {
+    let quotas = meter.quotas();
+    let (mut parts, body) = response.into_parts();
+    if let Some(quotas) = quotas {
+        quota_headers(&mut parts.headers, &quotas);
+    }
+    Response::from_parts(
+        parts,
+        Body::new(MeteredBody {
+            inner: body,
+            _meter: meter,
+        }),
+    )
+}
+
+fn too_many(principal: &Principal, refusal: &Refusal) -> ApiError {
+    let whose = match &refusal.subject {
+        enclave_gateway::Subject::Key(_) => "this key's",
+        enclave_gateway::Subject::Tenant(_) => "the tenant's",
+    };
+    tracing::info!(subject = %principal.subject(), tenant = %principal.tenant, limit = refusal.limit, "rate limited");
+    let retry = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u32;
+    let mut error = ApiError::rate_limited(format!(
+        "{whose} limit of {} is reached; retry in {retry} s",
+        refusal.limit
+    ));
+    error.retry_after = Some(retry);
+    let mut headers = HeaderMap::new();
+    quota_headers(&mut headers, &refusal.quotas);
+    error.headers = Some(Box::new(headers));
+    error
+}
+
+fn quota_headers(headers: &mut HeaderMap, quotas: &Quotas) {
+    for (kind, quota) in [("requests", quotas.requests), ("tokens", quotas.tokens)] {
+        let Some(Quota {
+            limit,
+            remaining,
+            reset,
+        }) = quota
+        else {
+            continue;
+        };
+        for (name, value) in [
+            (format!("x-ratelimit-limit-{kind}"), limit.to_string()),
+            (
+                format!("x-ratelimit-remaining-{kind}"),
+                remaining.to_string(),
+            ),
+            (format!("x-ratelimit-reset-{kind}"), duration_text(reset)),
+        ] {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
+/// OpenAI's spelling of a reset time: `1m12s`, `6.5s`, `0s`.
+fn duration_text(duration: Duration) -> String {
+    let seconds = duration.as_secs_f64();
+    let minutes = (seconds / 60.0).floor();
+    let rest = seconds - minutes * 60.0;
+    let rest = (rest * 10.0).ceil() / 10.0;
+    if minutes >= 1.0 {
+        format!("{minutes}m{rest}s")
+    } else {
+        format!("{rest}s")
+    }
+}
+
+struct MeteredBody {
+    inner: Body,
+    _meter: Arc<RequestMeter>,
+}
+
+impl http_body::Body for MeteredBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_times_read_like_openai() {
+        assert_eq!(duration_text(Duration::from_millis(6_420)), "6.5s");
+        assert_eq!(duration_text(Duration::from_secs(72)), "1m12s");
+        assert_eq!(duration_text(Duration::ZERO), "0s");
+    }
+}

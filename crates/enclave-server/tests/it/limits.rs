@@ -1,0 +1,257 @@
+//! Rate limits and usage through the real server: exactly the configured number of requests
+//! pass, the token limit counts real prompt and completion tokens, concurrency slots are held
+//! while a stream runs, limits apply per key and per tenant, and usage adds up.
+
+use std::sync::Arc;
+
+use enclave_gateway::{unix_time, Authenticator, Limits, NewKey, Roles, Store};
+use enclave_server::Access;
+use serde_json::{json, Value};
+
+use crate::{fixtures, server_config, serving_config, TestServer, MODEL};
+
+struct Setup {
+    server: TestServer,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(tenant_limits: Limits) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&Store::sqlite_url(dir.path()))
+        .await
+        .unwrap();
+    store
+        .create_tenant("acme", &["*".into()], tenant_limits, unix_time())
+        .await
+        .unwrap();
+    let authenticator = Authenticator::new(store.clone(), Roles::default());
+    let server = TestServer::start_with(
+        &fixtures().join("models/qwen2"),
+        enclave_server::ServerConfig {
+            reasoning_split: false,
+            ..server_config()
+        },
+        serving_config(),
+        Access::Keys(Arc::new(authenticator)),
+    )
+    .await;
+    Setup {
+        server,
+        store,
+        _dir: dir,
+    }
+}
+
+async fn key(store: &Store, limits: Limits) -> (String, String) {
+    let created = store
+        .create_key(
+            NewKey {
+                tenant: "acme".into(),
+                role: "developer".into(),
+                models: vec!["*".into()],
+                name: String::new(),
+                expires_at: None,
+                limits,
+            },
+            &Roles::default(),
+            unix_time(),
+        )
+        .await
+        .unwrap();
+    (created.info.id, created.key)
+}
+
+fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+async fn models(setup: &Setup, key: &str) -> reqwest::Response {
+    setup
+        .server
+        .client
+        .get(format!("{}/v1/models", setup.server.base))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn complete(setup: &Setup, key: &str, max_tokens: u32) -> (u16, Value) {
+    let response = setup
+        .server
+        .client
+        .post(format!("{}/v1/completions", setup.server.base))
+        .bearer_auth(key)
+        .json(&json!({"model": MODEL, "prompt": "Hello there", "max_tokens": max_tokens, "ignore_eos": true}))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn exactly_the_requests_per_minute_pass_with_openai_headers() {
+    let setup = setup(Limits::default()).await;
+    let (_, limited) = key(
+        &setup.store,
+        Limits {
+            requests_per_minute: Some(3),
+            ..Limits::default()
+        },
+    )
+    .await;
+    let (_, free) = key(&setup.store, Limits::default()).await;
+    for remaining in [2, 1, 0] {
+        let response = models(&setup, &limited).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "x-ratelimit-limit-requests").as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            header(&response, "x-ratelimit-remaining-requests"),
+            Some(remaining.to_string())
+        );
+        assert!(header(&response, "x-ratelimit-reset-requests")
+            .unwrap()
+            .ends_with('s'));
+    }
+    let refused = models(&setup, &limited).await;
+    assert_eq!(refused.status(), 429);
+    let retry: u64 = header(&refused, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    assert_eq!(
+        header(&refused, "x-ratelimit-remaining-requests").as_deref(),
+        Some("0")
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    // Another key of the tenant is not limited by this one's allowance, and gets no headers.
+    let other = models(&setup, &free).await;
+    assert_eq!(other.status(), 200);
+    assert_eq!(header(&other, "x-ratelimit-limit-requests"), None);
+}
+
+#[tokio::test]
+async fn a_tenant_limit_is_shared_by_its_keys() {
+    let setup = setup(Limits {
+        requests_per_minute: Some(3),
+        ..Limits::default()
+    })
+    .await;
+    let (_, a) = key(&setup.store, Limits::default()).await;
+    let (_, b) = key(&setup.store, Limits::default()).await;
+    for k in [&a, &a, &b] {
+        assert_eq!(models(&setup, k).await.status(), 200);
+    }
+    for k in [&a, &b] {
+        assert_eq!(models(&setup, k).await.status(), 429);
+    }
+}
+
+#[tokio::test]
+async fn the_token_limit_counts_prompt_and_completion_tokens() {
+    let setup = setup(Limits::default()).await;
+    // 30 tokens a minute refill one token every two seconds: the test runs well within that.
+    let (id, limited) = key(
+        &setup.store,
+        Limits {
+            tokens_per_minute: Some(30),
+            ..Limits::default()
+        },
+    )
+    .await;
+    let (status, first) = complete(&setup, &limited, 8).await;
+    assert_eq!(status, 200, "{first}");
+    let used = first["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(used, first["usage"]["prompt_tokens"].as_u64().unwrap() + 8);
+    assert!(used < 30);
+    // The next response reports what the first one used.
+    let response = models(&setup, &limited).await;
+    let remaining: u64 = header(&response, "x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        remaining >= 30 - used && remaining <= 30 - used + 1,
+        "{remaining} left after {used}"
+    );
+    // A request is admitted while any token is left, and charged in full as it runs.
+    let (status, second) = complete(&setup, &limited, 20).await;
+    assert_eq!(status, 200, "{second}");
+    let (status, third) = complete(&setup, &limited, 1).await;
+    assert_eq!(status, 429, "{third}");
+    assert_eq!(third["error"]["type"], "tokens", "{third}");
+
+    // Usage reaches the database with the same counts the responses gave.
+    setup
+        .server
+        .state
+        .usage_ledger()
+        .flush(&setup.store)
+        .await
+        .unwrap();
+    let usage = setup
+        .store
+        .usage(None, Some(&id), unix_time())
+        .await
+        .unwrap();
+    assert_eq!(usage.len(), 1);
+    let counts = usage[0].counts;
+    assert_eq!(counts.requests, 3, "the refused request is not counted");
+    assert_eq!(
+        counts.prompt_tokens + counts.completion_tokens,
+        used + second["usage"]["total_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(counts.completion_tokens, 8 + 20);
+}
+
+#[tokio::test]
+async fn a_concurrency_slot_is_held_until_the_stream_ends() {
+    let setup = setup(Limits::default()).await;
+    let (_, limited) = key(
+        &setup.store,
+        Limits {
+            concurrent_requests: Some(1),
+            ..Limits::default()
+        },
+    )
+    .await;
+    let mut stream = setup
+        .server
+        .client
+        .post(format!("{}/v1/completions", setup.server.base))
+        .bearer_auth(&limited)
+        .json(&json!({"model": MODEL, "prompt": "Once", "max_tokens": 64, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let first = stream.chunk().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    let refused = models(&setup, &limited).await;
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("concurrent"),
+        "{body}"
+    );
+    while stream.chunk().await.unwrap().is_some() {}
+    // The body is done; the slot comes back once the server drops it.
+    let mut status = 0;
+    for _ in 0..50 {
+        status = models(&setup, &limited).await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200);
+}
