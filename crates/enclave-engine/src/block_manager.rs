@@ -7,8 +7,9 @@
 //! cached prefix. A block whose last user is gone stays cached (and reusable) until a fresh block
 //! is needed and none is free; then the least recently used one is evicted.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 /// Block id: an index into the paged cache's pools.
 pub type BlockId = u32;
@@ -56,6 +57,10 @@ pub struct BlockManager {
     evictable: BTreeMap<(u64, BlockId), ()>,
     /// Full blocks by prefix hash.
     cached: HashMap<u64, BlockId>,
+    /// Keys of the prefix hash, random per process: a 64-bit hash is the cache key, so a
+    /// prompt crafted to collide with another's prefix would be served that prefix's KV; with
+    /// secret keys no collision can be computed in advance.
+    hash_keys: RandomState,
     clock: u64,
     stats: BlockStats,
 }
@@ -70,6 +75,7 @@ impl BlockManager {
             free: (0..num_blocks as BlockId).rev().collect(),
             evictable: BTreeMap::new(),
             cached: HashMap::new(),
+            hash_keys: RandomState::new(),
             clock: 0,
             stats: BlockStats {
                 total: num_blocks,
@@ -101,13 +107,15 @@ impl BlockManager {
         }
     }
 
-    /// Prefix hashes of the full blocks of `tokens`.
-    pub fn prefix_hashes(&self, tokens: &[u32]) -> Vec<u64> {
-        let mut parent = 0u64;
+    /// Prefix hashes of the full blocks of `tokens`, in the cache partition `salt` (one per
+    /// tenant: blocks are shared only between prompts of the same salt, so no tenant can time
+    /// another's cache hits).
+    pub fn prefix_hashes(&self, tokens: &[u32], salt: u64) -> Vec<u64> {
+        let mut parent = salt;
         tokens
             .chunks_exact(self.block_size)
             .map(|chunk| {
-                let mut h = DefaultHasher::new();
+                let mut h = self.hash_keys.build_hasher();
                 parent.hash(&mut h);
                 chunk.hash(&mut h);
                 parent = h.finish();
@@ -120,12 +128,21 @@ impl BlockManager {
     /// holding the last prompt token, which must be computed for its logits), then fresh ones
     /// up to `ceil(len / block_size)`. `None`, with nothing changed, when they do not fit.
     /// `reuse: false` takes no cached block (the caller needs every position computed).
-    pub fn allocate_prompt(&mut self, tokens: &[u32], reuse: bool) -> Option<PromptBlocks> {
+    pub fn allocate_prompt(
+        &mut self,
+        tokens: &[u32],
+        reuse: bool,
+        salt: u64,
+    ) -> Option<PromptBlocks> {
         let needed = self.blocks_for(tokens.len());
         let mut reused = Vec::new();
         if self.prefix_caching && reuse && !tokens.is_empty() {
             let reusable_blocks = (tokens.len() - 1) / self.block_size;
-            for hash in self.prefix_hashes(tokens).into_iter().take(reusable_blocks) {
+            for hash in self
+                .prefix_hashes(tokens, salt)
+                .into_iter()
+                .take(reusable_blocks)
+            {
                 match self.cached.get(&hash) {
                     Some(&id) => reused.push(id),
                     None => break,
@@ -181,11 +198,11 @@ impl BlockManager {
 
     /// Registers the full blocks of a sequence (whose first `tokens.len()` tokens are now
     /// computed) in the prefix cache, so later prompts can reuse them.
-    pub fn register_full_blocks(&mut self, table: &[BlockId], tokens: &[u32]) {
+    pub fn register_full_blocks(&mut self, table: &[BlockId], tokens: &[u32], salt: u64) {
         if !self.prefix_caching {
             return;
         }
-        for (hash, &id) in self.prefix_hashes(tokens).into_iter().zip(table) {
+        for (hash, &id) in self.prefix_hashes(tokens, salt).into_iter().zip(table) {
             let block = &mut self.blocks[id as usize];
             if block.hash.is_some() {
                 continue;
@@ -259,7 +276,7 @@ mod tests {
     #[test]
     fn allocation_counts_and_release_return_blocks() {
         let mut m = BlockManager::new(8, 4, false);
-        let a = m.allocate_prompt(&tokens(9, 0), true).unwrap();
+        let a = m.allocate_prompt(&tokens(9, 0), true, 0).unwrap();
         assert_eq!(a.table.len(), 3);
         assert_eq!(a.cached_tokens, 0);
         assert_eq!(m.stats().used, 3);
@@ -276,9 +293,9 @@ mod tests {
     #[test]
     fn a_prompt_that_does_not_fit_changes_nothing() {
         let mut m = BlockManager::new(4, 4, true);
-        let a = m.allocate_prompt(&tokens(12, 0), true).unwrap();
+        let a = m.allocate_prompt(&tokens(12, 0), true, 0).unwrap();
         let before = m.stats();
-        assert_eq!(m.allocate_prompt(&tokens(8, 1), true), None);
+        assert_eq!(m.allocate_prompt(&tokens(8, 1), true, 0), None);
         assert_eq!(m.stats(), before);
         let mut t = a.table.clone();
         assert!(m.grow(&mut t, 16));
@@ -287,26 +304,47 @@ mod tests {
     }
 
     #[test]
+    fn cached_blocks_serve_only_prompts_of_the_same_salt() {
+        let mut m = BlockManager::new(16, 4, true);
+        let prompt = tokens(10, 0);
+        let a = m.allocate_prompt(&prompt, true, 7).unwrap();
+        m.register_full_blocks(&a.table, &prompt, 7);
+        for salt in [0, 8] {
+            assert_eq!(
+                m.allocate_prompt(&prompt, true, salt)
+                    .unwrap()
+                    .cached_tokens,
+                0
+            );
+        }
+        assert_eq!(
+            m.allocate_prompt(&prompt, true, 7).unwrap().cached_tokens,
+            8
+        );
+        assert_ne!(m.prefix_hashes(&prompt, 7), m.prefix_hashes(&prompt, 8));
+    }
+
+    #[test]
     fn cached_prefix_is_reused_but_never_the_last_tokens_block() {
         let mut m = BlockManager::new(16, 4, true);
         let prompt = tokens(10, 0);
-        let a = m.allocate_prompt(&prompt, true).unwrap();
-        m.register_full_blocks(&a.table, &prompt);
+        let a = m.allocate_prompt(&prompt, true, 0).unwrap();
+        m.register_full_blocks(&a.table, &prompt, 0);
         // Same first 8 tokens, then different: reuses 2 blocks.
         let mut other = prompt[..8].to_vec();
         other.extend([1000, 1001, 1002]);
-        let b = m.allocate_prompt(&other, true).unwrap();
+        let b = m.allocate_prompt(&other, true, 0).unwrap();
         assert_eq!(b.cached_tokens, 8);
         assert_eq!(b.table[..2], a.table[..2]);
         assert_ne!(b.table[2], a.table[2]);
         // Exactly 8 tokens: the second block holds the last token, so only one is reused.
-        let c = m.allocate_prompt(&prompt[..8], true).unwrap();
+        let c = m.allocate_prompt(&prompt[..8], true, 0).unwrap();
         assert_eq!(c.cached_tokens, 4);
         let s = m.stats();
         assert_eq!(s.prefix_hits, 8 + 4);
         assert_eq!(s.prefix_queries, 10 + 11 + 8);
         // A caller that needs every position computed gets fresh blocks only.
-        let d = m.allocate_prompt(&other, false).unwrap();
+        let d = m.allocate_prompt(&other, false, 0).unwrap();
         assert_eq!(d.cached_tokens, 0);
         assert!(d.table.iter().all(|id| !a.table.contains(id)));
     }
@@ -315,21 +353,21 @@ mod tests {
     fn released_cached_blocks_stay_reusable_until_evicted_lru() {
         let mut m = BlockManager::new(4, 2, true);
         let p1 = tokens(5, 0);
-        let a = m.allocate_prompt(&p1, true).unwrap();
-        m.register_full_blocks(&a.table, &p1[..4]);
+        let a = m.allocate_prompt(&p1, true, 0).unwrap();
+        m.register_full_blocks(&a.table, &p1[..4], 0);
         m.release(&a.table);
         assert_eq!(m.stats().cached_free, 2);
         // Reuse after release.
-        let b = m.allocate_prompt(&p1, true).unwrap();
+        let b = m.allocate_prompt(&p1, true, 0).unwrap();
         assert_eq!(b.cached_tokens, 4);
         m.release(&b.table);
         // A different prompt needing all 4 blocks evicts the cached ones (oldest first).
         let p2 = tokens(8, 500);
-        let c = m.allocate_prompt(&p2, true).unwrap();
+        let c = m.allocate_prompt(&p2, true, 0).unwrap();
         assert_eq!(c.cached_tokens, 0);
         assert_eq!(m.stats().evictions, 2);
         m.release(&c.table);
-        let d = m.allocate_prompt(&p1, true).unwrap();
+        let d = m.allocate_prompt(&p1, true, 0).unwrap();
         assert_eq!(d.cached_tokens, 0, "evicted prefixes are gone");
     }
 
@@ -337,9 +375,9 @@ mod tests {
     fn shared_blocks_are_freed_only_when_the_last_user_leaves() {
         let mut m = BlockManager::new(8, 2, true);
         let p = tokens(7, 3);
-        let a = m.allocate_prompt(&p, true).unwrap();
-        m.register_full_blocks(&a.table, &p);
-        let b = m.allocate_prompt(&p, true).unwrap();
+        let a = m.allocate_prompt(&p, true, 0).unwrap();
+        m.register_full_blocks(&a.table, &p, 0);
+        let b = m.allocate_prompt(&p, true, 0).unwrap();
         assert_eq!(b.cached_tokens, 6);
         assert_eq!(m.stats().used, 5); // 4 of a + 1 fresh of b
         m.release(&a.table);
@@ -353,9 +391,9 @@ mod tests {
     fn without_prefix_caching_nothing_is_shared_or_counted() {
         let mut m = BlockManager::new(8, 2, false);
         let p = tokens(7, 3);
-        let a = m.allocate_prompt(&p, true).unwrap();
-        m.register_full_blocks(&a.table, &p);
-        let b = m.allocate_prompt(&p, true).unwrap();
+        let a = m.allocate_prompt(&p, true, 0).unwrap();
+        m.register_full_blocks(&a.table, &p, 0);
+        let b = m.allocate_prompt(&p, true, 0).unwrap();
         assert_eq!(b.cached_tokens, 0);
         assert_eq!(m.stats().prefix_queries, 0);
     }

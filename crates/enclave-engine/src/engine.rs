@@ -110,6 +110,17 @@ pub struct GenerateRequest {
     /// Report the log-probability of every prompt token after the first (with this many
     /// alternatives). The whole prompt is then computed: cached prefixes hold no logits.
     pub prompt_logprobs: Option<usize>,
+    /// The prefix-cache partition: requests share cached prompt blocks only with requests of
+    /// the same salt. The server sets it from the authenticated tenant, never from the body.
+    pub cache_salt: Option<String>,
+}
+
+/// A partition number for a salt string (never 0, the unsalted partition).
+fn salt_of(salt: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    salt.hash(&mut h);
+    h.finish().max(1)
 }
 
 /// Most alternatives a request may ask for per position (as vLLM and OpenAI's chat API).
@@ -126,6 +137,7 @@ impl GenerateRequest {
             ignore_eos: false,
             logprobs: None,
             prompt_logprobs: None,
+            cache_salt: None,
         }
     }
 }
@@ -142,6 +154,8 @@ pub struct ValidRequest {
     pub logprobs: Option<usize>,
     /// Alternatives to report per prompt position (`None`: no prompt log-probabilities).
     pub prompt_logprobs: Option<usize>,
+    /// Prefix-cache partition (0: the one of requests without a salt).
+    pub cache_salt: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -460,6 +474,7 @@ impl Engine {
             stop_token_ids,
             logprobs: request.logprobs,
             prompt_logprobs: request.prompt_logprobs,
+            cache_salt: request.cache_salt.as_deref().map_or(0, salt_of),
         })
     }
 

@@ -35,6 +35,8 @@ struct Seq {
     table: Vec<BlockId>,
     /// May start from cached prefix blocks (false when every position must be computed).
     reuse_prefix: bool,
+    /// The prefix-cache partition it shares blocks in (its tenant's).
+    cache_salt: u64,
 }
 
 /// Longest prefill chunk of a sequence that computes its whole prompt for prompt
@@ -129,12 +131,19 @@ impl Scheduler {
     /// Queues a new sequence (its prompt) behind those already waiting. With `reuse_prefix`
     /// false its prompt is computed in full even where the prefix cache holds it.
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, reuse_prefix: bool) {
+        self.add_salted(id, prompt, reuse_prefix, 0);
+    }
+
+    /// [`Self::add`] in the prefix-cache partition `cache_salt`: it reuses, and its blocks
+    /// serve, only sequences of the same salt.
+    pub fn add_salted(&mut self, id: SeqId, prompt: Vec<u32>, reuse_prefix: bool, cache_salt: u64) {
         self.waiting.push_back(Seq {
             id,
             tokens: prompt,
             computed: 0,
             table: Vec::new(),
             reuse_prefix,
+            cache_salt,
         });
     }
 
@@ -216,9 +225,9 @@ impl Scheduler {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let Some(blocks) = self
-                .blocks
-                .allocate_prompt(&front.tokens, front.reuse_prefix)
+            let Some(blocks) =
+                self.blocks
+                    .allocate_prompt(&front.tokens, front.reuse_prefix, front.cache_salt)
             else {
                 break; // first come, first served: nobody jumps the queue
             };
@@ -247,8 +256,11 @@ impl Scheduler {
         if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
             seq.computed += len;
             self.tokens_computed += len as u64;
-            self.blocks
-                .register_full_blocks(&seq.table, &seq.tokens[..seq.computed]);
+            self.blocks.register_full_blocks(
+                &seq.table,
+                &seq.tokens[..seq.computed],
+                seq.cache_salt,
+            );
         }
     }
 

@@ -179,8 +179,12 @@ impl<'e> ServingCore<'e> {
         // Cached prefix blocks hold no logits: a request for prompt log-probabilities computes
         // its whole prompt.
         let wants_prompt_logprobs = request.prompt_logprobs.is_some();
-        self.scheduler
-            .add(id, request.prompt_ids.clone(), !wants_prompt_logprobs);
+        self.scheduler.add_salted(
+            id,
+            request.prompt_ids.clone(),
+            !wants_prompt_logprobs,
+            request.cache_salt,
+        );
         let tokenizer = self.engine.tokenizer();
         self.active.insert(
             id,

@@ -26,6 +26,9 @@ pub enum Access {
     Disabled,
 }
 
+/// Routes with the permission each needs (`None`: public).
+pub type RouteTable = &'static [(&'static str, &'static str, Option<Permission>)];
+
 /// Every route as registered, with the permission it needs; `None` marks the two public
 /// probes.
 pub const ROUTES: &[(&str, &str, Option<Permission>)] = &[
@@ -43,7 +46,7 @@ pub const ROUTES: &[(&str, &str, Option<Permission>)] = &[
 /// [`Principal`] in the request's extensions for the handler (model scopes are checked there,
 /// where the model is known).
 pub(crate) async fn authorize(
-    State(state): State<Arc<AppState>>,
+    State((state, routes)): State<(Arc<AppState>, RouteTable)>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -53,7 +56,7 @@ pub(crate) async fn authorize(
         .map(|m| m.as_str().to_string());
     let needs = route
         .as_deref()
-        .map(|path| ROUTES.iter().find(|(_, p, _)| *p == path).map(|r| r.2));
+        .map(|path| routes.iter().find(|(_, p, _)| *p == path).map(|r| r.2));
     if let Some(Some(None)) = needs {
         return next.run(request).await; // a public probe
     }
@@ -82,7 +85,7 @@ pub(crate) async fn authorize(
     match needs {
         // A registered route missing from `ROUTES`: nobody may use it until it is listed.
         Some(None) => {
-            tracing::error!(route = ?route, "route missing from auth::ROUTES; refused");
+            tracing::error!(route = ?route, "route missing from its route table; refused");
             return ApiError::forbidden("a permission this route does not declare").into_response();
         }
         Some(Some(Some(permission))) if !principal.can(permission) => {

@@ -98,6 +98,8 @@ pub(crate) async fn create(
     }
     .params(engine)?;
     let mut generate = GenerateRequest::new(Prompt::Chat(messages));
+    // Cached prompt blocks are shared within the caller's tenant only (CVE-2025-46570).
+    generate.cache_salt = Some(caller.tenant.clone());
     generate.sampling = Some(sampling);
     generate.max_tokens = max_tokens;
     generate.ignore_eos = request.ignore_eos.unwrap_or(false);

@@ -73,14 +73,18 @@ impl ApiError {
 
     /// A 403: the caller is known but its role lacks `permission`.
     pub fn forbidden(permission: &str) -> Self {
+        Self::denied(format!(
+            "this key's role does not grant `{permission}`, which this route needs"
+        ))
+    }
+
+    /// A 403 saying why.
+    pub fn denied(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::FORBIDDEN,
             kind: "permission_error",
             code: Some("permission_denied"),
-            ..Self::invalid(
-                None,
-                format!("this key's role does not grant `{permission}`, which this route needs"),
-            )
+            ..Self::invalid(None, message)
         }
     }
 

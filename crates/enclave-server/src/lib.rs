@@ -10,6 +10,7 @@
 //!   [`ROUTES`] gives it; a model outside the caller's scope is answered as if it did not exist.
 //! - A stream whose client disconnects drops its engine requests, which frees their KV blocks.
 
+pub mod admin;
 mod auth;
 mod chat;
 mod completions;
@@ -37,7 +38,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
-pub use auth::{Access, ROUTES};
+pub use admin::ADMIN_ROUTES;
+pub use auth::{Access, RouteTable, ROUTES};
 pub use error::ApiError;
 pub use state::{AppState, ServerConfig};
 pub use tls::{TlsConfigHandle, TlsListener, TlsPeer, HANDSHAKE_TIMEOUT};
@@ -58,10 +60,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            (state.clone(), ROUTES),
             auth::authorize,
         ))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("the server hit a bug while handling this request").into_response()
+        }))
+        .with_state(state)
+}
+
+/// The management API's routes ([`ADMIN_ROUTES`]), for the admin listener alone: none of them
+/// exists on the API listener, and no inference route exists here.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/admin/v1/tenants",
+            get(admin::list_tenants).post(admin::create_tenant),
+        )
+        .route(
+            "/admin/v1/keys",
+            get(admin::list_keys).post(admin::create_key),
+        )
+        .route(
+            "/admin/v1/keys/{id}",
+            axum::routing::delete(admin::revoke_key),
+        )
+        .route("/admin/v1/usage", get(admin::usage))
+        .route("/livez", get(|| async { StatusCode::OK }))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), ADMIN_ROUTES),
+            auth::authorize,
+        ))
+        .layer(DefaultBodyLimit::max(1 << 20))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the server hit a bug while handling this request").into_response()
         }))
@@ -93,6 +126,19 @@ pub async fn serve(
         }
     });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
+}
+
+/// Serves the management API ([`admin_router`]) on its own listener until `shutdown`.
+pub async fn serve_admin(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = state.config.shutdown_grace;
+    let app = admin_router(state).into_make_service_with_connect_info::<SocketAddr>();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await

@@ -4,7 +4,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use enclave_gateway::{unix_time, KeyInfo, Limits, NewKey, Tenant};
+use enclave_gateway::{unix_time, KeyInfo, Limits, NewKey};
+use enclave_server::admin::{key_json, tenant_json, usage_json};
 use serde_json::{json, Value};
 
 use crate::config::Settings;
@@ -189,7 +190,7 @@ pub fn keys(settings: &Settings, command: KeysCommand) -> Result<()> {
                             key.id,
                             key.tenant,
                             key.role,
-                            state(key, now),
+                            key_state(key, now),
                             key.models.patterns().join(","),
                             key.name
                         );
@@ -265,19 +266,7 @@ pub fn usage(settings: &Settings, args: UsageArgs) -> Result<()> {
             .usage(args.tenant.as_deref(), args.key.as_deref(), since)
             .await?;
         if args.json {
-            let rows: Vec<Value> = rows
-                .iter()
-                .map(|r| {
-                    json!({
-                        "day": r.day,
-                        "tenant": r.tenant,
-                        "key_id": r.key_id,
-                        "requests": r.counts.requests,
-                        "prompt_tokens": r.counts.prompt_tokens,
-                        "completion_tokens": r.counts.completion_tokens,
-                    })
-                })
-                .collect();
+            let rows: Vec<Value> = rows.iter().map(usage_json).collect();
             println!("{}", json!({ "usage": rows }));
         } else {
             println!(
@@ -314,49 +303,6 @@ fn day_text(day_start: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-fn limits_json(limits: &Limits) -> Value {
-    json!({
-        "requests_per_minute": limits.requests_per_minute,
-        "tokens_per_minute": limits.tokens_per_minute,
-        "concurrent_requests": limits.concurrent_requests,
-    })
-}
-
-fn state(key: &KeyInfo, now: i64) -> &'static str {
-    if key.revoked_at.is_some() {
-        "revoked"
-    } else if key.expires_at.is_some_and(|at| at <= now) {
-        "expired"
-    } else {
-        "active"
-    }
-}
-
-fn key_json(key: &KeyInfo) -> Value {
-    json!({
-        "id": key.id,
-        "tenant": key.tenant,
-        "role": key.role,
-        "models": key.models.patterns(),
-        "name": key.name,
-        "limits": limits_json(&key.limits),
-        "state": state(key, unix_time()),
-        "created_at": key.created_at,
-        "expires_at": key.expires_at,
-        "revoked_at": key.revoked_at,
-        "last_used_at": key.last_used_at,
-    })
-}
-
-fn tenant_json(tenant: &Tenant) -> Value {
-    json!({
-        "name": tenant.name,
-        "models": tenant.models.patterns(),
-        "limits": limits_json(&tenant.limits),
-        "created_at": tenant.created_at,
-    })
-}
-
 /// `90d`, `12h`, `30m`, `45s` or a number of seconds.
 fn parse_duration(text: &str) -> Result<i64> {
     let text = text.trim();
@@ -380,6 +326,16 @@ fn parse_duration(text: &str) -> Result<i64> {
     number
         .checked_mul(scale)
         .with_context(|| format!("{text:?} is too long"))
+}
+
+fn key_state(key: &KeyInfo, now: i64) -> &'static str {
+    if key.revoked_at.is_some() {
+        "revoked"
+    } else if key.expires_at.is_some_and(|at| at <= now) {
+        "expired"
+    } else {
+        "active"
+    }
 }
 
 #[cfg(test)]

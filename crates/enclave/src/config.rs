@@ -35,6 +35,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     #[serde(default)]
     pub tls: TlsFileSettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
     /// Custom roles: `[roles.support] permissions = ["inference"]`.
     #[serde(default)]
     pub roles: BTreeMap<String, RoleSettings>,
@@ -45,6 +47,14 @@ pub struct Settings {
 pub struct AuthSettings {
     /// `false` turns authentication off (loopback addresses only); default on.
     pub enabled: Option<bool>,
+}
+
+/// `[admin]`: the management listener (tenants, keys, usage), off unless a port is given.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    pub host: Option<String>,
+    pub port: Option<u16>,
 }
 
 /// `[tls]`: the API listener's certificate, and client certificates (mTLS).
@@ -95,6 +105,8 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("data_dir", "ENCLAVE_DATA_DIR"),
     ("database_url", "ENCLAVE_DATABASE_URL"),
     ("auth.enabled", "ENCLAVE_AUTH_ENABLED"),
+    ("admin.host", "ENCLAVE_ADMIN_HOST"),
+    ("admin.port", "ENCLAVE_ADMIN_PORT"),
     ("tls.cert", "ENCLAVE_TLS_CERT"),
     ("tls.key", "ENCLAVE_TLS_KEY"),
     ("tls.client_ca", "ENCLAVE_TLS_CLIENT_CA"),

@@ -141,6 +141,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
         logprobs: None,
         prompt_logprobs: None,
+        cache_salt: None,
     };
     let request = engine.validate(request)?;
 

@@ -69,6 +69,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODE")]
     pub tls_client_auth: Option<String>,
 
+    /// Address of the admin listener (the management API: tenants, keys, usage); put it on
+    /// a management network. Default 127.0.0.1.
+    #[arg(long, value_name = "HOST")]
+    pub admin_host: Option<String>,
+
+    /// Port of the admin listener; without one (here or `admin.port`) there is none.
+    #[arg(long, value_name = "PORT")]
+    pub admin_port: Option<u16>,
+
     /// Serve without authentication (every caller may do everything). Refused unless --host
     /// is a loopback address; the same as `auth.enabled = false` in the configuration.
     #[arg(long)]
@@ -88,6 +97,19 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     }
     let roles = settings.roles()?;
     let tls = tls_settings(&args, settings)?;
+    let admin = args.admin_port.or(settings.admin.port).map(|port| {
+        let host = args
+            .admin_host
+            .clone()
+            .or_else(|| settings.admin.host.clone())
+            .unwrap_or_else(|| "127.0.0.1".into());
+        (host, port)
+    });
+    if admin.is_some() && !auth_enabled {
+        anyhow::bail!(
+            "the admin listener needs authentication: drop --no-auth (auth.enabled = false)"
+        );
+    }
     let config = ServerConfig {
         served_model_name: args
             .served_model_name
@@ -132,7 +154,7 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
             tracing::warn!("authentication disabled");
             Access::Disabled
         };
-        serve(args, config, access, usage_store, tls).await
+        serve(args, config, access, usage_store, tls, admin).await
     });
     // A model still loading when a signal arrived must not hold the exit.
     runtime.shutdown_background();
@@ -145,6 +167,7 @@ async fn serve(
     access: Access,
     usage_store: Option<enclave_gateway::Store>,
     tls: Option<TlsSettings>,
+    admin: Option<(String, u16)>,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -156,6 +179,25 @@ async fn serve(
         "listening on {scheme}://{address} (loading {name}; /health answers 503 until ready)"
     );
     let state = AppState::new(config, access);
+    if let Some((host, port)) = admin {
+        let admin_listener = tokio::net::TcpListener::bind((host.as_str(), port))
+            .await
+            .with_context(|| format!("cannot listen on {host}:{port} (admin)"))?;
+        let admin_address = admin_listener.local_addr().context("admin address")?;
+        eprintln!("admin API on http://{admin_address}/admin/v1");
+        let admin_state = state.clone();
+        tokio::spawn(async move {
+            let served = enclave_server::serve_admin(
+                admin_listener,
+                admin_state,
+                enclave_server::shutdown_signal(),
+            )
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the admin listener stopped");
+            }
+        });
+    }
     // Usage is counted in memory and added to the database every few seconds.
     if let Some(store) = usage_store.clone() {
         let ledger = state.usage_ledger().clone();

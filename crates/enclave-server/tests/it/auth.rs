@@ -294,3 +294,65 @@ async fn malformed_authorization_headers_are_client_errors() {
         .unwrap();
     assert_eq!(ok.status(), 200);
 }
+
+/// The prefix cache is partitioned by tenant (CVE-2025-46570): tenant B's request with tenant
+/// A's cached prompt gets no cache hit, while A's second request does.
+#[tokio::test]
+async fn cached_prefixes_are_shared_only_within_a_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&Store::sqlite_url(dir.path()))
+        .await
+        .unwrap();
+    let now = unix_time();
+    let roles = Roles::default();
+    let mut keys = Vec::new();
+    for tenant in ["alpha", "beta"] {
+        store
+            .create_tenant(tenant, &["*".into()], Limits::default(), now)
+            .await
+            .unwrap();
+        let new = NewKey {
+            tenant: tenant.into(),
+            role: "developer".into(),
+            models: vec!["*".into()],
+            name: String::new(),
+            expires_at: None,
+            limits: Limits::default(),
+        };
+        keys.push(store.create_key(new, &roles, now).await.unwrap().key);
+    }
+    let server = server(store).await;
+    // 80 prompt tokens: several full 16-token blocks.
+    let prompt: Vec<u32> = (0..80).map(|i| 3 + (i * 7) % 90).collect();
+    let cached = |key: String| {
+        let server = &server;
+        let prompt = prompt.clone();
+        async move {
+            let reply: Value = server
+                .client
+                .post(format!("{}/v1/completions", server.base))
+                .bearer_auth(key)
+                .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 1}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{reply}"))
+        }
+    };
+    assert_eq!(cached(keys[0].clone()).await, 0, "alpha's first request");
+    assert_eq!(
+        cached(keys[1].clone()).await,
+        0,
+        "beta must not hit alpha's blocks"
+    );
+    assert!(
+        cached(keys[0].clone()).await >= 64,
+        "alpha's second request hits its blocks"
+    );
+    assert!(cached(keys[1].clone()).await >= 64, "and beta's its own");
+}

@@ -4,6 +4,7 @@
 // Test helpers may panic: a failed request is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admin;
 mod api;
 mod auth;
 mod dify;

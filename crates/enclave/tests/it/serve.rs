@@ -387,3 +387,54 @@ fn tls_flags_serve_https_and_sighup_reloads_the_certificate() {
     terminate(&served.child);
     assert!(served.child.wait().unwrap().success());
 }
+
+/// `--admin-port` opens the management listener beside the API; keys made there work on the
+/// API listener. Without authentication there is no admin listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_manages_keys_for_the_api_listener() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_enclave"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["serve", "--model"])
+        .arg(model_dir("qwen2"))
+        .args(["--port", "0", "--admin-port", "0", "--no-auth"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("admin listener needs authentication"),
+        "{}",
+        stderr(&out)
+    );
+
+    let (_, root) = create_key(data.path(), "admin");
+    let mut served = serve(data.path(), &["--admin-port", "0"]);
+    let admin = served
+        .startup
+        .iter()
+        .find_map(|l| l.strip_prefix("admin API on "))
+        .and_then(|rest| rest.strip_suffix("/admin/v1"))
+        .unwrap_or_else(|| panic!("{:?}", served.startup))
+        .to_string();
+    let created: Value = client_with(&root)
+        .post(format!("{admin}/admin/v1/keys"))
+        .json(&json!({"role": "developer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{created}"));
+    let models = client_with(key)
+        .get(format!("{}/v1/models", served.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    terminate(&served.child);
+    assert!(served.child.wait().unwrap().success());
+}

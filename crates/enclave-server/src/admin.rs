@@ -1,0 +1,322 @@
+//! The management API, served only on the admin listener (`--admin-port`): tenants, API keys
+//! and usage. A caller manages its own tenant (`keys:manage`, `metrics:read`); other tenants,
+//! and creating tenants, need `tenants:manage`. A key can only be given a role whose
+//! permissions the caller holds itself, so `keys:manage` never mints a stronger key.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use enclave_gateway::{
+    unix_time, Authenticator, GatewayError, KeyInfo, Limits, NewKey, Permission, Principal, Tenant,
+    UsageRow,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::Access;
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+use crate::state::AppState;
+
+/// Every admin route, with the permission it needs (`None`: the public liveness probe).
+pub const ADMIN_ROUTES: &[(&str, &str, Option<Permission>)] = &[
+    ("GET", "/admin/v1/tenants", Some(Permission::TenantsManage)),
+    ("POST", "/admin/v1/tenants", Some(Permission::TenantsManage)),
+    ("GET", "/admin/v1/keys", Some(Permission::KeysManage)),
+    ("POST", "/admin/v1/keys", Some(Permission::KeysManage)),
+    (
+        "DELETE",
+        "/admin/v1/keys/{id}",
+        Some(Permission::KeysManage),
+    ),
+    ("GET", "/admin/v1/usage", Some(Permission::MetricsRead)),
+    ("GET", "/livez", None),
+];
+
+fn authenticator(state: &AppState) -> Result<&Authenticator, ApiError> {
+    match &state.access {
+        Access::Keys(authenticator) => Ok(authenticator),
+        Access::Disabled => Err(ApiError::not_found(
+            "the admin API needs authentication to be on",
+        )),
+    }
+}
+
+/// A gateway error as the client should see it.
+fn gateway_error(error: GatewayError) -> ApiError {
+    match error {
+        GatewayError::Invalid { field, message } => {
+            ApiError::invalid(Some(field.to_string()), message)
+        }
+        e @ GatewayError::NotFound(_) => ApiError::not_found(e.to_string()),
+        e @ GatewayError::Exists(_) => ApiError {
+            status: StatusCode::CONFLICT,
+            ..ApiError::invalid(None, e.to_string())
+        },
+        GatewayError::Unauthenticated(_) => ApiError::unauthenticated("the API key is not valid"),
+        e @ (GatewayError::Database(_) | GatewayError::Migration(_)) => {
+            tracing::error!(error = %e, "admin API: database");
+            ApiError::unavailable("database_unavailable", "the database cannot be reached")
+        }
+    }
+}
+
+/// The tenant a request acts on: the caller's own, or another with `tenants:manage`. Another
+/// tenant without it is reported missing, so its existence is not revealed.
+fn tenant_for(caller: &Principal, requested: Option<&str>) -> Result<String, ApiError> {
+    match requested {
+        None => Ok(caller.tenant.clone()),
+        Some(t) if t == caller.tenant || caller.can(Permission::TenantsManage) => Ok(t.into()),
+        Some(t) => Err(ApiError::not_found(format!("tenant `{t}` does not exist"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LimitsBody {
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
+    concurrent_requests: Option<u64>,
+}
+
+impl LimitsBody {
+    fn limits(body: Option<LimitsBody>) -> Limits {
+        body.map_or_else(Limits::default, |b| Limits {
+            requests_per_minute: b.requests_per_minute,
+            tokens_per_minute: b.tokens_per_minute,
+            concurrent_requests: b.concurrent_requests,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewTenantBody {
+    name: String,
+    models: Option<Vec<String>>,
+    limits: Option<LimitsBody>,
+}
+
+pub(crate) async fn list_tenants(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Value>, ApiError> {
+    let tenants = authenticator(&state)?
+        .store()
+        .tenants()
+        .await
+        .map_err(gateway_error)?;
+    Ok(Json(
+        json!({"tenants": tenants.iter().map(tenant_json).collect::<Vec<_>>()}),
+    ))
+}
+
+pub(crate) async fn create_tenant(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
+    ApiJson(body): ApiJson<NewTenantBody>,
+) -> Result<Response, ApiError> {
+    let models = body.models.unwrap_or_else(|| vec!["*".into()]);
+    let tenant = authenticator(&state)?
+        .store()
+        .create_tenant(
+            &body.name,
+            &models,
+            LimitsBody::limits(body.limits),
+            unix_time(),
+        )
+        .await
+        .map_err(gateway_error)?;
+    tracing::info!(subject = %caller.subject(), tenant = %tenant.name, "tenant created");
+    Ok((StatusCode::CREATED, Json(tenant_json(&tenant))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct KeysQuery {
+    tenant: Option<String>,
+}
+
+pub(crate) async fn list_keys(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
+    Query(query): Query<KeysQuery>,
+) -> Result<Json<Value>, ApiError> {
+    // Without `tenants:manage` only the caller's tenant; with it, all unless one is named.
+    let tenant = match (&query.tenant, caller.can(Permission::TenantsManage)) {
+        (None, true) => None,
+        (requested, _) => Some(tenant_for(&caller, requested.as_deref())?),
+    };
+    let keys = authenticator(&state)?
+        .store()
+        .keys(tenant.as_deref())
+        .await
+        .map_err(gateway_error)?;
+    Ok(Json(
+        json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewKeyBody {
+    tenant: Option<String>,
+    role: String,
+    models: Option<Vec<String>>,
+    name: Option<String>,
+    /// Seconds until it expires; none: until revoked.
+    expires_in: Option<u64>,
+    limits: Option<LimitsBody>,
+}
+
+pub(crate) async fn create_key(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
+    ApiJson(body): ApiJson<NewKeyBody>,
+) -> Result<Response, ApiError> {
+    let authenticator = authenticator(&state)?;
+    let tenant = tenant_for(&caller, body.tenant.as_deref())?;
+    let granted = authenticator
+        .roles()
+        .require(&body.role)
+        .map_err(gateway_error)?;
+    if let Some(missing) = granted.iter().find(|p| !caller.can(*p)) {
+        return Err(ApiError::denied(format!(
+            "role `{}` grants `{missing}`, which the caller does not hold; a key cannot be \
+             given more than its creator has",
+            body.role
+        )));
+    }
+    let now = unix_time();
+    let expires_at = body
+        .expires_in
+        .map(|s| now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX)));
+    let created = authenticator
+        .store()
+        .create_key(
+            NewKey {
+                tenant,
+                role: body.role,
+                models: body.models.unwrap_or_else(|| vec!["*".into()]),
+                name: body.name.unwrap_or_default(),
+                expires_at,
+                limits: LimitsBody::limits(body.limits),
+            },
+            authenticator.roles(),
+            now,
+        )
+        .await
+        .map_err(gateway_error)?;
+    tracing::info!(subject = %caller.subject(), key = %created.info.id, tenant = %created.info.tenant, role = %created.info.role, "key created");
+    let mut body = key_json(&created.info);
+    body["key"] = json!(created.key);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub(crate) async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = authenticator(&state)?.store();
+    let missing = || ApiError::not_found(format!("key `{id}` does not exist"));
+    let key = store
+        .key(&id)
+        .await
+        .map_err(gateway_error)?
+        .ok_or_else(missing)?;
+    tenant_for(&caller, Some(&key.tenant)).map_err(|_| missing())?;
+    let key = store
+        .revoke_key(&id, unix_time())
+        .await
+        .map_err(gateway_error)?;
+    tracing::info!(subject = %caller.subject(), key = %key.id, tenant = %key.tenant, "key revoked");
+    Ok(Json(key_json(&key)))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct UsageQuery {
+    tenant: Option<String>,
+    key: Option<String>,
+    days: Option<u32>,
+}
+
+pub(crate) async fn usage(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
+    Query(query): Query<UsageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = match (&query.tenant, caller.can(Permission::TenantsManage)) {
+        (None, true) => None,
+        (requested, _) => Some(tenant_for(&caller, requested.as_deref())?),
+    };
+    let days = i64::from(query.days.unwrap_or(30).min(3660));
+    let rows = authenticator(&state)?
+        .store()
+        .usage(
+            tenant.as_deref(),
+            query.key.as_deref(),
+            unix_time() - days * 86_400,
+        )
+        .await
+        .map_err(gateway_error)?;
+    Ok(Json(
+        json!({"usage": rows.iter().map(usage_json).collect::<Vec<_>>()}),
+    ))
+}
+
+fn limits_json(limits: &Limits) -> Value {
+    json!({
+        "requests_per_minute": limits.requests_per_minute,
+        "tokens_per_minute": limits.tokens_per_minute,
+        "concurrent_requests": limits.concurrent_requests,
+    })
+}
+
+/// A key as the admin API and `enclave keys … --json` show it (never its secret).
+pub fn key_json(key: &KeyInfo) -> Value {
+    let now = unix_time();
+    let state = if key.revoked_at.is_some() {
+        "revoked"
+    } else if key.expires_at.is_some_and(|at| at <= now) {
+        "expired"
+    } else {
+        "active"
+    };
+    json!({
+        "id": key.id,
+        "tenant": key.tenant,
+        "role": key.role,
+        "models": key.models.patterns(),
+        "name": key.name,
+        "limits": limits_json(&key.limits),
+        "state": state,
+        "created_at": key.created_at,
+        "expires_at": key.expires_at,
+        "revoked_at": key.revoked_at,
+        "last_used_at": key.last_used_at,
+    })
+}
+
+/// A tenant as the admin API and `enclave tenants … --json` show it.
+pub fn tenant_json(tenant: &Tenant) -> Value {
+    json!({
+        "name": tenant.name,
+        "models": tenant.models.patterns(),
+        "limits": limits_json(&tenant.limits),
+        "created_at": tenant.created_at,
+    })
+}
+
+/// A usage row as the admin API and `enclave usage --json` show it.
+pub fn usage_json(row: &UsageRow) -> Value {
+    json!({
+        "day": row.day,
+        "tenant": row.tenant,
+        "key_id": row.key_id,
+        "requests": row.counts.requests,
+        "prompt_tokens": row.counts.prompt_tokens,
+        "completion_tokens": row.counts.completion_tokens,
+    })
+}

@@ -1,0 +1,285 @@
+//! The management API on its own listener: absent from the API listener, every route
+//! authenticated, tenants and keys created and revoked over HTTP, a tenant's key manager
+//! confined to its tenant and unable to mint stronger keys.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use enclave_gateway::{unix_time, Authenticator, Limits, NewKey, Roles, Store};
+use enclave_server::{Access, ADMIN_ROUTES};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::{fixtures, server_config, serving_config, TestServer};
+
+struct Admin {
+    api: TestServer,
+    admin: String,
+    store: Store,
+    /// An `admin` key of the `default` tenant.
+    root: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Admin {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&Store::sqlite_url(dir.path()))
+        .await
+        .unwrap();
+    let custom = ["keys:manage".to_string(), "inference".to_string()];
+    let roles = Roles::with_custom([("key-manager", &custom[..])]).unwrap();
+    let root = store
+        .create_key(
+            NewKey {
+                tenant: "default".into(),
+                role: "admin".into(),
+                models: vec!["*".into()],
+                name: "root".into(),
+                expires_at: None,
+                limits: Limits::default(),
+            },
+            &roles,
+            unix_time(),
+        )
+        .await
+        .unwrap()
+        .key;
+    let authenticator = Authenticator::new(store.clone(), roles);
+    let api = TestServer::start_with(
+        &fixtures().join("models/qwen2"),
+        server_config(),
+        serving_config(),
+        Access::Keys(Arc::new(authenticator)),
+    )
+    .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(enclave_server::serve_admin(
+        listener,
+        api.state.clone(),
+        std::future::pending(),
+    ));
+    Admin {
+        api,
+        admin,
+        store,
+        root,
+        _dir: dir,
+    }
+}
+
+impl Admin {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let client = &self.api.client;
+        let url = format!("{}{path}", self.admin);
+        let mut request = match method {
+            "POST" => client.post(url).json(&body.unwrap_or(json!({}))),
+            "DELETE" => client.delete(url),
+            _ => client.get(url),
+        };
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+#[tokio::test]
+async fn admin_routes_live_only_on_the_admin_listener_and_need_credentials() {
+    let admin = start().await;
+    for (method, path, permission) in ADMIN_ROUTES {
+        let path = path.replace("{id}", "0123456789abcdef");
+        let (status, body) = admin.call(method, &path, None, None).await;
+        let expected = if permission.is_some() { 401 } else { 200 };
+        assert_eq!(status, expected, "{method} {path}: {body}");
+    }
+    // The API listener has none of them, whoever asks.
+    let on_api = admin
+        .api
+        .client
+        .get(format!("{}/admin/v1/keys", admin.api.base))
+        .bearer_auth(&admin.root)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_api.status(), 404);
+    // And the admin listener has no inference.
+    let (status, _) = admin
+        .call("POST", "/v1/completions", Some(&admin.root), None)
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn tenants_and_keys_over_http() {
+    let admin = start().await;
+    let root = Some(admin.root.as_str());
+    let (status, tenant) = admin
+        .call("POST", "/admin/v1/tenants", root, Some(json!({"name": "acme", "models": ["tiny-*"], "limits": {"requests_per_minute": 100}})))
+        .await;
+    assert_eq!(status, 201, "{tenant}");
+    assert_eq!(tenant["limits"]["requests_per_minute"], 100);
+    let (status, again) = admin
+        .call(
+            "POST",
+            "/admin/v1/tenants",
+            root,
+            Some(json!({"name": "acme"})),
+        )
+        .await;
+    assert_eq!(status, 409, "{again}");
+    let (status, bad) = admin
+        .call(
+            "POST",
+            "/admin/v1/tenants",
+            root,
+            Some(json!({"name": "x'; DROP TABLE tenants; --"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert_eq!(bad["error"]["param"], "tenant");
+    let (status, bad) = admin
+        .call(
+            "POST",
+            "/admin/v1/tenants",
+            root,
+            Some(json!({"name": "beta", "colour": "red"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+
+    // A key manager for acme, made by the root admin.
+    let (status, manager) = admin
+        .call(
+            "POST",
+            "/admin/v1/keys",
+            root,
+            Some(json!({"tenant": "acme", "role": "key-manager"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{manager}");
+    let manager = manager["key"].as_str().unwrap().to_string();
+    let m = Some(manager.as_str());
+    // It makes developer keys of its own tenant by default...
+    let (status, dev) = admin
+        .call(
+            "POST",
+            "/admin/v1/keys",
+            m,
+            Some(json!({"role": "developer", "name": "app"})),
+        )
+        .await;
+    assert_eq!(
+        status, 403,
+        "developer holds models:read, which the manager lacks: {dev}"
+    );
+    let (status, dev) = admin
+        .call(
+            "POST",
+            "/admin/v1/keys",
+            m,
+            Some(json!({"role": "key-manager", "name": "app"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{dev}");
+    assert_eq!(dev["tenant"], "acme");
+    // ...but not an admin key, nor keys of another tenant, which it cannot see.
+    let (status, _) = admin
+        .call("POST", "/admin/v1/keys", m, Some(json!({"role": "admin"})))
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = admin
+        .call(
+            "POST",
+            "/admin/v1/keys",
+            m,
+            Some(json!({"tenant": "default", "role": "key-manager"})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, listed) = admin.call("GET", "/admin/v1/keys", m, None).await;
+    assert_eq!(status, 200);
+    let tenants: Vec<&str> = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["tenant"].as_str().unwrap())
+        .collect();
+    assert_eq!(tenants, ["acme", "acme"], "{listed}");
+    assert!(
+        !listed.to_string().contains(&manager[22..]),
+        "secrets are never listed"
+    );
+    let (status, all) = admin.call("GET", "/admin/v1/keys", root, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(all["keys"].as_array().unwrap().len(), 3);
+    // Revoking the root's key from acme: not found; its own key: done, and the API listener
+    // refuses it within seconds.
+    let root_id = &all["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["tenant"] == "default")
+        .unwrap()["id"];
+    let (status, _) = admin
+        .call(
+            "DELETE",
+            &format!("/admin/v1/keys/{}", root_id.as_str().unwrap()),
+            m,
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let dev_key = dev["key"].as_str().unwrap().to_string();
+    let dev_id = dev["id"].as_str().unwrap();
+    let tokenize = || {
+        admin
+            .api
+            .client
+            .post(format!("{}/tokenize", admin.api.base))
+            .bearer_auth(&dev_key)
+            .json(&json!({"prompt": "Hi"}))
+            .send()
+    };
+    assert_eq!(tokenize().await.unwrap().status(), 200);
+    let (status, revoked) = admin
+        .call("DELETE", &format!("/admin/v1/keys/{dev_id}"), m, None)
+        .await;
+    assert_eq!((status, revoked["state"].as_str()), (200, Some("revoked")));
+    let start = Instant::now();
+    while tokenize().await.unwrap().status() != 401 {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Tenants are for tenants:manage only; usage for metrics:read.
+    let (status, _) = admin.call("GET", "/admin/v1/tenants", m, None).await;
+    assert_eq!(status, 403);
+    let (status, _) = admin.call("GET", "/admin/v1/usage", m, None).await;
+    assert_eq!(status, 403);
+    admin
+        .api
+        .state
+        .usage_ledger()
+        .flush(&admin.store)
+        .await
+        .unwrap();
+    let (status, usage) = admin
+        .call("GET", "/admin/v1/usage?tenant=acme", root, None)
+        .await;
+    assert_eq!(status, 200, "{usage}");
+    let requests: u64 = usage["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["requests"].as_u64().unwrap())
+        .sum();
+    assert!(requests >= 1, "{usage}");
+}
