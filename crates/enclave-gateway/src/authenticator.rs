@@ -10,8 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::error::{GatewayError, Result};
 use crate::keys;
 use crate::limits::Limits;
+use crate::oidc::OidcVerifier;
 use crate::principal::{Grants, Identity, Principal};
-use crate::rbac::{ModelScope, Roles};
+use crate::rbac::{ModelScope, Permissions, Roles};
 use crate::store::{KeyForAuth, Store, Tenant};
 
 /// How long a key record read from the database is trusted (the bound on revocation delay).
@@ -44,6 +45,7 @@ pub struct Authenticator {
     cache: Mutex<HashMap<String, Cached>>,
     certificates: Vec<CertificateBinding>,
     tenants: Mutex<HashMap<String, (Instant, Option<Tenant>)>>,
+    oidc: Option<OidcVerifier>,
 }
 
 impl Authenticator {
@@ -54,7 +56,71 @@ impl Authenticator {
             cache: Mutex::new(HashMap::new()),
             certificates: Vec::new(),
             tenants: Mutex::new(HashMap::new()),
+            oidc: None,
         }
+    }
+
+    /// Also accepts OIDC/JWT bearer tokens that `verifier` accepts.
+    pub fn with_oidc(mut self, verifier: OidcVerifier) -> Self {
+        self.oidc = Some(verifier);
+        self
+    }
+
+    /// The principal of a bearer credential: an API key (`enc_…`), or a JWT when OIDC is
+    /// configured.
+    pub async fn authenticate_bearer(&self, token: &str) -> Result<Principal> {
+        match &self.oidc {
+            Some(oidc) if !token.starts_with(keys::KEY_PREFIX) => {
+                self.authenticate_token(oidc, token).await
+            }
+            _ => self.authenticate_key(token).await,
+        }
+    }
+
+    async fn authenticate_token(&self, oidc: &OidcVerifier, token: &str) -> Result<Principal> {
+        let verified = oidc.verify(token).await?;
+        // The union of the roles this configuration knows; unknown role names grant nothing.
+        let known: Vec<&String> = verified
+            .roles
+            .iter()
+            .filter(|r| self.roles.permissions(r).is_some())
+            .collect();
+        if known.is_empty() {
+            return Err(GatewayError::Unauthenticated(
+                "token names no configured role",
+            ));
+        }
+        let permissions = Permissions::of(
+            &known
+                .iter()
+                .filter_map(|r| self.roles.permissions(r))
+                .flat_map(|p| p.iter())
+                .collect::<Vec<_>>(),
+        );
+        let tenant = self
+            .tenant(&verified.tenant)
+            .await?
+            .ok_or(GatewayError::Unauthenticated(
+                "token's tenant does not exist",
+            ))?;
+        Ok(Principal::new(
+            Identity::Token {
+                subject: verified.subject,
+            },
+            tenant.name.clone(),
+            known
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            permissions,
+            Grants {
+                tenant_models: tenant.models.clone(),
+                key_models: ModelScope::all(),
+                tenant_limits: tenant.limits,
+                key_limits: Limits::default(),
+            },
+        ))
     }
 
     /// Also accepts clients by these certificate subjects; each role must be known.

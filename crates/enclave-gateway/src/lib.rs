@@ -14,6 +14,7 @@ mod authenticator;
 mod error;
 mod keys;
 mod limits;
+mod oidc;
 mod principal;
 mod rbac;
 mod store;
@@ -24,6 +25,7 @@ pub use authenticator::{unix_time, Authenticator, CertificateBinding, CACHE_TTL}
 pub use error::{GatewayError, Result};
 pub use keys::KEY_PREFIX;
 pub use limits::{Admission, Limits, Quota, Quotas, RateLimiter, Refusal, Subject};
+pub use oidc::{JwksSource, OidcSettings, OidcVerifier, VerifiedToken, MIN_REFRESH};
 pub use principal::{Identity, Principal};
 pub use rbac::{ModelScope, Permission, Permissions, Roles, BUILT_IN_ROLES};
 pub use store::{CreatedKey, KeyInfo, NewKey, Store, Tenant};

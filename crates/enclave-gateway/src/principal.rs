@@ -10,6 +10,8 @@ pub enum Identity {
     ApiKey { id: String },
     /// A client certificate (mTLS), by its subject.
     Certificate { subject: String },
+    /// An OIDC/JWT bearer token, by its `sub`.
+    Token { subject: String },
     /// Authentication is disabled (`--no-auth`, loopback only): every local caller.
     Unauthenticated,
 }
@@ -72,7 +74,7 @@ impl Principal {
     pub fn key_id(&self) -> &str {
         match &self.identity {
             Identity::ApiKey { id } => id,
-            Identity::Certificate { subject } => subject,
+            Identity::Certificate { subject } | Identity::Token { subject } => subject,
             Identity::Unauthenticated => "",
         }
     }
@@ -108,6 +110,7 @@ impl Principal {
         match &self.identity {
             Identity::ApiKey { id } => format!("key:{id}"),
             Identity::Certificate { subject } => format!("cert:{subject}"),
+            Identity::Token { subject } => format!("token:{subject}"),
             Identity::Unauthenticated => "unauthenticated".into(),
         }
     }

@@ -124,8 +124,8 @@ async fn authenticate(
 ) -> Result<Principal, ApiError> {
     let (result, refusal) = match presented {
         Presented::Key(key) => (
-            authenticator.authenticate_key(&key?).await,
-            "the API key is not valid",
+            authenticator.authenticate_bearer(&key?).await,
+            "the API key or token is not valid",
         ),
         Presented::Certificate(subject) => (
             authenticator.authenticate_certificate(&subject).await,

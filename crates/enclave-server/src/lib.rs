@@ -144,6 +144,19 @@ pub async fn serve_admin(
     run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
 }
 
+/// [`serve_admin`] over TLS.
+pub async fn serve_admin_tls(
+    listener: TlsListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = state.config.shutdown_grace;
+    let app = admin_router(state).into_make_service_with_connect_info::<TlsPeer>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
+}
+
 /// [`serve`] over TLS: the peer's certificate subject (mTLS) reaches the authentication.
 pub async fn serve_tls(
     listener: TlsListener,

@@ -37,6 +37,9 @@ pub struct Settings {
     pub tls: TlsFileSettings,
     #[serde(default)]
     pub admin: AdminSettings,
+    /// OIDC/JWT bearer tokens; off unless `issuer` is set.
+    #[serde(default)]
+    pub oidc: OidcFileSettings,
     /// Custom roles: `[roles.support] permissions = ["inference"]`.
     #[serde(default)]
     pub roles: BTreeMap<String, RoleSettings>,
@@ -47,6 +50,55 @@ pub struct Settings {
 pub struct AuthSettings {
     /// `false` turns authentication off (loopback addresses only); default on.
     pub enabled: Option<bool>,
+}
+
+/// `[oidc]`: tokens from an identity provider.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcFileSettings {
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub jwks_url: Option<String>,
+    pub jwks_file: Option<PathBuf>,
+    /// Claim naming the tenant (default `tenant`).
+    pub tenant_claim: Option<String>,
+    /// Claim with the role or roles (default `roles`).
+    pub roles_claim: Option<String>,
+    /// Seconds of clock skew tolerated (default 60).
+    pub leeway_seconds: Option<u64>,
+    /// Re-read the key set at least this often (default 600).
+    pub refresh_seconds: Option<u64>,
+}
+
+impl OidcFileSettings {
+    /// The verifier's settings, `None` when OIDC is not configured.
+    pub fn settings(&self) -> Result<Option<enclave_gateway::OidcSettings>> {
+        let Some(issuer) = &self.issuer else {
+            if self.audience.is_some() || self.jwks_url.is_some() || self.jwks_file.is_some() {
+                anyhow::bail!("oidc.issuer: required when any other `oidc` key is set");
+            }
+            return Ok(None);
+        };
+        let audience = self
+            .audience
+            .clone()
+            .context("oidc.audience: required with oidc.issuer")?;
+        let jwks = match (&self.jwks_url, &self.jwks_file) {
+            (Some(url), None) => enclave_gateway::JwksSource::Url(url.clone()),
+            (None, Some(path)) => enclave_gateway::JwksSource::File(path.clone()),
+            _ => anyhow::bail!("oidc: set exactly one of oidc.jwks_url and oidc.jwks_file"),
+        };
+        Ok(Some(enclave_gateway::OidcSettings {
+            issuer: issuer.clone(),
+            audience,
+            jwks,
+            tenant_claim: self.tenant_claim.clone().unwrap_or_else(|| "tenant".into()),
+            roles_claim: self.roles_claim.clone().unwrap_or_else(|| "roles".into()),
+            leeway: self.leeway_seconds.unwrap_or(60),
+            refresh: std::time::Duration::from_secs(self.refresh_seconds.unwrap_or(600)),
+            min_refresh: enclave_gateway::MIN_REFRESH,
+        }))
+    }
 }
 
 /// `[admin]`: the management listener (tenants, keys, usage), off unless a port is given.
@@ -107,6 +159,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("auth.enabled", "ENCLAVE_AUTH_ENABLED"),
     ("admin.host", "ENCLAVE_ADMIN_HOST"),
     ("admin.port", "ENCLAVE_ADMIN_PORT"),
+    ("oidc.issuer", "ENCLAVE_OIDC_ISSUER"),
+    ("oidc.audience", "ENCLAVE_OIDC_AUDIENCE"),
+    ("oidc.jwks_url", "ENCLAVE_OIDC_JWKS_URL"),
+    ("oidc.jwks_file", "ENCLAVE_OIDC_JWKS_FILE"),
     ("tls.cert", "ENCLAVE_TLS_CERT"),
     ("tls.key", "ENCLAVE_TLS_KEY"),
     ("tls.client_ca", "ENCLAVE_TLS_CLIENT_CA"),
@@ -281,6 +337,34 @@ mod tests {
         assert!(format!("{e:#}").contains("launch"), "{e:#}");
         let f = file("data_dir = [");
         assert!(Settings::from_sources(Some(f.path()), &[]).is_err());
+    }
+
+    #[test]
+    fn oidc_needs_an_issuer_an_audience_and_one_key_source() {
+        let none = Settings::from_sources(None, &[]).unwrap();
+        assert!(none.oidc.settings().unwrap().is_none());
+        let env = |pairs: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+            pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+        };
+        let good = env(&[
+            ("oidc.issuer", "https://idp"),
+            ("oidc.audience", "enclave"),
+            ("oidc.jwks_url", "https://idp/jwks"),
+        ]);
+        let s = Settings::from_sources(None, &good).unwrap();
+        assert_eq!(s.oidc.settings().unwrap().unwrap().tenant_claim, "tenant");
+        for bad in [
+            env(&[("oidc.audience", "enclave")]),
+            env(&[
+                ("oidc.issuer", "https://idp"),
+                ("oidc.jwks_url", "https://idp/jwks"),
+            ]),
+            env(&[("oidc.issuer", "https://idp"), ("oidc.audience", "enclave")]),
+        ] {
+            let s = Settings::from_sources(None, &bad).unwrap();
+            let e = s.oidc.settings().unwrap_err();
+            assert!(format!("{e}").contains("oidc."), "{e}");
+        }
     }
 
     #[test]

@@ -142,11 +142,17 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
                      (`enclave keys create --role developer`)"
                 );
             }
-            Access::Keys(Arc::new(
-                Authenticator::new(store, roles)
-                    .with_certificates(settings.certificate_bindings()?)
-                    .map_err(|e| anyhow::anyhow!("tls.client_identities: {e}"))?,
-            ))
+            let mut authenticator = Authenticator::new(store, roles)
+                .with_certificates(settings.certificate_bindings()?)
+                .map_err(|e| anyhow::anyhow!("tls.client_identities: {e}"))?;
+            if let Some(oidc) = settings.oidc.settings()? {
+                let issuer = oidc.issuer.clone();
+                let verifier = enclave_gateway::OidcVerifier::new(oidc)?;
+                let keys = verifier.load_keys().await?;
+                eprintln!("OIDC: tokens of {issuer} ({keys} signing keys)");
+                authenticator = authenticator.with_oidc(verifier);
+            }
+            Access::Keys(Arc::new(authenticator))
         } else {
             eprintln!(
                 "WARNING: authentication is off; any local process may use every model and route"
@@ -179,20 +185,45 @@ async fn serve(
         "listening on {scheme}://{address} (loading {name}; /health answers 503 until ready)"
     );
     let state = AppState::new(config, access);
+    // One TLS configuration for both listeners, so a SIGHUP reload renews both.
+    let tls_handle = match &tls {
+        Some(tls) => {
+            let handle = TlsConfigHandle::new(tls.server_config()?);
+            reload_on_sighup(tls.clone(), handle.clone());
+            Some(handle)
+        }
+        None => None,
+    };
     if let Some((host, port)) = admin {
         let admin_listener = tokio::net::TcpListener::bind((host.as_str(), port))
             .await
             .with_context(|| format!("cannot listen on {host}:{port} (admin)"))?;
         let admin_address = admin_listener.local_addr().context("admin address")?;
-        eprintln!("admin API on http://{admin_address}/admin/v1");
+        eprintln!("admin API on {scheme}://{admin_address}/admin/v1");
         let admin_state = state.clone();
+        let admin_tls = tls_handle.clone();
         tokio::spawn(async move {
-            let served = enclave_server::serve_admin(
-                admin_listener,
-                admin_state,
-                enclave_server::shutdown_signal(),
-            )
-            .await;
+            let served = match admin_tls {
+                None => {
+                    enclave_server::serve_admin(
+                        admin_listener,
+                        admin_state,
+                        enclave_server::shutdown_signal(),
+                    )
+                    .await
+                }
+                Some(handle) => match TlsListener::new(admin_listener, handle) {
+                    Ok(listener) => {
+                        enclave_server::serve_admin_tls(
+                            listener,
+                            admin_state,
+                            enclave_server::shutdown_signal(),
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                },
+            };
             if let Err(e) = served {
                 tracing::error!(error = %e, "the admin listener stopped");
             }
@@ -211,21 +242,17 @@ async fn serve(
             }
         });
     }
-    let mut server = match tls {
+    let mut server = match tls_handle {
         None => tokio::spawn(enclave_server::serve(
             listener,
             state.clone(),
             enclave_server::shutdown_signal(),
         )),
-        Some(tls) => {
-            let handle = TlsConfigHandle::new(tls.server_config()?);
-            reload_on_sighup(tls, handle.clone());
-            tokio::spawn(enclave_server::serve_tls(
-                TlsListener::new(listener, handle).context("TLS listener")?,
-                state.clone(),
-                enclave_server::shutdown_signal(),
-            ))
-        }
+        Some(handle) => tokio::spawn(enclave_server::serve_tls(
+            TlsListener::new(listener, handle).context("TLS listener")?,
+            state.clone(),
+            enclave_server::shutdown_signal(),
+        )),
     };
 
     let loading = {

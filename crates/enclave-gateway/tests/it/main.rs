@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod keys;
+mod oidc;
 mod usage;
 
 use enclave_gateway::Store;

@@ -235,7 +235,7 @@ async fn the_authorization_matrix_holds() {
         assert_eq!(status, 401, "{what}: {body}");
         // The reason is not told.
         assert_eq!(
-            body["error"]["message"], "the API key is not valid",
+            body["error"]["message"], "the API key or token is not valid",
             "{what}"
         );
     }
@@ -355,4 +355,91 @@ async fn cached_prefixes_are_shared_only_within_a_tenant() {
         "alpha's second request hits its blocks"
     );
     assert!(cached(keys[1].clone()).await >= 64, "and beta's its own");
+}
+
+/// OIDC tokens through the server: a good token is served by its roles and tenant, a token
+/// with the wrong audience, issuer, signature or expiry gets 401.
+#[tokio::test]
+async fn oidc_tokens_through_the_server() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&Store::sqlite_url(dir.path()))
+        .await
+        .unwrap();
+    store
+        .create_tenant("acme", &["tiny-*".into()], Limits::default(), unix_time())
+        .await
+        .unwrap();
+    let signing = |kid: &str| {
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let raw = pair.public_key_raw();
+        let jwk = json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "kid": kid,
+            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65])});
+        (
+            EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+            jwk,
+        )
+    };
+    let (key, jwk) = signing("k1");
+    let (forger, _) = signing("k1");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [jwk]}).to_string()).unwrap();
+    let verifier = enclave_gateway::OidcVerifier::new(enclave_gateway::OidcSettings {
+        issuer: "https://idp".into(),
+        audience: "enclave".into(),
+        jwks: enclave_gateway::JwksSource::File(jwks),
+        tenant_claim: "tenant".into(),
+        roles_claim: "roles".into(),
+        leeway: 5,
+        refresh: std::time::Duration::from_secs(600),
+        min_refresh: enclave_gateway::MIN_REFRESH,
+    })
+    .unwrap();
+    verifier.load_keys().await.unwrap();
+    let authenticator = Authenticator::new(store, Roles::default()).with_oidc(verifier);
+    let server = TestServer::start_with(
+        &fixtures().join("models/qwen2"),
+        enclave_server::ServerConfig {
+            reasoning_split: false,
+            ..server_config()
+        },
+        serving_config(),
+        Access::Keys(Arc::new(authenticator)),
+    )
+    .await;
+    let now = unix_time();
+    let token = |signer: &EncodingKey, changes: Value| {
+        let mut claims = json!({"iss": "https://idp", "aud": "enclave", "sub": "alice",
+            "tenant": "acme", "roles": "developer", "exp": now + 600});
+        for (k, v) in changes.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("k1".into());
+        encode(&header, &claims, signer).unwrap()
+    };
+    let good = token(&key, json!({}));
+    let (status, body) = send(&server, "POST", "/v1/completions", Some(&good)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = send(&server, "GET", "/v1/models", Some(&good)).await;
+    assert_eq!(status, 200);
+    let viewer = token(&key, json!({"roles": ["viewer"]}));
+    assert_eq!(
+        send(&server, "POST", "/v1/completions", Some(&viewer))
+            .await
+            .0,
+        403
+    );
+    for (what, bad) in [
+        ("audience", token(&key, json!({"aud": "other"}))),
+        ("issuer", token(&key, json!({"iss": "https://evil"}))),
+        ("signature", token(&forger, json!({}))),
+        ("expiry", token(&key, json!({"exp": now - 120}))),
+    ] {
+        let (status, body) = send(&server, "GET", "/v1/models", Some(&bad)).await;
+        assert_eq!(status, 401, "wrong {what}: {body}");
+    }
 }

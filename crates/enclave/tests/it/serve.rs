@@ -438,3 +438,33 @@ async fn the_admin_listener_manages_keys_for_the_api_listener() {
     terminate(&served.child);
     assert!(served.child.wait().unwrap().success());
 }
+
+/// OIDC settings are checked at start: a missing audience or an unreadable key set stops the
+/// server with the key named.
+#[test]
+fn oidc_settings_are_checked_at_start() {
+    let data = tempfile::tempdir().unwrap();
+    let start = |env: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_enclave"));
+        command
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["serve", "--model"])
+            .arg(model_dir("qwen2"))
+            .args(["--port", "0"]);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let out = command.output().unwrap();
+        assert!(!out.status.success());
+        stderr(&out)
+    };
+    let message = start(&[("ENCLAVE_OIDC_ISSUER", "https://idp")]);
+    assert!(message.contains("oidc.audience"), "{message}");
+    let message = start(&[
+        ("ENCLAVE_OIDC_ISSUER", "https://idp"),
+        ("ENCLAVE_OIDC_AUDIENCE", "enclave"),
+        ("ENCLAVE_OIDC_JWKS_FILE", "/nonexistent/jwks.json"),
+    ]);
+    assert!(message.contains("oidc.jwks_file"), "{message}");
+}
