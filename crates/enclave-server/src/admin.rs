@@ -33,6 +33,7 @@ pub const ADMIN_ROUTES: &[(&str, &str, Option<Permission>)] = &[
         Some(Permission::KeysManage),
     ),
     ("GET", "/admin/v1/usage", Some(Permission::MetricsRead)),
+    ("GET", "/admin/v1/roles", Some(Permission::KeysManage)),
     ("GET", "/livez", None),
 ];
 
@@ -264,6 +265,31 @@ pub(crate) async fn usage(
     Ok(Json(
         json!({"usage": rows.iter().map(usage_json).collect::<Vec<_>>()}),
     ))
+}
+
+/// The roles keys may be given (built-in and configured), with their permissions.
+pub(crate) async fn list_roles(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(roles_json(authenticator(&state)?.roles())))
+}
+
+/// Roles as the admin API and `enclave roles list --json` show them.
+pub fn roles_json(roles: &enclave_gateway::Roles) -> Value {
+    let roles: Vec<Value> = roles
+        .names()
+        .map(|name| {
+            let permissions: Vec<&str> = roles
+                .permissions(name)
+                .map(|p| p.iter().map(Permission::name).collect())
+                .unwrap_or_default();
+            let built_in = enclave_gateway::BUILT_IN_ROLES
+                .iter()
+                .any(|(n, _, _)| *n == name);
+            json!({"name": name, "permissions": permissions, "built_in": built_in})
+        })
+        .collect();
+    json!({ "roles": roles })
 }
 
 fn limits_json(limits: &Limits) -> Value {

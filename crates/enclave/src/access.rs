@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use enclave_gateway::{unix_time, KeyInfo, Limits, NewKey};
-use enclave_server::admin::{key_json, tenant_json, usage_json};
+use enclave_server::admin::{key_json, roles_json, tenant_json, usage_json};
 use serde_json::{json, Value};
 
 use crate::config::Settings;
@@ -100,6 +100,43 @@ pub struct KeysRevokeArgs {
     pub id: String,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RolesCommand {
+    /// List the roles keys may be given (built-in and from the configuration's `[roles]`)
+    /// with their permissions.
+    List(RolesListArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RolesListArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn roles(settings: &Settings, command: RolesCommand) -> Result<()> {
+    let RolesCommand::List(args) = command;
+    let listed = roles_json(&settings.roles()?);
+    if args.json {
+        println!("{listed}");
+    } else {
+        println!("{:<16}  PERMISSIONS", "ROLE");
+        for role in listed["roles"].as_array().into_iter().flatten() {
+            let permissions: Vec<&str> = role["permissions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            println!(
+                "{:<16}  {}",
+                role["name"].as_str().unwrap_or_default(),
+                permissions.join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]

@@ -107,6 +107,9 @@ impl OidcFileSettings {
 pub struct AdminSettings {
     pub host: Option<String>,
     pub port: Option<u16>,
+    /// With a client CA: `required` or `optional` client certificates on this listener
+    /// (default: as `tls.client_auth`).
+    pub client_auth: Option<String>,
 }
 
 /// `[tls]`: the API listener's certificate, and client certificates (mTLS).
@@ -159,6 +162,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("auth.enabled", "ENCLAVE_AUTH_ENABLED"),
     ("admin.host", "ENCLAVE_ADMIN_HOST"),
     ("admin.port", "ENCLAVE_ADMIN_PORT"),
+    ("admin.client_auth", "ENCLAVE_ADMIN_CLIENT_AUTH"),
     ("oidc.issuer", "ENCLAVE_OIDC_ISSUER"),
     ("oidc.audience", "ENCLAVE_OIDC_AUDIENCE"),
     ("oidc.jwks_url", "ENCLAVE_OIDC_JWKS_URL"),

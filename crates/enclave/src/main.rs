@@ -54,6 +54,9 @@ enum Command {
     Tenants(access::TenantsCommand),
     /// Requests and tokens per tenant, key and day (as the servers recorded them).
     Usage(access::UsageArgs),
+    /// List roles and their permissions.
+    #[command(subcommand)]
+    Roles(access::RolesCommand),
 }
 
 /// How the serving engine batches requests and sizes its KV cache.
@@ -226,6 +229,7 @@ fn main() -> ExitCode {
         Command::Keys(command) => access::keys(&settings, command),
         Command::Tenants(command) => access::tenants(&settings, command),
         Command::Usage(args) => access::usage(&settings, args),
+        Command::Roles(command) => access::roles(&settings, command),
         Command::Generate(args) => {
             set_threads(args.model.threads);
             generate::run(args)

@@ -78,6 +78,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PORT")]
     pub admin_port: Option<u16>,
 
+    /// With --tls-client-ca: client certificates on the admin listener, `required` or
+    /// `optional` (default: as --tls-client-auth).
+    #[arg(long, value_name = "MODE")]
+    pub admin_tls_client_auth: Option<String>,
+
     /// Serve without authentication (every caller may do everything). Refused unless --host
     /// is a loopback address; the same as `auth.enabled = false` in the configuration.
     #[arg(long)]
@@ -97,6 +102,10 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     }
     let roles = settings.roles()?;
     let tls = tls_settings(&args, settings)?;
+    let admin_tls = match &tls {
+        Some(api) => Some(admin_tls_settings(&args, settings, api)?),
+        None => None,
+    };
     let admin = args.admin_port.or(settings.admin.port).map(|port| {
         let host = args
             .admin_host
@@ -160,7 +169,7 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
             tracing::warn!("authentication disabled");
             Access::Disabled
         };
-        serve(args, config, access, usage_store, tls, admin).await
+        serve(args, config, access, usage_store, tls, admin, admin_tls).await
     });
     // A model still loading when a signal arrived must not hold the exit.
     runtime.shutdown_background();
@@ -174,6 +183,7 @@ async fn serve(
     usage_store: Option<enclave_gateway::Store>,
     tls: Option<TlsSettings>,
     admin: Option<(String, u16)>,
+    admin_tls: Option<TlsSettings>,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -185,7 +195,7 @@ async fn serve(
         "listening on {scheme}://{address} (loading {name}; /health answers 503 until ready)"
     );
     let state = AppState::new(config, access);
-    // One TLS configuration for both listeners, so a SIGHUP reload renews both.
+    // Each listener has its TLS configuration; a SIGHUP reloads them all.
     let tls_handle = match &tls {
         Some(tls) => {
             let handle = TlsConfigHandle::new(tls.server_config()?);
@@ -201,7 +211,14 @@ async fn serve(
         let admin_address = admin_listener.local_addr().context("admin address")?;
         eprintln!("admin API on {scheme}://{admin_address}/admin/v1");
         let admin_state = state.clone();
-        let admin_tls = tls_handle.clone();
+        let admin_tls = match admin_tls {
+            Some(tls) => {
+                let handle = TlsConfigHandle::new(tls.server_config()?);
+                reload_on_sighup(tls, handle.clone());
+                Some(handle)
+            }
+            None => None,
+        };
         tokio::spawn(async move {
             let served = match admin_tls {
                 None => {
@@ -308,18 +325,12 @@ fn tls_settings(args: &ServeArgs, settings: &Settings) -> Result<Option<TlsSetti
         (None, None) if client_ca.is_none() => return Ok(None),
         _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (tls.cert and tls.key)"),
     };
-    let client_auth = match args
-        .tls_client_auth
-        .as_deref()
-        .or(file.client_auth.as_deref())
-        .unwrap_or("required")
-    {
-        "required" => ClientAuth::Required,
-        "optional" => ClientAuth::Optional,
-        other => anyhow::bail!(
-            "--tls-client-auth (tls.client_auth): `{other}` is not `required` or `optional`"
-        ),
-    };
+    let client_auth = client_auth(
+        args.tls_client_auth
+            .as_deref()
+            .or(file.client_auth.as_deref()),
+        "--tls-client-auth (tls.client_auth)",
+    )?;
     let tls = TlsSettings {
         cert,
         key,
@@ -330,6 +341,33 @@ fn tls_settings(args: &ServeArgs, settings: &Settings) -> Result<Option<TlsSetti
     // Checked now, so a bad file stops the start with its name.
     tls.server_config()?;
     Ok(Some(tls))
+}
+
+fn client_auth(mode: Option<&str>, name: &str) -> Result<ClientAuth> {
+    match mode.unwrap_or("required") {
+        "required" => Ok(ClientAuth::Required),
+        "optional" => Ok(ClientAuth::Optional),
+        other => anyhow::bail!("{name}: `{other}` is not `required` or `optional`"),
+    }
+}
+
+/// The admin listener's TLS: the API listener's, with its own client-certificate policy
+/// when one is set.
+fn admin_tls_settings(
+    args: &ServeArgs,
+    settings: &Settings,
+    api: &TlsSettings,
+) -> Result<TlsSettings> {
+    let mode = args
+        .admin_tls_client_auth
+        .as_deref()
+        .or(settings.admin.client_auth.as_deref());
+    let mut tls = api.clone();
+    if mode.is_some() {
+        tls.client_auth = client_auth(mode, "--admin-tls-client-auth (admin.client_auth)")?;
+    }
+    tls.server_config()?;
+    Ok(tls)
 }
 
 /// On SIGHUP, reads the certificate files again; a failure keeps the current ones.
@@ -389,6 +427,63 @@ fn default_model_name(model: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_admin_listener_may_have_its_own_client_certificate_policy() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(path("ca.pem"), cert.pem()).unwrap();
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["serve".to_string(), "--model".into(), "m".into()];
+            for (flag, file) in [
+                ("--tls-cert", "cert.pem"),
+                ("--tls-key", "key.pem"),
+                ("--tls-client-ca", "ca.pem"),
+            ] {
+                argv.push(flag.into());
+                argv.push(path(file));
+            }
+            argv.extend(extra.iter().map(|s| s.to_string()));
+            Cli::parse_from(argv).serve
+        };
+        let settings = Settings::default();
+        let serve = args(&["--tls-client-auth", "optional"]);
+        let api = tls_settings(&serve, &settings).unwrap().unwrap();
+        assert_eq!(api.client_auth, ClientAuth::Optional);
+        assert_eq!(
+            admin_tls_settings(&serve, &settings, &api)
+                .unwrap()
+                .client_auth,
+            ClientAuth::Optional
+        );
+        let serve = args(&[
+            "--tls-client-auth",
+            "optional",
+            "--admin-tls-client-auth",
+            "required",
+        ]);
+        assert_eq!(
+            admin_tls_settings(&serve, &settings, &api)
+                .unwrap()
+                .client_auth,
+            ClientAuth::Required
+        );
+        let serve = args(&["--admin-tls-client-auth", "sometimes"]);
+        assert!(admin_tls_settings(&serve, &settings, &api).is_err());
+    }
 
     #[test]
     fn loopback_hosts() {

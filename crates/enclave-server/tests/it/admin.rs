@@ -259,6 +259,20 @@ async fn tenants_and_keys_over_http() {
         assert!(start.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The roles a key may be given, custom ones included.
+    let (status, roles) = admin.call("GET", "/admin/v1/roles", m, None).await;
+    assert_eq!(status, 200, "{roles}");
+    let manager_role = roles["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "key-manager")
+        .unwrap_or_else(|| panic!("{roles}"));
+    assert_eq!(
+        manager_role["permissions"],
+        json!(["inference", "keys:manage"])
+    );
+    assert_eq!(manager_role["built_in"], false);
     // Tenants are for tenants:manage only; usage for metrics:read.
     let (status, _) = admin.call("GET", "/admin/v1/tenants", m, None).await;
     assert_eq!(status, 403);

@@ -438,6 +438,10 @@ async fn oidc_tokens_through_the_server() {
         ("issuer", token(&key, json!({"iss": "https://evil"}))),
         ("signature", token(&forger, json!({}))),
         ("expiry", token(&key, json!({"exp": now - 120}))),
+        (
+            "everything",
+            "eyJhbGciOiJFUzI1NiJ9.garbage.garbage".to_string(),
+        ),
     ] {
         let (status, body) = send(&server, "GET", "/v1/models", Some(&bad)).await;
         assert_eq!(status, 401, "wrong {what}: {body}");

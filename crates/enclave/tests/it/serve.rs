@@ -468,3 +468,41 @@ fn oidc_settings_are_checked_at_start() {
     ]);
     assert!(message.contains("oidc.jwks_file"), "{message}");
 }
+
+#[test]
+fn roles_list_shows_built_in_and_configured_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("enclave.toml");
+    std::fs::write(&config, "[roles.support]\npermissions = [\"inference\"]\n").unwrap();
+    let out = enclave(&[
+        "--config",
+        config.to_str().unwrap(),
+        "roles",
+        "list",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let names: Vec<&str> = listed["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "admin",
+        "operator",
+        "developer",
+        "analyst",
+        "auditor",
+        "viewer",
+        "support",
+    ] {
+        assert!(names.contains(&name), "{name}: {listed}");
+    }
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[roles.support]\npermissions = [\"launch\"]\n").unwrap();
+    let out = enclave(&["--config", bad.to_str().unwrap(), "roles", "list"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("launch"), "{}", stderr(&out));
+}
