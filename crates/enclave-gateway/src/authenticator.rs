@@ -38,7 +38,8 @@ pub struct CertificateBinding {
     pub models: ModelScope,
 }
 
-/// Authenticates API keys against the [`Store`], and client certificates by their bindings.
+/// Authenticates API keys against the [`Store`], OIDC tokens with the configured verifier, and
+/// client certificates by their bindings.
 pub struct Authenticator {
     store: Store,
     roles: Roles,

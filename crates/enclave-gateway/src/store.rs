@@ -220,23 +220,13 @@ impl Store {
 
     /// Keys, oldest first; only `tenant`'s when given.
     pub async fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyInfo>> {
-        let rows = match tenant {
-            Some(tenant) => {
-                sqlx::query(&format!(
-                    "SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.tenant = $1 ORDER BY k.created_at, k.id"
-                ))
-                .bind(tenant)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query(&format!(
-                    "SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.created_at, k.id"
-                ))
-                .fetch_all(&self.pool)
-                .await?
-            }
-        };
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys k WHERE ($1 = '' OR k.tenant = $1) \
+             ORDER BY k.created_at, k.id"
+        ))
+        .bind(tenant.unwrap_or(""))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(key_from).collect()
     }
 

@@ -75,6 +75,15 @@ fn tenant_for(caller: &Principal, requested: Option<&str>) -> Result<String, Api
     }
 }
 
+/// Which tenant a listing shows: only the caller's without `tenants:manage`; with it, all
+/// (`None`) unless one is named.
+fn tenant_filter(caller: &Principal, requested: Option<&str>) -> Result<Option<String>, ApiError> {
+    match (requested, caller.can(Permission::TenantsManage)) {
+        (None, true) => Ok(None),
+        (requested, _) => tenant_for(caller, requested).map(Some),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LimitsBody {
@@ -144,11 +153,7 @@ pub(crate) async fn list_keys(
     Extension(caller): Extension<Principal>,
     Query(query): Query<KeysQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    // Without `tenants:manage` only the caller's tenant; with it, all unless one is named.
-    let tenant = match (&query.tenant, caller.can(Permission::TenantsManage)) {
-        (None, true) => None,
-        (requested, _) => Some(tenant_for(&caller, requested.as_deref())?),
-    };
+    let tenant = tenant_filter(&caller, query.tenant.as_deref())?;
     let keys = authenticator(&state)?
         .store()
         .keys(tenant.as_deref())
@@ -248,10 +253,7 @@ pub(crate) async fn usage(
     Extension(caller): Extension<Principal>,
     Query(query): Query<UsageQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = match (&query.tenant, caller.can(Permission::TenantsManage)) {
-        (None, true) => None,
-        (requested, _) => Some(tenant_for(&caller, requested.as_deref())?),
-    };
+    let tenant = tenant_filter(&caller, query.tenant.as_deref())?;
     let days = i64::from(query.days.unwrap_or(30).min(3660));
     let rows = authenticator(&state)?
         .store()

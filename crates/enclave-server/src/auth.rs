@@ -1,8 +1,9 @@
 //! Authentication and authorization at the edge: every route but liveness and readiness needs
-//! credentials (`Authorization: Bearer <key>`, or a client certificate bound to a role), and each route names the permission it needs in
-//! [`ROUTES`]. The middleware wraps the whole router, so a route added later is authenticated
-//! whether or not anyone remembered to, and one missing from [`ROUTES`] is refused to everyone
-//! until it is listed (a test walks the table).
+//! credentials (`Authorization: Bearer <key or token>`, or a client certificate bound to a
+//! role), and each route names the permission it needs in its table ([`ROUTES`], or
+//! `ADMIN_ROUTES` on the admin listener). The middleware wraps the whole router, so a route
+//! added later is authenticated whether or not anyone remembered to, and one missing from its
+//! table is refused to everyone until it is listed (the tests walk the tables).
 
 use std::sync::Arc;
 
@@ -83,10 +84,11 @@ pub(crate) async fn authorize(
         }
     };
     match needs {
-        // A registered route missing from `ROUTES`: nobody may use it until it is listed.
+        // A registered route missing from its table: nobody may use it until it is listed.
         Some(None) => {
             tracing::error!(route = ?route, "route missing from its route table; refused");
-            return ApiError::forbidden("a permission this route does not declare").into_response();
+            return ApiError::denied("this route declares no permission, so nobody may use it")
+                .into_response();
         }
         Some(Some(Some(permission))) if !principal.can(permission) => {
             tracing::info!(subject = %principal.subject(), tenant = %principal.tenant, route = ?route, %permission, "permission denied");
