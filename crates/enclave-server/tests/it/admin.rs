@@ -23,9 +23,7 @@ struct Admin {
 
 async fn start() -> Admin {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&Store::sqlite_url(dir.path()))
-        .await
-        .unwrap();
+    let store = crate::test_store(dir.path()).await;
     let custom = ["keys:manage".to_string(), "inference".to_string()];
     let roles = Roles::with_custom([("key-manager", &custom[..])]).unwrap();
     let root = store

@@ -118,9 +118,7 @@ async fn server(store: Store) -> TestServer {
 #[tokio::test]
 async fn every_route_but_the_probes_needs_credentials() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&Store::sqlite_url(dir.path()))
-        .await
-        .unwrap();
+    let store = crate::test_store(dir.path()).await;
     let server = server(store).await;
     for (method, path, permission) in ROUTES {
         let (status, body) = send(&server, method, path, None).await;
@@ -184,9 +182,7 @@ fn the_route_table_is_the_expected_one() {
 #[tokio::test]
 async fn the_authorization_matrix_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&Store::sqlite_url(dir.path()))
-        .await
-        .unwrap();
+    let store = crate::test_store(dir.path()).await;
     let keys = keys(&store).await;
     let server = server(store).await;
     for (tenant_is_own, list) in [(true, &keys.own), (false, &keys.other)] {
@@ -245,9 +241,7 @@ async fn the_authorization_matrix_holds() {
 #[tokio::test]
 async fn malformed_authorization_headers_are_client_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&Store::sqlite_url(dir.path()))
-        .await
-        .unwrap();
+    let store = crate::test_store(dir.path()).await;
     let keys = keys(&store).await;
     let server = server(store).await;
     let developer = &keys.own.iter().find(|(r, _)| *r == "developer").unwrap().1;
@@ -300,9 +294,7 @@ async fn malformed_authorization_headers_are_client_errors() {
 #[tokio::test]
 async fn cached_prefixes_are_shared_only_within_a_tenant() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&Store::sqlite_url(dir.path()))
-        .await
-        .unwrap();
+    let store = crate::test_store(dir.path()).await;
     let now = unix_time();
     let roles = Roles::default();
     let mut keys = Vec::new();
@@ -366,9 +358,7 @@ async fn oidc_tokens_through_the_server() {
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&Store::sqlite_url(dir.path()))
-        .await
-        .unwrap();
+    let store = crate::test_store(dir.path()).await;
     store
         .create_tenant("acme", &["tiny-*".into()], Limits::default(), unix_time())
         .await

@@ -18,9 +18,7 @@ struct Setup {
 
 async fn setup(tenant_limits: Limits) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&Store::sqlite_url(dir.path()))
-        .await
-        .unwrap();
+    let store = crate::test_store(dir.path()).await;
     store
         .create_tenant("acme", &["*".into()], tenant_limits, unix_time())
         .await

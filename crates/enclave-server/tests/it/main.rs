@@ -57,6 +57,41 @@ pub fn serving_config() -> ServingConfig {
 
 pub const MODEL: &str = "tiny-qwen2";
 
+/// The gateway's database for one test: a SQLite file in `dir`, or — with
+/// `ENCLAVE_TEST_DATABASE=postgres` (`.ci/run` runs this suite a second time so) — a fresh
+/// database on the PostgreSQL server at `ENCLAVE_TEST_POSTGRES_URL`.
+pub async fn test_store(dir: &Path) -> enclave_gateway::Store {
+    use enclave_gateway::Store;
+    let url = match std::env::var("ENCLAVE_TEST_DATABASE").as_deref() {
+        Ok("postgres") => {
+            let admin = std::env::var("ENCLAVE_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+                panic!("ENCLAVE_TEST_DATABASE=postgres needs ENCLAVE_TEST_POSTGRES_URL")
+            });
+            fresh_postgres(&admin).await
+        }
+        Ok("sqlite") | Err(_) => Store::sqlite_url(dir),
+        Ok(other) => panic!("ENCLAVE_TEST_DATABASE={other}: expected sqlite or postgres"),
+    };
+    Store::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot open the test database: {e}"))
+}
+
+/// A new, empty database on the server at `admin` (whose path names an existing database).
+async fn fresh_postgres(admin: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("enclave_test_{:016x}", rand::random::<u64>());
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE: {e}"));
+    let base = admin.rsplit_once('/').map_or(admin, |(base, _)| base);
+    format!("{base}/{name}")
+}
+
 pub fn server_config() -> ServerConfig {
     ServerConfig {
         served_model_name: MODEL.into(),

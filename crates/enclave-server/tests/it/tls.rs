@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use enclave_gateway::{
-    certificate_subject, Authenticator, CertificateBinding, ClientAuth, ModelScope, Roles, Store,
+    certificate_subject, Authenticator, CertificateBinding, ClientAuth, ModelScope, Roles,
     TlsSettings,
 };
 use enclave_server::{Access, AppState, TlsConfigHandle, TlsListener};
@@ -93,9 +93,7 @@ fn settings(pki: &Pki, client_auth: Option<ClientAuth>) -> TlsSettings {
 /// A TLS server (no model loaded: `/livez` and `/v1/models` answer without one).
 async fn serve(pki: &Pki, tls: TlsSettings) -> (String, TlsConfigHandle, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
-    let store = Store::connect(&Store::sqlite_url(data.path()))
-        .await
-        .unwrap();
+    let store = crate::test_store(data.path()).await;
     let client_der = pki.client.cert.der().to_vec();
     let authenticator = Authenticator::new(store, Roles::default())
         .with_certificates(vec![CertificateBinding {

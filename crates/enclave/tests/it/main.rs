@@ -37,3 +37,19 @@ pub fn goldens(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(model_dir(name).join("goldens.json")).unwrap())
         .unwrap()
 }
+
+/// A new, empty database on the PostgreSQL server at `admin` (whose path names an existing
+/// database).
+pub async fn fresh_postgres(admin: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("enclave_test_{:016x}", rand::random::<u64>());
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE: {e}"));
+    let base = admin.rsplit_once('/').map_or(admin, |(base, _)| base);
+    format!("{base}/{name}")
+}

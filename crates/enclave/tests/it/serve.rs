@@ -226,9 +226,40 @@ fn bench_serve_measures_a_running_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_from_the_cli_open_and_close_a_running_server() {
     let data = tempfile::tempdir().unwrap();
-    let dir = data.path().to_str().unwrap();
-    let (id, key) = create_key(data.path(), "developer");
-    let mut served = serve(data.path(), &[]);
+    keys_open_and_close_a_running_server(data.path(), &[]).await;
+}
+
+/// The same with the state in PostgreSQL (`database_url` from a configuration file), when
+/// `ENCLAVE_TEST_POSTGRES_URL` names a server (`.ci/run` starts one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_from_the_cli_open_and_close_a_running_server_on_postgres() {
+    let Ok(admin) = std::env::var("ENCLAVE_TEST_POSTGRES_URL") else {
+        eprintln!("PostgreSQL: SKIPPED (set ENCLAVE_TEST_POSTGRES_URL to run against it)");
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let url = crate::fresh_postgres(&admin).await;
+    let config = data.path().join("enclave.toml");
+    std::fs::write(&config, format!("database_url = \"{url}\"\n")).unwrap();
+    keys_open_and_close_a_running_server(data.path(), &["--config", config.to_str().unwrap()])
+        .await;
+    assert!(
+        !data.path().join("enclave.db").exists(),
+        "the state went to PostgreSQL, not to a SQLite file"
+    );
+}
+
+async fn keys_open_and_close_a_running_server(data: &Path, global: &[&str]) {
+    let dir = data.to_str().unwrap();
+    let cli = |args: &[&str]| enclave(&[&["--data-dir", dir], global, args].concat());
+    let created = cli(&["keys", "create", "--role", "developer", "--json"]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let created: Value = serde_json::from_str(&stdout(&created)).unwrap();
+    let (id, key) = (
+        created["id"].as_str().unwrap().to_string(),
+        created["key"].as_str().unwrap().to_string(),
+    );
+    let mut served = serve(data, global);
     let models = format!("{}/v1/models", served.base);
     let anonymous = reqwest::Client::new();
     let refused = anonymous.get(&models).send().await.unwrap();
@@ -246,7 +277,7 @@ async fn keys_from_the_cli_open_and_close_a_running_server() {
     let client = client_with(&key);
     assert_eq!(client.get(&models).send().await.unwrap().status(), 200);
 
-    let listed = enclave(&["--data-dir", dir, "keys", "list", "--json"]);
+    let listed = cli(&["keys", "list", "--json"]);
     let listed: Value = serde_json::from_str(&stdout(&listed)).unwrap();
     assert_eq!(listed["keys"][0]["id"], id.as_str());
     assert_eq!(listed["keys"][0]["state"], "active");
@@ -256,7 +287,7 @@ async fn keys_from_the_cli_open_and_close_a_running_server() {
         "the secret is never listed"
     );
 
-    let revoked = enclave(&["--data-dir", dir, "keys", "revoke", &id, "--json"]);
+    let revoked = cli(&["keys", "revoke", &id, "--json"]);
     assert!(revoked.status.success(), "{}", stderr(&revoked));
     let start = std::time::Instant::now();
     loop {
