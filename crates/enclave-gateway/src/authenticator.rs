@@ -4,7 +4,7 @@
 //! replica) takes effect within that time.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{GatewayError, Result};
@@ -42,7 +42,10 @@ pub struct CertificateBinding {
 /// client certificates by their bindings.
 pub struct Authenticator {
     store: Store,
+    /// Built-in and configured roles.
     roles: Roles,
+    /// Those with the database's, as last read (refreshed after [`CACHE_TTL`]).
+    all_roles: Mutex<Option<(Instant, Arc<Roles>)>>,
     cache: Mutex<HashMap<String, Cached>>,
     certificates: Vec<CertificateBinding>,
     tenants: Mutex<HashMap<String, (Instant, Option<Tenant>)>>,
@@ -54,6 +57,7 @@ impl Authenticator {
         Self {
             store,
             roles,
+            all_roles: Mutex::new(None),
             cache: Mutex::new(HashMap::new()),
             certificates: Vec::new(),
             tenants: Mutex::new(HashMap::new()),
@@ -80,11 +84,12 @@ impl Authenticator {
 
     async fn authenticate_token(&self, oidc: &OidcVerifier, token: &str) -> Result<Principal> {
         let verified = oidc.verify(token).await?;
+        let roles = self.roles().await?;
         // The union of the roles this configuration knows; unknown role names grant nothing.
         let known: Vec<&String> = verified
             .roles
             .iter()
-            .filter(|r| self.roles.permissions(r).is_some())
+            .filter(|r| roles.permissions(r).is_some())
             .collect();
         if known.is_empty() {
             return Err(GatewayError::Unauthenticated(
@@ -94,7 +99,7 @@ impl Authenticator {
         let permissions = Permissions::of(
             &known
                 .iter()
-                .filter_map(|r| self.roles.permissions(r))
+                .filter_map(|r| roles.permissions(r))
                 .flat_map(|p| p.iter())
                 .collect::<Vec<_>>(),
         );
@@ -124,7 +129,8 @@ impl Authenticator {
         ))
     }
 
-    /// Also accepts clients by these certificate subjects; each role must be known.
+    /// Also accepts clients by these certificate subjects; each role must be built in or
+    /// configured (a binding made at start cannot wait for the database).
     pub fn with_certificates(mut self, bindings: Vec<CertificateBinding>) -> Result<Self> {
         for binding in &bindings {
             self.roles.require(&binding.role)?;
@@ -144,7 +150,8 @@ impl Authenticator {
                 "certificate subject not bound",
             ))?;
         let permissions = self
-            .roles
+            .roles()
+            .await?
             .permissions(&binding.role)
             .ok_or(GatewayError::Unauthenticated("role no longer configured"))?;
         let tenant = self
@@ -188,7 +195,33 @@ impl Authenticator {
         &self.store
     }
 
-    pub fn roles(&self) -> &Roles {
+    /// Every role a key may hold now: built-in, configured, and created in the database (as
+    /// read at most [`CACHE_TTL`] ago, so a role created or deleted anywhere counts within
+    /// that).
+    pub async fn roles(&self) -> Result<Arc<Roles>> {
+        {
+            let cached = self.all_roles.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((fetched, roles)) = cached.as_ref() {
+                if fetched.elapsed() < CACHE_TTL {
+                    return Ok(roles.clone());
+                }
+            }
+        }
+        let roles = Arc::new(self.store.roles(&self.roles).await?);
+        *self.all_roles.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), roles.clone()));
+        Ok(roles)
+    }
+
+    /// Forgets the roles read from the database, so a role this process just created or
+    /// deleted counts from the next request on.
+    pub fn forget_roles(&self) {
+        *self.all_roles.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The built-in and configured roles (those a role created in the database may not
+    /// shadow).
+    pub fn configured_roles(&self) -> &Roles {
         &self.roles
     }
 
@@ -218,7 +251,8 @@ impl Authenticator {
         }
         // A role dropped from the configuration leaves its keys powerless, not stronger.
         let permissions = self
-            .roles
+            .roles()
+            .await?
             .permissions(&info.role)
             .ok_or(GatewayError::Unauthenticated("role no longer configured"))?;
         if info

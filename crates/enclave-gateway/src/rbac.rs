@@ -145,10 +145,38 @@ pub const BUILT_IN_ROLES: [(&str, &[Permission], &str); 6] = [
     ),
 ];
 
-/// Every role a key may hold: the built-in ones and those the configuration adds.
+/// Where a role is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleOrigin {
+    BuiltIn,
+    /// The configuration file's `[roles]`.
+    Configured,
+    /// The database (`enclave roles create`, `POST /admin/v1/roles`).
+    Stored,
+}
+
+impl RoleOrigin {
+    pub fn name(self) -> &'static str {
+        match self {
+            RoleOrigin::BuiltIn => "built-in",
+            RoleOrigin::Configured => "configuration",
+            RoleOrigin::Stored => "database",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RoleEntry {
+    permissions: Permissions,
+    origin: RoleOrigin,
+    description: String,
+}
+
+/// Every role a key may hold: the built-in ones, those the configuration adds, and those
+/// created in the database.
 #[derive(Debug, Clone)]
 pub struct Roles {
-    roles: BTreeMap<String, Permissions>,
+    roles: BTreeMap<String, RoleEntry>,
 }
 
 impl Default for Roles {
@@ -156,10 +184,34 @@ impl Default for Roles {
         Self {
             roles: BUILT_IN_ROLES
                 .iter()
-                .map(|(name, permissions, _)| (name.to_string(), Permissions::of(permissions)))
+                .map(|(name, permissions, description)| {
+                    (
+                        name.to_string(),
+                        RoleEntry {
+                            permissions: Permissions::of(permissions),
+                            origin: RoleOrigin::BuiltIn,
+                            description: description.to_string(),
+                        },
+                    )
+                })
                 .collect(),
         }
     }
+}
+
+/// Permission names to a set, or an error naming the role and the unknown permission.
+pub(crate) fn parse_permissions(role: &str, names: &[String]) -> Result<Permissions> {
+    let permissions = names
+        .iter()
+        .map(|p| Permission::parse(p))
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| match e {
+            GatewayError::Invalid { message, .. } => {
+                GatewayError::invalid("permissions", format!("role `{role}`: {message}"))
+            }
+            other => other,
+        })?;
+    Ok(Permissions::of(&permissions))
 }
 
 impl Roles {
@@ -177,25 +229,55 @@ impl Roles {
                     format!("`{name}` is a built-in role and cannot be redefined"),
                 ));
             }
-            let permissions = permissions
-                .iter()
-                .map(|p| Permission::parse(p))
-                .collect::<Result<Vec<_>>>()
-                .map_err(|e| match e {
-                    GatewayError::Invalid { message, .. } => {
-                        GatewayError::invalid("roles", format!("role `{name}`: {message}"))
-                    }
-                    other => other,
-                })?;
-            roles
-                .roles
-                .insert(name.to_string(), Permissions::of(&permissions));
+            let permissions = parse_permissions(name, permissions).map_err(|e| match e {
+                GatewayError::Invalid { message, .. } => GatewayError::invalid("roles", message),
+                other => other,
+            })?;
+            roles.roles.insert(
+                name.to_string(),
+                RoleEntry {
+                    permissions,
+                    origin: RoleOrigin::Configured,
+                    description: String::new(),
+                },
+            );
         }
         Ok(roles)
     }
 
+    /// These roles and `stored` ones from the database; a stored role whose name the
+    /// configuration took since it was created is left out (the configuration wins).
+    pub(crate) fn with_stored(&self, stored: Vec<(String, Permissions, String)>) -> Self {
+        let mut roles = self.clone();
+        for (name, permissions, description) in stored {
+            if roles.roles.contains_key(&name) {
+                tracing::warn!(role = %name, "a role in the database has the name of a built-in or configured role; the database's is ignored");
+                continue;
+            }
+            roles.roles.insert(
+                name,
+                RoleEntry {
+                    permissions,
+                    origin: RoleOrigin::Stored,
+                    description,
+                },
+            );
+        }
+        roles
+    }
+
     pub fn permissions(&self, role: &str) -> Option<Permissions> {
-        self.roles.get(role).copied()
+        self.roles.get(role).map(|r| r.permissions)
+    }
+
+    /// Where `role` is defined, if it exists.
+    pub fn origin(&self, role: &str) -> Option<RoleOrigin> {
+        self.roles.get(role).map(|r| r.origin)
+    }
+
+    /// What `role` is for (empty for configured roles).
+    pub fn description(&self, role: &str) -> Option<&str> {
+        self.roles.get(role).map(|r| r.description.as_str())
     }
 
     /// `role`'s permissions, or an error naming the known roles.

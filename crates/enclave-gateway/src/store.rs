@@ -10,7 +10,7 @@ use sqlx::{AnyPool, Row};
 use crate::error::{GatewayError, Result};
 use crate::keys;
 use crate::limits::Limits;
-use crate::rbac::{check_name, ModelScope, Roles};
+use crate::rbac::{check_name, parse_permissions, ModelScope, Permissions, Roles};
 use crate::usage::{UsageCounts, UsageRow};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -216,6 +216,101 @@ impl Store {
             },
             key: secret.key,
         })
+    }
+
+    /// Stores a new role with `permissions` (names); `configured` (the built-in and
+    /// configured roles) may not hold a role of that name.
+    pub async fn create_role(
+        &self,
+        name: &str,
+        permissions: &[String],
+        description: &str,
+        configured: &Roles,
+        now: i64,
+    ) -> Result<Permissions> {
+        check_name("name", name)?;
+        if let Some(origin) = configured.origin(name) {
+            return Err(GatewayError::Exists(format!(
+                "role `{name}` ({} role)",
+                origin.name()
+            )));
+        }
+        let parsed = parse_permissions(name, permissions)?;
+        if description.len() > 256 || description.chars().any(char::is_control) {
+            return Err(GatewayError::invalid(
+                "description",
+                "a role's description is at most 256 characters, without control characters",
+            ));
+        }
+        let stored: Vec<&str> = parsed.iter().map(|p| p.name()).collect();
+        let inserted = sqlx::query(
+            "INSERT INTO roles (name, permissions, description, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(stored.join(","))
+        .bind(description)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(GatewayError::Exists(format!("role `{name}`")));
+        }
+        Ok(parsed)
+    }
+
+    /// Deletes stored role `name`; refused while a key that is neither revoked nor expired
+    /// holds it (revoke those first), so no working key silently loses its permissions.
+    pub async fn delete_role(&self, name: &str, now: i64) -> Result<()> {
+        let holders: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM api_keys WHERE role = $1 AND revoked_at IS NULL \
+             AND (expires_at IS NULL OR expires_at > $2)",
+        )
+        .bind(name)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
+        if holders > 0 {
+            return Err(GatewayError::invalid(
+                "role",
+                format!("{holders} active key(s) hold role `{name}`; revoke them first"),
+            ));
+        }
+        let deleted = sqlx::query("DELETE FROM roles WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(GatewayError::NotFound(format!("role `{name}`")));
+        }
+        Ok(())
+    }
+
+    /// `configured` (built-in and configured roles) with the roles stored in the database.
+    pub async fn roles(&self, configured: &Roles) -> Result<Roles> {
+        let rows = sqlx::query("SELECT name, permissions, description FROM roles ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut stored = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let name: String = row.try_get("name")?;
+            let names: String = row.try_get("permissions")?;
+            let names: Vec<String> = names
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect();
+            // A permission this version does not know (a newer replica's) grants nothing here.
+            let permissions = Permissions::of(
+                &names
+                    .iter()
+                    .filter_map(|n| crate::rbac::Permission::parse(n).ok())
+                    .collect::<Vec<_>>(),
+            );
+            stored.push((name, permissions, row.try_get("description")?));
+        }
+        Ok(configured.with_stored(stored))
     }
 
     /// Keys, oldest first; only `tenant`'s when given.

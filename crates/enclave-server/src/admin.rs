@@ -34,6 +34,12 @@ pub const ADMIN_ROUTES: &[(&str, &str, Option<Permission>)] = &[
     ),
     ("GET", "/admin/v1/usage", Some(Permission::MetricsRead)),
     ("GET", "/admin/v1/roles", Some(Permission::KeysManage)),
+    ("POST", "/admin/v1/roles", Some(Permission::ConfigManage)),
+    (
+        "DELETE",
+        "/admin/v1/roles/{name}",
+        Some(Permission::ConfigManage),
+    ),
     ("GET", "/livez", None),
 ];
 
@@ -183,10 +189,8 @@ pub(crate) async fn create_key(
 ) -> Result<Response, ApiError> {
     let authenticator = authenticator(&state)?;
     let tenant = tenant_for(&caller, body.tenant.as_deref())?;
-    let granted = authenticator
-        .roles()
-        .require(&body.role)
-        .map_err(gateway_error)?;
+    let roles = authenticator.roles().await.map_err(gateway_error)?;
+    let granted = roles.require(&body.role).map_err(gateway_error)?;
     if let Some(missing) = granted.iter().find(|p| !caller.can(*p)) {
         return Err(ApiError::denied(format!(
             "role `{}` grants `{missing}`, which the caller does not hold; a key cannot be \
@@ -209,7 +213,7 @@ pub(crate) async fn create_key(
                 expires_at,
                 limits: LimitsBody::limits(body.limits),
             },
-            authenticator.roles(),
+            &roles,
             now,
         )
         .await
@@ -269,29 +273,124 @@ pub(crate) async fn usage(
     ))
 }
 
-/// The roles keys may be given (built-in and configured), with their permissions.
+/// The roles keys may be given (built-in, configured and stored), with their permissions.
 pub(crate) async fn list_roles(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(roles_json(authenticator(&state)?.roles())))
+    let roles = authenticator(&state)?
+        .roles()
+        .await
+        .map_err(gateway_error)?;
+    Ok(Json(roles_json(&roles)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewRoleBody {
+    name: String,
+    permissions: Vec<String>,
+    description: Option<String>,
+}
+
+/// Creates a role in the database. The caller must hold every permission it grants, so
+/// `config:manage` cannot define its way to more.
+pub(crate) async fn create_role(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
+    ApiJson(body): ApiJson<NewRoleBody>,
+) -> Result<Response, ApiError> {
+    let authenticator = authenticator(&state)?;
+    for name in &body.permissions {
+        let permission = Permission::parse(name).map_err(gateway_error)?;
+        if !caller.can(permission) {
+            return Err(ApiError::denied(format!(
+                "the role would grant `{permission}`, which the caller does not hold"
+            )));
+        }
+    }
+    let description = body.description.unwrap_or_default();
+    let permissions = authenticator
+        .store()
+        .create_role(
+            &body.name,
+            &body.permissions,
+            &description,
+            authenticator.configured_roles(),
+            unix_time(),
+        )
+        .await
+        .map_err(gateway_error)?;
+    authenticator.forget_roles();
+    tracing::info!(subject = %caller.subject(), role = %body.name, "role created");
+    Ok((
+        StatusCode::CREATED,
+        Json(role_json(
+            &body.name,
+            permissions,
+            enclave_gateway::RoleOrigin::Stored,
+            &description,
+        )),
+    )
+        .into_response())
+}
+
+/// Deletes a role created in the database (built-in and configured ones cannot be).
+pub(crate) async fn delete_role(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let authenticator = authenticator(&state)?;
+    if let Some(origin) = authenticator.configured_roles().origin(&name) {
+        return Err(ApiError::invalid(
+            Some("role".into()),
+            format!(
+                "`{name}` is a {} role; only roles created in the database can be deleted",
+                origin.name()
+            ),
+        ));
+    }
+    authenticator
+        .store()
+        .delete_role(&name, unix_time())
+        .await
+        .map_err(gateway_error)?;
+    authenticator.forget_roles();
+    tracing::info!(subject = %caller.subject(), role = %name, "role deleted");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Roles as the admin API and `enclave roles list --json` show them.
 pub fn roles_json(roles: &enclave_gateway::Roles) -> Value {
     let roles: Vec<Value> = roles
         .names()
-        .map(|name| {
-            let permissions: Vec<&str> = roles
-                .permissions(name)
-                .map(|p| p.iter().map(Permission::name).collect())
-                .unwrap_or_default();
-            let built_in = enclave_gateway::BUILT_IN_ROLES
-                .iter()
-                .any(|(n, _, _)| *n == name);
-            json!({"name": name, "permissions": permissions, "built_in": built_in})
+        .filter_map(|name| {
+            Some(role_json(
+                name,
+                roles.permissions(name)?,
+                roles.origin(name)?,
+                roles.description(name).unwrap_or_default(),
+            ))
         })
         .collect();
     json!({ "roles": roles })
+}
+
+/// One role as the admin API and the CLI show it.
+pub fn role_json(
+    name: &str,
+    permissions: enclave_gateway::Permissions,
+    origin: enclave_gateway::RoleOrigin,
+    description: &str,
+) -> Value {
+    let permissions: Vec<&str> = permissions.iter().map(Permission::name).collect();
+    json!({
+        "name": name,
+        "permissions": permissions,
+        "built_in": origin == enclave_gateway::RoleOrigin::BuiltIn,
+        "origin": origin.name(),
+        "description": description,
+    })
 }
 
 fn limits_json(limits: &Limits) -> Value {

@@ -2,8 +2,9 @@
 //! credentials (`Authorization: Bearer <key or token>`, or a client certificate bound to a
 //! role), and each route names the permission it needs in its table ([`ROUTES`], or
 //! `ADMIN_ROUTES` on the admin listener). The middleware wraps the whole router, so a route
-//! added later is authenticated whether or not anyone remembered to, and one missing from its
-//! table is refused to everyone until it is listed (the tests walk the tables).
+//! added later is authenticated whether or not anyone remembered to, and a method and path
+//! missing from its table is refused to everyone (405) until it is listed (the tests walk the
+//! tables).
 
 use std::sync::Arc;
 
@@ -55,9 +56,15 @@ pub(crate) async fn authorize(
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string());
-    let needs = route
-        .as_deref()
-        .map(|path| routes.iter().find(|(_, p, _)| *p == path).map(|r| r.2));
+    // A route is its method and path: `GET /admin/v1/roles` and `POST /admin/v1/roles` may
+    // need different permissions.
+    let method = request.method().as_str().to_string();
+    let needs = route.as_deref().map(|path| {
+        routes
+            .iter()
+            .find(|(m, p, _)| *p == path && *m == method)
+            .map(|r| r.2)
+    });
     if let Some(Some(None)) = needs {
         return next.run(request).await; // a public probe
     }
@@ -84,11 +91,11 @@ pub(crate) async fn authorize(
         }
     };
     match needs {
-        // A registered route missing from its table: nobody may use it until it is listed.
+        // A path with no such method in its table: a method the router does not take (405),
+        // or one registered but never listed — refused either way until it is listed.
         Some(None) => {
-            tracing::error!(route = ?route, "route missing from its route table; refused");
-            return ApiError::denied("this route declares no permission, so nobody may use it")
-                .into_response();
+            tracing::info!(route = ?route, %method, "method not in the route table; refused");
+            return ApiError::method_not_allowed().into_response();
         }
         Some(Some(Some(permission))) if !principal.can(permission) => {
             tracing::info!(subject = %principal.subject(), tenant = %principal.tenant, route = ?route, %permission, "permission denied");

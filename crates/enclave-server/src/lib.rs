@@ -87,7 +87,14 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
             axum::routing::delete(admin::revoke_key),
         )
         .route("/admin/v1/usage", get(admin::usage))
-        .route("/admin/v1/roles", get(admin::list_roles))
+        .route(
+            "/admin/v1/roles",
+            get(admin::list_roles).post(admin::create_role),
+        )
+        .route(
+            "/admin/v1/roles/{name}",
+            axum::routing::delete(admin::delete_role),
+        )
         .route("/livez", get(|| async { StatusCode::OK }))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })

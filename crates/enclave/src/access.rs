@@ -1,11 +1,11 @@
-//! `enclave keys …` and `enclave tenants …`: manage API keys and tenants in the database the
+//! `enclave keys …`, `enclave tenants …` and `enclave roles …`: manage API keys, tenants and roles in the database the
 //! servers read (a revocation reaches running servers within seconds). `--json` prints one JSON
 //! object per command, for scripts.
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use enclave_gateway::{unix_time, KeyInfo, Limits, NewKey};
-use enclave_server::admin::{key_json, roles_json, tenant_json, usage_json};
+use enclave_gateway::{unix_time, KeyInfo, Limits, NewKey, RoleOrigin};
+use enclave_server::admin::{key_json, role_json, roles_json, tenant_json, usage_json};
 use serde_json::{json, Value};
 
 use crate::config::Settings;
@@ -104,9 +104,13 @@ pub struct KeysRevokeArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum RolesCommand {
-    /// List the roles keys may be given (built-in and from the configuration's `[roles]`)
-    /// with their permissions.
+    /// List the roles keys may be given (built-in, from the configuration's `[roles]`, and
+    /// created with `roles create`) with their permissions.
     List(RolesListArgs),
+    /// Create a role in the database (running servers see it within 2 seconds).
+    Create(RolesCreateArgs),
+    /// Delete a role created with `roles create` (refused while an active key holds it).
+    Delete(RolesDeleteArgs),
 }
 
 #[derive(Args, Debug)]
@@ -115,28 +119,95 @@ pub struct RolesListArgs {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct RolesCreateArgs {
+    /// The role's name (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// Permissions it grants, comma-separated (`inference,models:read`); `enclave roles list`
+    /// shows them all.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub permissions: Vec<String>,
+    /// What the role is for.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RolesDeleteArgs {
+    pub name: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn roles(settings: &Settings, command: RolesCommand) -> Result<()> {
-    let RolesCommand::List(args) = command;
-    let listed = roles_json(&settings.roles()?);
-    if args.json {
-        println!("{listed}");
-    } else {
-        println!("{:<16}  PERMISSIONS", "ROLE");
-        for role in listed["roles"].as_array().into_iter().flatten() {
-            let permissions: Vec<&str> = role["permissions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
-            println!(
-                "{:<16}  {}",
-                role["name"].as_str().unwrap_or_default(),
-                permissions.join(", ")
-            );
+    let configured = settings.roles()?;
+    runtime()?.block_on(async {
+        let store = settings.store().await?;
+        match command {
+            RolesCommand::List(args) => {
+                let listed = roles_json(&store.roles(&configured).await?);
+                if args.json {
+                    println!("{listed}");
+                } else {
+                    println!("{:<16}  {:<13}  PERMISSIONS", "ROLE", "DEFINED IN");
+                    for role in listed["roles"].as_array().into_iter().flatten() {
+                        let permissions: Vec<&str> = role["permissions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(Value::as_str)
+                            .collect();
+                        println!(
+                            "{:<16}  {:<13}  {}",
+                            role["name"].as_str().unwrap_or_default(),
+                            role["origin"].as_str().unwrap_or_default(),
+                            permissions.join(", ")
+                        );
+                    }
+                }
+            }
+            RolesCommand::Create(args) => {
+                let permissions = store
+                    .create_role(
+                        &args.name,
+                        &args.permissions,
+                        &args.description,
+                        &configured,
+                        unix_time(),
+                    )
+                    .await?;
+                let created = role_json(
+                    &args.name,
+                    permissions,
+                    RoleOrigin::Stored,
+                    &args.description,
+                );
+                if args.json {
+                    println!("{created}");
+                } else {
+                    eprintln!("created role {}", args.name);
+                }
+            }
+            RolesCommand::Delete(args) => {
+                if let Some(origin) = configured.origin(&args.name) {
+                    anyhow::bail!(
+                        "`{}` is a {} role; only roles created with `enclave roles create` can be deleted",
+                        args.name,
+                        origin.name()
+                    );
+                }
+                store.delete_role(&args.name, unix_time()).await?;
+                if args.json {
+                    println!("{}", json!({"name": args.name, "deleted": true}));
+                } else {
+                    eprintln!("deleted role {}", args.name);
+                }
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -177,7 +248,7 @@ pub fn keys(settings: &Settings, command: KeysCommand) -> Result<()> {
         let store = settings.store().await?;
         match command {
             KeysCommand::Create(args) => {
-                let roles = settings.roles()?;
+                let roles = store.roles(&settings.roles()?).await?;
                 let now = unix_time();
                 let expires_at = args
                     .expires_in

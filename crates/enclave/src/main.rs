@@ -54,7 +54,8 @@ enum Command {
     Tenants(access::TenantsCommand),
     /// Requests and tokens per tenant, key and day (as the servers recorded them).
     Usage(access::UsageArgs),
-    /// List roles and their permissions.
+    /// List, create and delete roles (built-in ones and those of the configuration file are
+    /// listed; roles created here live in the database).
     #[command(subcommand)]
     Roles(access::RolesCommand),
 }

@@ -231,3 +231,75 @@ async fn expired_keys_and_keys_of_dropped_roles_do_not_authenticate() {
         ));
     }
 }
+
+/// A role created in the database (by another process) reaches a running authenticator within
+/// its cache lifetime, grants exactly its permissions, and cannot be deleted while a key holds
+/// it.
+#[tokio::test]
+async fn roles_created_in_the_database() {
+    for url in databases().await.urls {
+        let server_store = Store::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
+        let cli_store = Store::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
+        let auth = Authenticator::new(server_store, Roles::default());
+        assert!(auth.roles().await.unwrap().permissions("bot").is_none());
+        let now = unix_time();
+        let permissions = cli_store
+            .create_role(
+                "bot",
+                &["inference".into()],
+                "a bot",
+                &Roles::default(),
+                now,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert!(permissions.contains(Permission::Inference));
+        assert!(matches!(
+            cli_store
+                .create_role("bot", &[], "", &Roles::default(), now)
+                .await,
+            Err(GatewayError::Exists(_))
+        ));
+        assert!(matches!(
+            cli_store
+                .create_role("viewer", &[], "", &Roles::default(), now)
+                .await,
+            Err(GatewayError::Exists(_))
+        ));
+        assert!(matches!(
+            cli_store
+                .create_role("x", &["fly".into()], "", &Roles::default(), now)
+                .await,
+            Err(GatewayError::Invalid { .. })
+        ));
+        let start = Instant::now();
+        while auth.roles().await.unwrap().permissions("bot").is_none() {
+            assert!(
+                start.elapsed() < CACHE_TTL + Duration::from_secs(1),
+                "{url}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let roles = cli_store.roles(&Roles::default()).await.unwrap();
+        assert_eq!(roles.description("bot"), Some("a bot"));
+        let key = cli_store
+            .create_key(new_key("default", "bot", &["*"]), &roles, now)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let principal = auth.authenticate_key(&key.key).await.unwrap();
+        assert!(principal.can(Permission::Inference));
+        assert!(!principal.can(Permission::ModelsRead));
+        assert!(matches!(
+            cli_store.delete_role("bot", now).await,
+            Err(GatewayError::Invalid { .. })
+        ));
+        cli_store.revoke_key(&key.info.id, now).await.unwrap();
+        cli_store.delete_role("bot", now).await.unwrap();
+        assert!(matches!(
+            cli_store.delete_role("bot", now).await,
+            Err(GatewayError::NotFound(_))
+        ));
+        auth.forget_roles();
+        assert!(auth.roles().await.unwrap().permissions("bot").is_none());
+    }
+}

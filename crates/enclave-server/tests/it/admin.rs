@@ -94,7 +94,9 @@ impl Admin {
 async fn admin_routes_live_only_on_the_admin_listener_and_need_credentials() {
     let admin = start().await;
     for (method, path, permission) in ADMIN_ROUTES {
-        let path = path.replace("{id}", "0123456789abcdef");
+        let path = path
+            .replace("{id}", "0123456789abcdef")
+            .replace("{name}", "some-role");
         let (status, body) = admin.call(method, &path, None, None).await;
         let expected = if permission.is_some() { 401 } else { 200 };
         assert_eq!(status, expected, "{method} {path}: {body}");
@@ -294,4 +296,182 @@ async fn tenants_and_keys_over_http() {
         .map(|r| r["requests"].as_u64().unwrap())
         .sum();
     assert!(requests >= 1, "{usage}");
+}
+
+/// Roles created over the admin API grant exactly their permissions to keys given them, can
+/// only grant what their creator holds, and cannot be deleted while a key holds them.
+#[tokio::test]
+async fn roles_created_over_http() {
+    let admin = start().await;
+    let root = Some(admin.root.as_str());
+    let summariser = json!({"name": "summariser", "permissions": ["inference"],
+        "description": "the summary bot"});
+    let (status, role) = admin
+        .call("POST", "/admin/v1/roles", root, Some(summariser.clone()))
+        .await;
+    assert_eq!(status, 201, "{role}");
+    assert_eq!(role["permissions"], json!(["inference"]));
+    assert_eq!(role["origin"], "database");
+    let (status, again) = admin
+        .call("POST", "/admin/v1/roles", root, Some(summariser))
+        .await;
+    assert_eq!(status, 409, "{again}");
+    for (body, expected) in [
+        (json!({"name": "admin", "permissions": ["inference"]}), 409),
+        (
+            json!({"name": "key-manager", "permissions": ["inference"]}),
+            409,
+        ),
+        (
+            json!({"name": "x", "permissions": ["launch:missiles"]}),
+            400,
+        ),
+        (
+            json!({"name": "x'; DROP TABLE roles; --", "permissions": []}),
+            400,
+        ),
+        (
+            json!({"name": "x", "permissions": ["inference"], "extra": 1}),
+            400,
+        ),
+    ] {
+        let (status, error) = admin
+            .call("POST", "/admin/v1/roles", root, Some(body.clone()))
+            .await;
+        assert_eq!(status, expected, "{body}: {error}");
+    }
+
+    // Creating roles needs config:manage; and no one defines a role stronger than themselves.
+    let key = |role: &str| NewKey {
+        tenant: "default".into(),
+        role: role.into(),
+        models: vec!["*".into()],
+        name: String::new(),
+        expires_at: None,
+        limits: Limits::default(),
+    };
+    let roles = Roles::default();
+    let (_, manager) = admin
+        .call(
+            "POST",
+            "/admin/v1/keys",
+            root,
+            Some(json!({"role": "key-manager"})),
+        )
+        .await;
+    let manager = manager["key"].as_str().unwrap().to_string();
+    let operator = admin
+        .store
+        .create_key(key("operator"), &roles, unix_time())
+        .await
+        .unwrap()
+        .key;
+    let (status, _) = admin
+        .call(
+            "POST",
+            "/admin/v1/roles",
+            Some(&manager),
+            Some(json!({"name": "y", "permissions": []})),
+        )
+        .await;
+    // A key manager lists roles (GET) but may not create them (POST needs config:manage).
+    assert_eq!(status, 403);
+    let (status, _) = admin
+        .call("GET", "/admin/v1/roles", Some(&manager), None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, refused) = admin
+        .call(
+            "POST",
+            "/admin/v1/roles",
+            Some(&operator),
+            Some(json!({"name": "y", "permissions": ["tenants:manage"]})),
+        )
+        .await;
+    assert_eq!(status, 403, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("tenants:manage"), "{refused}");
+
+    // A key with the new role: inference yes, the model list no.
+    let (status, created) = admin
+        .call(
+            "POST",
+            "/admin/v1/keys",
+            root,
+            Some(json!({"role": "summariser"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let bot = created["key"].as_str().unwrap().to_string();
+    let api = |method: &str, path: &str| {
+        let url = format!("{}{path}", admin.api.base);
+        let request = match method {
+            "POST" => admin
+                .api
+                .client
+                .post(url)
+                .json(&json!({"model": crate::MODEL, "prompt": "hi"})),
+            _ => admin.api.client.get(url),
+        };
+        request.bearer_auth(&bot).send()
+    };
+    assert_eq!(api("POST", "/tokenize").await.unwrap().status(), 200);
+    assert_eq!(api("GET", "/v1/models").await.unwrap().status(), 403);
+    let (_, listed) = admin.call("GET", "/admin/v1/roles", root, None).await;
+    assert!(
+        listed["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "summariser" && r["description"] == "the summary bot"),
+        "{listed}"
+    );
+
+    // Not deleted while a key holds it; deleted once none does; built-in ones never.
+    let (status, held) = admin
+        .call("DELETE", "/admin/v1/roles/summariser", root, None)
+        .await;
+    assert_eq!(status, 400, "{held}");
+    assert!(held["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("revoke"));
+    let id = created["id"].as_str().unwrap();
+    let (status, _) = admin
+        .call("DELETE", &format!("/admin/v1/keys/{id}"), root, None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = admin
+        .call("DELETE", "/admin/v1/roles/summariser", root, None)
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = admin
+        .call("DELETE", "/admin/v1/roles/summariser", root, None)
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = admin
+        .call("DELETE", "/admin/v1/roles/admin", root, None)
+        .await;
+    assert_eq!(status, 400);
+    // Gone within the authenticator's cache lifetime: no new key may get it.
+    let start = Instant::now();
+    loop {
+        let (status, _) = admin
+            .call(
+                "POST",
+                "/admin/v1/keys",
+                root,
+                Some(json!({"role": "summariser"})),
+            )
+            .await;
+        if status == 400 {
+            break;
+        }
+        assert_eq!(status, 201);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the deleted role still works"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -152,7 +152,14 @@ async fn get(
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    // `path` may name another method first: `POST /tokenize` (with an empty JSON body).
+    let (method, path) = path.split_once(' ').unwrap_or(("GET", path));
+    let body = if method == "GET" { "" } else { "{}" };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     tls.write_all(request.as_bytes())
         .await
         .map_err(|e| format!("write: {e}"))?;
@@ -227,7 +234,10 @@ async fn with_mtls_required_only_certificates_of_the_ca_get_in() {
         200
     );
     assert_eq!(
-        get(&address, &pki, good(), "/tokenize").await.unwrap().0,
+        get(&address, &pki, good(), "POST /tokenize")
+            .await
+            .unwrap()
+            .0,
         403
     );
     let subject = certificate_subject(pki.client.cert.der()).unwrap();

@@ -501,25 +501,45 @@ fn oidc_settings_are_checked_at_start() {
 }
 
 #[test]
-fn roles_list_shows_built_in_and_configured_roles() {
+fn roles_list_shows_built_in_configured_and_created_roles() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("enclave.toml");
     std::fs::write(&config, "[roles.support]\npermissions = [\"inference\"]\n").unwrap();
-    let out = enclave(&[
+    let global = [
         "--config",
         config.to_str().unwrap(),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let cli = |args: &[&str]| enclave(&[&global[..], args].concat());
+    let created = cli(&[
         "roles",
-        "list",
+        "create",
+        "summariser",
+        "--permissions",
+        "inference,models:read",
+        "--description",
+        "the summary bot",
         "--json",
     ]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let created: Value = serde_json::from_str(&stdout(&created)).unwrap();
+    assert_eq!(created["permissions"], json!(["inference", "models:read"]));
+    let clash = cli(&["roles", "create", "support", "--permissions", "inference"]);
+    assert!(!clash.status.success());
+    assert!(stderr(&clash).contains("exists"), "{}", stderr(&clash));
+
+    let out = cli(&["roles", "list", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    let names: Vec<&str> = listed["roles"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["name"].as_str().unwrap())
-        .collect();
+    let origin = |name: &str| {
+        listed["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["origin"].as_str().unwrap().to_string())
+    };
     for name in [
         "admin",
         "operator",
@@ -527,10 +547,33 @@ fn roles_list_shows_built_in_and_configured_roles() {
         "analyst",
         "auditor",
         "viewer",
-        "support",
     ] {
-        assert!(names.contains(&name), "{name}: {listed}");
+        assert_eq!(origin(name).as_deref(), Some("built-in"), "{listed}");
     }
+    assert_eq!(origin("support").as_deref(), Some("configuration"));
+    assert_eq!(origin("summariser").as_deref(), Some("database"));
+
+    // A key holds the created role, which then cannot be deleted until the key is revoked.
+    let key = cli(&["keys", "create", "--role", "summariser", "--json"]);
+    assert!(key.status.success(), "{}", stderr(&key));
+    let key: Value = serde_json::from_str(&stdout(&key)).unwrap();
+    let held = cli(&["roles", "delete", "summariser"]);
+    assert!(!held.status.success());
+    assert!(stderr(&held).contains("revoke"), "{}", stderr(&held));
+    assert!(cli(&["keys", "revoke", key["id"].as_str().unwrap()])
+        .status
+        .success());
+    assert!(cli(&["roles", "delete", "summariser"]).status.success());
+    let gone = cli(&["roles", "delete", "summariser"]);
+    assert!(!gone.status.success());
+    assert!(
+        stderr(&gone).contains("does not exist"),
+        "{}",
+        stderr(&gone)
+    );
+    let configured = cli(&["roles", "delete", "support"]);
+    assert!(!configured.status.success());
+
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[roles.support]\npermissions = [\"launch\"]\n").unwrap();
     let out = enclave(&["--config", bad.to_str().unwrap(), "roles", "list"]);
