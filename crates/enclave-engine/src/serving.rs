@@ -114,6 +114,11 @@ pub struct ServingStats {
     pub steps: u64,
     /// Requests dropped by their caller before finishing.
     pub cancelled: u64,
+    /// Requests accepted into the queue, and their prompt tokens.
+    pub submitted: u64,
+    pub prompt_tokens: u64,
+    /// Tokens sampled for all requests.
+    pub generated_tokens: u64,
 }
 
 /// Requests, scheduler and KV cache of one model; [`ServingCore::step`] runs one forward.
@@ -125,6 +130,9 @@ pub struct ServingCore<'e> {
     next_id: SeqId,
     steps: u64,
     cancelled: u64,
+    submitted: u64,
+    prompt_tokens: u64,
+    generated_tokens: u64,
 }
 
 impl<'e> ServingCore<'e> {
@@ -162,6 +170,9 @@ impl<'e> ServingCore<'e> {
             next_id: 0,
             steps: 0,
             cancelled: 0,
+            submitted: 0,
+            prompt_tokens: 0,
+            generated_tokens: 0,
         })
     }
 
@@ -176,6 +187,8 @@ impl<'e> ServingCore<'e> {
         check_fits(request.prompt_ids.len(), self.capacity_tokens())?;
         let id = self.next_id;
         self.next_id += 1;
+        self.submitted += 1;
+        self.prompt_tokens += request.prompt_ids.len() as u64;
         // Cached prefix blocks hold no logits: a request for prompt log-probabilities computes
         // its whole prompt.
         let wants_prompt_logprobs = request.prompt_logprobs.is_some();
@@ -212,6 +225,9 @@ impl<'e> ServingCore<'e> {
             scheduler: self.scheduler.stats(),
             steps: self.steps,
             cancelled: self.cancelled,
+            submitted: self.submitted,
+            prompt_tokens: self.prompt_tokens,
+            generated_tokens: self.generated_tokens,
         }
     }
 
@@ -295,6 +311,7 @@ impl<'e> ServingCore<'e> {
                 continue;
             };
             let (token, finished) = active.next_token(self.engine, row)?;
+            self.generated_tokens += 1;
             self.scheduler.append(s.id, token);
             if let Some(reason) = finished {
                 self.scheduler.remove(s.id);

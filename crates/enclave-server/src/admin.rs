@@ -33,6 +33,7 @@ pub const ADMIN_ROUTES: &[(&str, &str, Option<Permission>)] = &[
         Some(Permission::KeysManage),
     ),
     ("GET", "/admin/v1/usage", Some(Permission::MetricsRead)),
+    ("GET", "/metrics", Some(Permission::MetricsRead)),
     ("GET", "/admin/v1/roles", Some(Permission::KeysManage)),
     ("POST", "/admin/v1/roles", Some(Permission::ConfigManage)),
     (

@@ -7,9 +7,10 @@
 //! tables).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use enclave_gateway::{Authenticator, GatewayError, Permission, Principal};
@@ -46,12 +47,13 @@ pub const ROUTES: &[(&str, &str, Option<Permission>)] = &[
 
 /// The middleware: resolves the caller, checks the route's permission, and leaves the
 /// [`Principal`] in the request's extensions for the handler (model scopes are checked there,
-/// where the model is known).
+/// where the model is known). Every answer, refusals included, is counted in the metrics.
 pub(crate) async fn authorize(
-    State((state, routes)): State<(Arc<AppState>, RouteTable)>,
-    mut request: Request,
+    State((state, routes, listener)): State<(Arc<AppState>, RouteTable, &'static str)>,
+    request: Request,
     next: Next,
 ) -> Response {
+    let started = Instant::now();
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -59,7 +61,36 @@ pub(crate) async fn authorize(
     // A route is its method and path: `GET /admin/v1/roles` and `POST /admin/v1/roles` may
     // need different permissions.
     let method = request.method().as_str().to_string();
-    let needs = route.as_deref().map(|path| {
+    let response =
+        authorize_and_run(&state, routes, route.as_deref(), &method, request, next).await;
+    if let Some(metrics) = &state.metrics {
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED {
+            metrics.auth_failed();
+        } else if status == StatusCode::TOO_MANY_REQUESTS {
+            metrics.rate_limited();
+        }
+        metrics.observe(
+            listener,
+            &method,
+            // Unmatched paths share one label, so scanners cannot grow the label set.
+            route.as_deref().unwrap_or("unmatched"),
+            status,
+            started.elapsed(),
+        );
+    }
+    response
+}
+
+async fn authorize_and_run(
+    state: &AppState,
+    routes: RouteTable,
+    route: Option<&str>,
+    method: &str,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let needs = route.map(|path| {
         routes
             .iter()
             .find(|(m, p, _)| *p == path && *m == method)

@@ -18,6 +18,7 @@ mod error;
 mod extract;
 mod generation;
 mod metering;
+mod metrics;
 mod models;
 pub mod reasoning;
 mod sse;
@@ -60,7 +61,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(
-            (state.clone(), ROUTES),
+            (state.clone(), ROUTES, "api"),
             auth::authorize,
         ))
         .layer(DefaultBodyLimit::max(max_body))
@@ -87,6 +88,7 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
             axum::routing::delete(admin::revoke_key),
         )
         .route("/admin/v1/usage", get(admin::usage))
+        .route("/metrics", get(metrics::scrape))
         .route(
             "/admin/v1/roles",
             get(admin::list_roles).post(admin::create_role),
@@ -99,7 +101,7 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(
-            (state.clone(), ADMIN_ROUTES),
+            (state.clone(), ADMIN_ROUTES, "admin"),
             auth::authorize,
         ))
         .layer(DefaultBodyLimit::max(1 << 20))

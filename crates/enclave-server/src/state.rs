@@ -10,6 +10,7 @@ use enclave_gateway::Principal;
 use crate::auth::Access;
 use crate::error::ApiError;
 use crate::metering::Metering;
+use crate::metrics::Metrics;
 
 /// How the server presents the model and bounds its requests.
 #[derive(Debug, Clone)]
@@ -51,6 +52,8 @@ pub struct AppState {
     pub(crate) config: ServerConfig,
     pub(crate) access: Access,
     pub(crate) metering: Metering,
+    /// `None` only if the registry could not be built (a bug, logged; a unit test builds it).
+    pub(crate) metrics: Option<Metrics>,
     served: OnceLock<Served>,
     /// Unix time the server started (the model's `created`).
     pub(crate) created: u64,
@@ -62,6 +65,9 @@ impl AppState {
             config,
             access,
             metering: Metering::default(),
+            metrics: Metrics::new()
+                .inspect_err(|e| tracing::error!(error = %e, "cannot build the metrics registry"))
+                .ok(),
             served: OnceLock::new(),
             created: unix_time(),
         })

@@ -475,3 +475,171 @@ async fn roles_created_over_http() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The admin listener's table, written down here independently of the server's.
+const EXPECTED_ADMIN: &[(&str, &str, Option<enclave_gateway::Permission>)] = {
+    use enclave_gateway::Permission::*;
+    &[
+        ("GET", "/admin/v1/tenants", Some(TenantsManage)),
+        ("POST", "/admin/v1/tenants", Some(TenantsManage)),
+        ("GET", "/admin/v1/keys", Some(KeysManage)),
+        ("POST", "/admin/v1/keys", Some(KeysManage)),
+        ("DELETE", "/admin/v1/keys/{id}", Some(KeysManage)),
+        ("GET", "/admin/v1/usage", Some(MetricsRead)),
+        ("GET", "/metrics", Some(MetricsRead)),
+        ("GET", "/admin/v1/roles", Some(KeysManage)),
+        ("POST", "/admin/v1/roles", Some(ConfigManage)),
+        ("DELETE", "/admin/v1/roles/{name}", Some(ConfigManage)),
+        ("GET", "/livez", None),
+    ]
+};
+
+/// Every built-in role × every admin route: 403 exactly where the role lacks the route's
+/// permission; elsewhere the handler answers (with an empty body or a made-up id that is a 4xx
+/// of its own, never 401/403).
+#[tokio::test]
+async fn the_admin_authorization_matrix_holds() {
+    assert_eq!(
+        ADMIN_ROUTES, EXPECTED_ADMIN,
+        "an admin route was added or changed: update EXPECTED_ADMIN"
+    );
+    let admin = start().await;
+    for (role, permissions, _) in enclave_gateway::BUILT_IN_ROLES {
+        let key = admin
+            .store
+            .create_key(
+                NewKey {
+                    tenant: "default".into(),
+                    role: role.into(),
+                    models: vec!["*".into()],
+                    name: String::new(),
+                    expires_at: None,
+                    limits: Limits::default(),
+                },
+                &Roles::default(),
+                unix_time(),
+            )
+            .await
+            .unwrap()
+            .key;
+        for (method, path, needs) in EXPECTED_ADMIN {
+            let path = path
+                .replace("{id}", "0123456789abcdef")
+                .replace("{name}", "no-such-role");
+            let (status, body) = admin.call(method, &path, Some(&key), None).await;
+            let allowed = needs.is_none_or(|p| permissions.contains(&p));
+            if allowed {
+                assert!(
+                    status != 401 && status != 403 && status < 500,
+                    "{role}: {method} {path} → {status} {body}"
+                );
+            } else {
+                assert_eq!(status, 403, "{role}: {method} {path} → {body}");
+            }
+        }
+    }
+}
+
+/// `GET /metrics` (metrics:read) in the Prometheus text format: requests by listener, route
+/// and status, refusals, and the engine's token counters after a completion.
+#[tokio::test]
+async fn metrics_count_requests_refusals_and_tokens() {
+    let admin = start().await;
+    let completion = admin
+        .api
+        .client
+        .post(format!("{}/v1/completions", admin.api.base))
+        .bearer_auth(&admin.root)
+        .json(
+            &json!({"model": crate::MODEL, "prompt": "hello", "max_tokens": 5,
+            "ignore_eos": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(completion.status(), 200);
+    let usage = completion.json::<Value>().await.unwrap()["usage"].clone();
+    let refused = admin
+        .api
+        .client
+        .get(format!("{}/v1/models", admin.api.base))
+        .bearer_auth("enc_0123456789abcdef_00")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    // The engine publishes its counters after each step, a moment after the last event.
+    let wanted_tokens = 1.0 + usage["completion_tokens"].as_f64().unwrap();
+    let start = Instant::now();
+    let text = loop {
+        let response = admin
+            .api
+            .client
+            .get(format!("{}/metrics", admin.admin))
+            .bearer_auth(&admin.root)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        let text = response.text().await.unwrap();
+        if text.contains(&format!("enclave_generation_tokens_total {wanted_tokens}"))
+            || start.elapsed() > Duration::from_secs(5)
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    assert_eq!(
+        value(
+            r#"enclave_http_requests_total{listener="api",method="POST",route="/v1/completions",status="200"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            r#"enclave_http_requests_total{listener="api",method="GET",route="/v1/models",status="401"}"#
+        ),
+        1.0
+    );
+    assert!(value("enclave_auth_failures_total") >= 1.0);
+    assert_eq!(value("enclave_model_ready"), 1.0);
+    // The warm-up request generates one token of one prompt token; the completion the rest.
+    assert_eq!(value("enclave_generation_tokens_total"), wanted_tokens);
+    assert_eq!(
+        value("enclave_prompt_tokens_total"),
+        1.0 + usage["prompt_tokens"].as_f64().unwrap()
+    );
+    assert!(value(r#"enclave_kv_cache_blocks{state="free"}"#) > 0.0);
+    assert!(text.contains("enclave_http_request_duration_seconds_bucket"));
+
+    // Without metrics:read (a developer key): 403.
+    let developer = admin
+        .store
+        .create_key(
+            NewKey {
+                tenant: "default".into(),
+                role: "developer".into(),
+                models: vec!["*".into()],
+                name: String::new(),
+                expires_at: None,
+                limits: Limits::default(),
+            },
+            &Roles::default(),
+            unix_time(),
+        )
+        .await
+        .unwrap()
+        .key;
+    let (status, _) = admin.call("GET", "/metrics", Some(&developer), None).await;
+    assert_eq!(status, 403);
+}
