@@ -20,6 +20,9 @@ pub enum GatewayError {
     /// the reason is for the log, never for the client.
     #[error("not authenticated: {0}")]
     Unauthenticated(&'static str),
+    /// A background task this needs has stopped (the process is shutting down).
+    #[error("{0} has stopped")]
+    Stopped(&'static str),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("database schema: {0}")]

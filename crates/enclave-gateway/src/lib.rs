@@ -1,6 +1,6 @@
-//! Enclave's access control: TLS settings, identities (API keys, client certificates), tenants, roles and permissions, rate
-//! limits and usage, and the
-//! database they live in (SQLite in the data directory, or PostgreSQL). Knows nothing of
+//! Enclave's access control and audit: TLS settings, identities (API keys, client
+//! certificates, OIDC tokens), tenants, roles and permissions, rate limits and usage, the
+//! hash-chained audit log, and the database they live in (SQLite in the data directory, or PostgreSQL). Knows nothing of
 //! inference or HTTP: the server asks it who a caller is ([`Authenticator`]) and what that
 //! [`Principal`] may do.
 //!
@@ -10,6 +10,7 @@
 //!   configured authenticates to nothing rather than to a default.
 //! - A revocation is seen by every server on the same database within [`CACHE_TTL`].
 
+mod audit;
 mod authenticator;
 mod error;
 mod keys;
@@ -21,6 +22,10 @@ mod store;
 mod tls;
 mod usage;
 
+pub use audit::{
+    AuditEntry, AuditEvent, AuditKind, AuditLog, AuditProblem, AuditQuery, AuditVerification,
+    PruneReport,
+};
 pub use authenticator::{unix_time, Authenticator, CertificateBinding, CACHE_TTL};
 pub use error::{GatewayError, Result};
 pub use keys::KEY_PREFIX;

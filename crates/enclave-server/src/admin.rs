@@ -65,7 +65,7 @@ fn gateway_error(error: GatewayError) -> ApiError {
             ..ApiError::invalid(None, e.to_string())
         },
         GatewayError::Unauthenticated(_) => ApiError::unauthenticated("the API key is not valid"),
-        e @ (GatewayError::Database(_) | GatewayError::Migration(_)) => {
+        e @ (GatewayError::Database(_) | GatewayError::Migration(_) | GatewayError::Stopped(_)) => {
             tracing::error!(error = %e, "admin API: database");
             ApiError::unavailable("database_unavailable", "the database cannot be reached")
         }

@@ -5,6 +5,7 @@
 // Test helpers may panic: a failed setup is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod audit;
 mod keys;
 mod oidc;
 mod usage;
@@ -29,7 +30,7 @@ pub async fn databases() -> TestDatabases {
 }
 
 /// A new, empty database on the server at `admin` (whose path names an existing database).
-async fn fresh_postgres(admin: &str) -> String {
+pub async fn fresh_postgres(admin: &str) -> String {
     use sqlx::Connection;
     let name = format!("enclave_test_{:016x}", rand::random::<u64>());
     let mut conn = sqlx::PgConnection::connect(admin)

@@ -1,0 +1,743 @@
+//! The tamper-evident audit log: one record per API call, admin action and security event,
+//! appended to the database in batches by one writer task, each record chained to the one
+//! before by SHA-256 so that changing, inserting, deleting or reordering records is detected
+//! by [`Store::verify_audit`].
+//!
+//! What each hash covers (fields length-prefixed, so no two field lists hash alike):
+//! - `personal = H(salt, subject, source, text)` — the erasable fields, with a random salt so
+//!   that the hash left after erasure cannot be matched against guessed values;
+//! - `content = H(request id, tenant, method, route, model, status, token counts, latency,
+//!   detail, personal)`;
+//! - `link = H(previous link, seq, time, kind, content)` — stored as the record's `sha256`.
+//!
+//! Erasure nulls the personal fields and the salt and keeps `personal`; pruning nulls all of
+//! the content and keeps `content`; either way the links still verify, and the records'
+//! sequence numbers, times and kinds stay covered. Fully pruned records at the start of the
+//! log are deleted, and the chain's anchor (in `audit_chain`) moves to the last one deleted.
+//! A writer with full database access can still rewrite the whole chain from some record on;
+//! `verify` prints the newest hash so it can be kept elsewhere and compared later.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{GatewayError, Result};
+use crate::store::Store;
+
+/// Records verified per database round trip.
+const VERIFY_PAGE: i64 = 5_000;
+/// Most records one transaction appends.
+const MAX_BATCH: usize = 2_048;
+
+/// What a record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuditKind {
+    /// A call on the API listener.
+    #[default]
+    Api,
+    /// A call on the admin listener, or an administrative command (`enclave keys …`).
+    Admin,
+    /// Something security-relevant that is no call: a source blocked after failed logins.
+    Security,
+}
+
+impl AuditKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditKind::Api => "api",
+            AuditKind::Admin => "admin",
+            AuditKind::Security => "security",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        [AuditKind::Api, AuditKind::Admin, AuditKind::Security]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+}
+
+impl fmt::Display for AuditKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One event to append.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub kind: AuditKind,
+    pub request_id: String,
+    pub tenant: String,
+    /// Who: `key:<id>`, `token:<sub>`, `cert:<subject>`, `anonymous` (personal).
+    pub subject: String,
+    /// The client's address (personal).
+    pub source: String,
+    pub method: String,
+    /// The route as registered (`/v1/models/{*id}`), not the raw path.
+    pub route: String,
+    pub model: String,
+    pub status: u16,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub latency_ms: u64,
+    /// JSON: for admin actions what changed; for security events what happened.
+    pub detail: String,
+    /// Prompt and completion text, only when a policy asks for it, and then redacted
+    /// (personal).
+    pub text: Option<String>,
+}
+
+/// A stored record. Personal fields are `None` once erased; every content field is `None`
+/// once pruned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub request_id: Option<String>,
+    pub tenant: Option<String>,
+    pub subject: Option<String>,
+    pub source: Option<String>,
+    pub method: Option<String>,
+    pub route: Option<String>,
+    pub model: Option<String>,
+    pub status: Option<i64>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub latency_ms: Option<i64>,
+    pub detail: Option<String>,
+    pub text: Option<String>,
+    pub pruned: bool,
+    pub erased: bool,
+    pub sha256: String,
+}
+
+impl AuditEntry {
+    /// The record as `enclave audit export` and the admin API show it (one JSON object).
+    pub fn to_json(&self) -> Value {
+        let detail = self
+            .detail
+            .as_deref()
+            .filter(|d| !d.is_empty())
+            .map(|d| serde_json::from_str(d).unwrap_or_else(|_| json!(d)));
+        json!({
+            "seq": self.seq,
+            "at_ms": self.at_ms,
+            "kind": self.kind,
+            "request_id": self.request_id,
+            "tenant": self.tenant,
+            "subject": self.subject,
+            "source": self.source,
+            "method": self.method,
+            "route": self.route,
+            "model": self.model,
+            "status": self.status,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "latency_ms": self.latency_ms,
+            "detail": detail,
+            "text": self.text,
+            "pruned": self.pruned,
+            "erased": self.erased,
+            "sha256": self.sha256,
+        })
+    }
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditVerification {
+    /// Records checked.
+    pub records: u64,
+    pub pruned: u64,
+    pub erased: u64,
+    /// The newest record's sequence number and hash, as the chain's head records them.
+    pub head_seq: i64,
+    pub head_sha256: String,
+    /// The first record that does not verify, and why.
+    pub problem: Option<AuditProblem>,
+}
+
+/// The first bad record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditProblem {
+    pub seq: i64,
+    pub reason: String,
+}
+
+impl fmt::Display for AuditProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "record {}: {}", self.seq, self.reason)
+    }
+}
+
+/// Which records to read.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Only records at or after this time (Unix milliseconds).
+    pub since_ms: Option<i64>,
+    /// Only records after this sequence number (for paging and following).
+    pub after_seq: Option<i64>,
+    /// Only this tenant's.
+    pub tenant: Option<String>,
+    /// At most this many, oldest first; with `newest`, the newest this many (still oldest
+    /// first).
+    pub limit: u32,
+    pub newest: bool,
+}
+
+/// What `prune` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Records whose content was removed.
+    pub pruned: u64,
+    /// Fully pruned records removed from the start of the log.
+    pub deleted: u64,
+}
+
+struct Hasher(Sha256);
+
+impl Hasher {
+    fn new(domain: &str) -> Self {
+        let mut h = Self(Sha256::new());
+        h.bytes(Some(domain.as_bytes()));
+        h
+    }
+
+    fn bytes(&mut self, value: Option<&[u8]>) -> &mut Self {
+        match value {
+            Some(v) => {
+                self.0.update((v.len() as u64).to_le_bytes());
+                self.0.update(v);
+            }
+            None => self.0.update(u64::MAX.to_le_bytes()),
+        }
+        self
+    }
+
+    fn text(&mut self, value: Option<&str>) -> &mut Self {
+        self.bytes(value.map(str::as_bytes))
+    }
+
+    fn int(&mut self, value: Option<i64>) -> &mut Self {
+        self.bytes(value.map(|v| v.to_le_bytes()).as_ref().map(|b| &b[..]))
+    }
+
+    fn finish(self) -> String {
+        hex(&self.0.finalize())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn personal_hash(
+    salt: Option<&str>,
+    subject: Option<&str>,
+    source: Option<&str>,
+    text: Option<&str>,
+) -> String {
+    let mut h = Hasher::new("enclave-audit-personal-v1");
+    h.text(salt).text(subject).text(source).text(text);
+    h.finish()
+}
+
+fn content_hash(entry: &AuditEntry, personal: &str) -> String {
+    let mut h = Hasher::new("enclave-audit-content-v1");
+    h.text(entry.request_id.as_deref())
+        .text(entry.tenant.as_deref())
+        .text(entry.method.as_deref())
+        .text(entry.route.as_deref())
+        .text(entry.model.as_deref())
+        .int(entry.status)
+        .int(entry.prompt_tokens)
+        .int(entry.completion_tokens)
+        .int(entry.latency_ms)
+        .text(entry.detail.as_deref())
+        .text(Some(personal));
+    h.finish()
+}
+
+fn link_hash(prev: &str, seq: i64, at_ms: i64, kind: &str, content: &str) -> String {
+    let mut h = Hasher::new("enclave-audit-link-v1");
+    h.text(Some(prev))
+        .int(Some(seq))
+        .int(Some(at_ms))
+        .text(Some(kind))
+        .text(Some(content));
+    h.finish()
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl AuditEvent {
+    fn entry(&self, seq: i64) -> AuditEntry {
+        AuditEntry {
+            seq,
+            at_ms: self.at_ms,
+            kind: self.kind.name().to_string(),
+            request_id: Some(self.request_id.clone()),
+            tenant: Some(self.tenant.clone()),
+            subject: Some(self.subject.clone()),
+            source: Some(self.source.clone()),
+            method: Some(self.method.clone()),
+            route: Some(self.route.clone()),
+            model: Some(self.model.clone()),
+            status: Some(i64::from(self.status)),
+            prompt_tokens: Some(to_i64(self.prompt_tokens)),
+            completion_tokens: Some(to_i64(self.completion_tokens)),
+            latency_ms: Some(to_i64(self.latency_ms)),
+            detail: Some(self.detail.clone()),
+            text: self.text.clone(),
+            pruned: false,
+            erased: false,
+            sha256: String::new(),
+        }
+    }
+}
+
+const ENTRY_COLUMNS: &str = "seq, at_ms, kind, request_id, tenant, method, route, model, status, \
+     prompt_tokens, completion_tokens, latency_ms, detail, subject, source, text, salt, \
+     personal_sha256, content_sha256, prev_sha256, sha256, pruned, erased";
+
+/// A row with what verification needs beside the entry.
+struct Row2 {
+    entry: AuditEntry,
+    salt: Option<String>,
+    personal: Option<String>,
+    content: String,
+    prev: String,
+}
+
+fn row_from(row: &AnyRow) -> Result<Row2> {
+    let pruned: i64 = row.try_get("pruned")?;
+    let erased: i64 = row.try_get("erased")?;
+    Ok(Row2 {
+        entry: AuditEntry {
+            seq: row.try_get("seq")?,
+            at_ms: row.try_get("at_ms")?,
+            kind: row.try_get("kind")?,
+            request_id: row.try_get("request_id")?,
+            tenant: row.try_get("tenant")?,
+            subject: row.try_get("subject")?,
+            source: row.try_get("source")?,
+            method: row.try_get("method")?,
+            route: row.try_get("route")?,
+            model: row.try_get("model")?,
+            status: row.try_get("status")?,
+            prompt_tokens: row.try_get("prompt_tokens")?,
+            completion_tokens: row.try_get("completion_tokens")?,
+            latency_ms: row.try_get("latency_ms")?,
+            detail: row.try_get("detail")?,
+            text: row.try_get("text")?,
+            pruned: pruned != 0,
+            erased: erased != 0,
+            sha256: row.try_get("sha256")?,
+        },
+        salt: row.try_get("salt")?,
+        personal: row.try_get("personal_sha256")?,
+        content: row.try_get("content_sha256")?,
+        prev: row.try_get("prev_sha256")?,
+    })
+}
+
+/// Why `row` does not verify as the successor of (`expected_seq - 1`, `prev`); `None` if it
+/// does.
+fn check(row: &Row2, expected_seq: i64, prev: &str) -> Option<String> {
+    let e = &row.entry;
+    if e.seq != expected_seq {
+        return Some(if e.seq > expected_seq {
+            format!(
+                "records {expected_seq}..{} are missing (deleted), or this one was renumbered",
+                e.seq - 1
+            )
+        } else {
+            format!("out of order: expected record {expected_seq}")
+        });
+    }
+    if row.prev != prev {
+        return Some("does not follow the record before it (its previous hash differs)".into());
+    }
+    if AuditKind::parse(&e.kind).is_none() {
+        return Some(format!("unknown kind `{}`", e.kind));
+    }
+    let content = if e.pruned {
+        row.content.clone()
+    } else {
+        let personal = if e.erased {
+            if e.subject.is_some() || e.source.is_some() || e.text.is_some() || row.salt.is_some() {
+                return Some("marked erased but still holds personal fields".into());
+            }
+            row.personal.clone().unwrap_or_default()
+        } else {
+            let computed = personal_hash(
+                row.salt.as_deref(),
+                e.subject.as_deref(),
+                e.source.as_deref(),
+                e.text.as_deref(),
+            );
+            if row.personal.as_deref() != Some(computed.as_str()) {
+                return Some("its subject, source or text was changed".into());
+            }
+            computed
+        };
+        let computed = content_hash(e, &personal);
+        if computed != row.content {
+            return Some("its content was changed".into());
+        }
+        computed
+    };
+    if link_hash(prev, e.seq, e.at_ms, &e.kind, &content) != e.sha256 {
+        return Some("its hash does not match (its time, kind or hash was changed)".into());
+    }
+    None
+}
+
+impl Store {
+    /// Appends `events` in one transaction, continuing the chain from its head. Writers on
+    /// other connections or replicas queue on the head row's lock, so the chain stays one line.
+    pub async fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool().begin().await?;
+        // Takes the write lock before reading the head (SQLite: the database's; PostgreSQL:
+        // the row's), so two writers cannot both continue from the same record.
+        sqlx::query("UPDATE audit_chain SET last_seq = last_seq WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let head = sqlx::query("SELECT last_seq, last_sha256 FROM audit_chain WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut seq: i64 = head.try_get("last_seq")?;
+        let mut prev: String = head.try_get("last_sha256")?;
+        for event in events {
+            seq += 1;
+            let salt = hex(&rand::random::<[u8; 16]>());
+            let entry = event.entry(seq);
+            let personal = personal_hash(
+                Some(&salt),
+                entry.subject.as_deref(),
+                entry.source.as_deref(),
+                entry.text.as_deref(),
+            );
+            let content = content_hash(&entry, &personal);
+            let link = link_hash(&prev, seq, entry.at_ms, &entry.kind, &content);
+            sqlx::query(&format!(
+                "INSERT INTO audit_log ({ENTRY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+                 $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, 0, 0)"
+            ))
+            .bind(seq)
+            .bind(entry.at_ms)
+            .bind(&entry.kind)
+            .bind(&entry.request_id)
+            .bind(&entry.tenant)
+            .bind(&entry.method)
+            .bind(&entry.route)
+            .bind(&entry.model)
+            .bind(entry.status)
+            .bind(entry.prompt_tokens)
+            .bind(entry.completion_tokens)
+            .bind(entry.latency_ms)
+            .bind(&entry.detail)
+            .bind(&entry.subject)
+            .bind(&entry.source)
+            .bind(&entry.text)
+            .bind(&salt)
+            .bind(&personal)
+            .bind(&content)
+            .bind(&prev)
+            .bind(&link)
+            .execute(&mut *tx)
+            .await?;
+            prev = link;
+        }
+        sqlx::query("UPDATE audit_chain SET last_seq = $1, last_sha256 = $2 WHERE id = 1")
+            .bind(seq)
+            .bind(&prev)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Walks the whole chain from its anchor to its head and reports the first record that
+    /// does not verify.
+    pub async fn verify_audit(&self) -> Result<AuditVerification> {
+        let chain = sqlx::query(
+            "SELECT last_seq, last_sha256, anchor_seq, anchor_sha256 FROM audit_chain WHERE id = 1",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        let head_seq: i64 = chain.try_get("last_seq")?;
+        let head_sha256: String = chain.try_get("last_sha256")?;
+        let mut expected_seq: i64 = chain.try_get::<i64, _>("anchor_seq")? + 1;
+        let mut prev: String = chain.try_get("anchor_sha256")?;
+        let mut report = AuditVerification {
+            records: 0,
+            pruned: 0,
+            erased: 0,
+            head_seq,
+            head_sha256: head_sha256.clone(),
+            problem: None,
+        };
+        // Rows before the anchor should not exist: pruning deleted them.
+        let before: i64 = sqlx::query("SELECT COUNT(*) AS n FROM audit_log WHERE seq < $1")
+            .bind(expected_seq)
+            .fetch_one(self.pool())
+            .await?
+            .try_get("n")?;
+        if before > 0 {
+            report.problem = Some(AuditProblem {
+                seq: expected_seq - 1,
+                reason: format!("{before} record(s) before the chain's anchor were inserted"),
+            });
+            return Ok(report);
+        }
+        loop {
+            let rows = sqlx::query(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT $2"
+            ))
+            .bind(expected_seq)
+            .bind(VERIFY_PAGE)
+            .fetch_all(self.pool())
+            .await?;
+            let page = rows.len();
+            for row in &rows {
+                let row = row_from(row)?;
+                if let Some(reason) = check(&row, expected_seq, &prev) {
+                    report.problem = Some(AuditProblem {
+                        seq: row.entry.seq,
+                        reason,
+                    });
+                    return Ok(report);
+                }
+                report.records += 1;
+                report.pruned += u64::from(row.entry.pruned);
+                report.erased += u64::from(row.entry.erased);
+                expected_seq += 1;
+                prev = row.entry.sha256;
+            }
+            if (page as i64) < VERIFY_PAGE {
+                break;
+            }
+        }
+        if expected_seq - 1 != head_seq || prev != head_sha256 {
+            report.problem = Some(AuditProblem {
+                seq: expected_seq,
+                reason: if expected_seq - 1 < head_seq {
+                    format!(
+                        "records {expected_seq}..{head_seq} are missing (the newest were deleted)"
+                    )
+                } else {
+                    "the chain's recorded head does not match its newest record".into()
+                },
+            });
+        }
+        Ok(report)
+    }
+
+    /// Records as `query` asks, oldest first.
+    pub async fn audit_entries(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        let order = if query.newest { "DESC" } else { "ASC" };
+        let rows = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM audit_log WHERE at_ms >= $1 AND seq > $2 \
+             AND ($3 = '' OR tenant = $3) ORDER BY seq {order} LIMIT $4"
+        ))
+        .bind(query.since_ms.unwrap_or(i64::MIN))
+        .bind(query.after_seq.unwrap_or(i64::MIN))
+        .bind(query.tenant.as_deref().unwrap_or(""))
+        .bind(i64::from(query.limit))
+        .fetch_all(self.pool())
+        .await?;
+        let mut entries = rows
+            .iter()
+            .map(|r| row_from(r).map(|r| r.entry))
+            .collect::<Result<Vec<_>>>()?;
+        if query.newest {
+            entries.reverse();
+        }
+        Ok(entries)
+    }
+
+    /// Removes the content of API and security records older than `before_ms` and of admin
+    /// records older than `admin_before_ms`, then deletes the fully pruned records at the
+    /// start of the log, moving the chain's anchor past them.
+    pub async fn prune_audit(&self, before_ms: i64, admin_before_ms: i64) -> Result<PruneReport> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("UPDATE audit_chain SET last_seq = last_seq WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let pruned = sqlx::query(
+            "UPDATE audit_log SET request_id = NULL, tenant = NULL, method = NULL, route = NULL, \
+             model = NULL, status = NULL, prompt_tokens = NULL, completion_tokens = NULL, \
+             latency_ms = NULL, detail = NULL, subject = NULL, source = NULL, text = NULL, \
+             salt = NULL, personal_sha256 = NULL, pruned = 1 \
+             WHERE pruned = 0 AND ((kind <> 'admin' AND at_ms < $1) OR (kind = 'admin' AND at_ms < $2))",
+        )
+        .bind(before_ms)
+        .bind(admin_before_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // The leading run of pruned records: everything before the oldest kept one.
+        let kept: Option<i64> =
+            sqlx::query("SELECT MIN(seq) AS seq FROM audit_log WHERE pruned = 0")
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("seq")?;
+        let last: Option<i64> = sqlx::query("SELECT MAX(seq) AS seq FROM audit_log")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("seq")?;
+        let cut = match (kept, last) {
+            (Some(kept), _) => kept - 1,
+            (None, Some(last)) => last,
+            (None, None) => 0,
+        };
+        let mut deleted = 0;
+        let anchor = sqlx::query("SELECT sha256 FROM audit_log WHERE seq = $1")
+            .bind(cut)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(anchor) = anchor {
+            let anchor: String = anchor.try_get("sha256")?;
+            deleted = sqlx::query("DELETE FROM audit_log WHERE seq <= $1")
+                .bind(cut)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query("UPDATE audit_chain SET anchor_seq = $1, anchor_sha256 = $2 WHERE id = 1")
+                .bind(cut)
+                .bind(&anchor)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(PruneReport { pruned, deleted })
+    }
+
+    /// Erases the personal fields (subject, source, text) of every record of `subject`
+    /// (`key:…`, `token:…`, `cert:…`, or the bare id, which matches any of them); returns how
+    /// many records were erased.
+    pub async fn erase_audit_subject(&self, subject: &str) -> Result<u64> {
+        if subject.is_empty() {
+            return Err(GatewayError::invalid("user", "name the subject to erase"));
+        }
+        let erased = sqlx::query(
+            "UPDATE audit_log SET subject = NULL, source = NULL, text = NULL, salt = NULL, \
+             erased = 1 WHERE pruned = 0 AND subject IN ($1, $2, $3, $4)",
+        )
+        .bind(subject)
+        .bind(format!("key:{subject}"))
+        .bind(format!("token:{subject}"))
+        .bind(format!("cert:{subject}"))
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok(erased)
+    }
+}
+
+enum Command {
+    Record(Box<AuditEvent>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The handle through which the server records events: [`AuditLog::record`] queues one for
+/// the writer task, which appends whatever is queued in one transaction (group commit), so
+/// the database sees one commit per batch, not per request. A record is lost only if the
+/// process dies between queueing it and that commit (normally milliseconds);
+/// [`AuditLog::record_and_wait`] returns after the commit, for admin actions.
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl AuditLog {
+    /// Starts the writer task on the current Tokio runtime. It retries a failed commit (the
+    /// database away) with backoff, keeping the records, and ends when every handle is gone
+    /// and all is written.
+    pub fn start(store: Store) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(store, rx));
+        Self { tx }
+    }
+
+    /// Queues `event` (never blocks).
+    pub fn record(&self, event: AuditEvent) {
+        if self.tx.send(Command::Record(Box::new(event))).is_err() {
+            tracing::error!("the audit writer has stopped; an audit record is lost");
+        }
+    }
+
+    /// Queues `event` and waits until it is committed.
+    pub async fn record_and_wait(&self, event: AuditEvent) -> Result<()> {
+        self.record(event);
+        self.flush().await
+    }
+
+    /// Waits until everything queued so far is committed.
+    pub async fn flush(&self) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Command::Flush(done))
+            .map_err(|_| GatewayError::Stopped("the audit writer"))?;
+        wait.await
+            .map_err(|_| GatewayError::Stopped("the audit writer"))
+    }
+}
+
+async fn write_loop(store: Store, mut rx: mpsc::UnboundedReceiver<Command>) {
+    let mut batch = Vec::new();
+    let mut waiting = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(command) = next.take() {
+            match command {
+                Command::Record(event) => batch.push(*event),
+                Command::Flush(done) => waiting.push(done),
+            }
+            if batch.len() >= MAX_BATCH {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        let mut backoff = Duration::from_millis(50);
+        while let Err(e) = store.append_audit(&batch).await {
+            tracing::error!(error = %e, records = batch.len(), "cannot write the audit log; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        batch.clear();
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_length_prefixed() {
+        let a = personal_hash(Some("s"), Some("ab"), Some("c"), None);
+        let b = personal_hash(Some("s"), Some("a"), Some("bc"), None);
+        let c = personal_hash(Some("s"), Some("ab"), Some("c"), Some(""));
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.len(), 64);
+    }
+}
