@@ -130,6 +130,7 @@ impl AuditEntry {
             .map(|d| serde_json::from_str(d).unwrap_or_else(|_| json!(d)));
         json!({
             "seq": self.seq,
+            "time": rfc3339(self.at_ms),
             "at_ms": self.at_ms,
             "kind": self.kind,
             "request_id": self.request_id,
@@ -201,6 +202,55 @@ pub struct PruneReport {
     pub pruned: u64,
     /// Fully pruned records removed from the start of the log.
     pub deleted: u64,
+}
+
+/// `at_ms` as RFC 3339 in UTC, with milliseconds.
+pub fn rfc3339(at_ms: i64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A point in time as people write it, in Unix milliseconds: `2026-11-01` (UTC midnight),
+/// `2026-11-01T08:00:00Z` (RFC 3339), `7d` / `24h` / `30m` (that long before `now_ms`), or
+/// Unix milliseconds.
+pub fn parse_since(text: &str, now_ms: i64) -> Result<i64> {
+    let text = text.trim();
+    let invalid = || {
+        GatewayError::invalid(
+            "since",
+            format!(
+                "`{}` is not a time: use 2026-11-01, 2026-11-01T08:00:00Z, 7d, 24h, 30m or Unix milliseconds",
+                text.escape_debug()
+            ),
+        )
+    };
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    for (suffix, unit_ms) in [("d", 86_400_000i64), ("h", 3_600_000), ("m", 60_000)] {
+        if let Some(n) = text
+            .strip_suffix(suffix)
+            .and_then(|n| n.parse::<i64>().ok())
+        {
+            return n
+                .checked_mul(unit_ms)
+                .map(|ago| now_ms.saturating_sub(ago))
+                .ok_or_else(invalid);
+        }
+    }
+    if let Ok(at) =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    {
+        return i64::try_from(at.unix_timestamp_nanos() / 1_000_000).map_err(|_| invalid());
+    }
+    let date = time::Date::parse(
+        text,
+        time::macros::format_description!("[year]-[month]-[day]"),
+    )
+    .map_err(|_| invalid())?;
+    Ok(date.midnight().assume_utc().unix_timestamp() * 1000)
 }
 
 struct Hasher(Sha256);
@@ -730,6 +780,25 @@ async fn write_loop(store: Store, mut rx: mpsc::UnboundedReceiver<Command>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_as_people_write_them() -> Result<()> {
+        let now = 1_800_000_000_000;
+        assert_eq!(parse_since("2026-11-01", now)?, 1_793_491_200_000);
+        assert_eq!(parse_since("2026-11-01T08:00:00Z", now)?, 1_793_520_000_000);
+        assert_eq!(
+            parse_since("2026-11-01T10:00:00+02:00", now)?,
+            1_793_520_000_000
+        );
+        assert_eq!(parse_since("7d", now)?, now - 7 * 86_400_000);
+        assert_eq!(parse_since("30m", now)?, now - 1_800_000);
+        assert_eq!(parse_since("1234", now)?, 1234);
+        for bad in ["", "yesterday", "2026-13-01", "7w", "99999999999999999999d"] {
+            assert!(parse_since(bad, now).is_err(), "{bad}");
+        }
+        assert_eq!(rfc3339(1_793_520_000_123), "2026-11-01T08:00:00.123Z");
+        Ok(())
+    }
 
     #[test]
     fn fields_are_length_prefixed() {

@@ -23,8 +23,8 @@ mod tls;
 mod usage;
 
 pub use audit::{
-    AuditEntry, AuditEvent, AuditKind, AuditLog, AuditProblem, AuditQuery, AuditVerification,
-    PruneReport,
+    parse_since, rfc3339, AuditEntry, AuditEvent, AuditKind, AuditLog, AuditProblem, AuditQuery,
+    AuditVerification, PruneReport,
 };
 pub use authenticator::{unix_time, Authenticator, CertificateBinding, CACHE_TTL};
 pub use error::{GatewayError, Result};

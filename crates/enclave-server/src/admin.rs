@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use crate::auth::Access;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
+use crate::generation::Meter;
 use crate::state::AppState;
 
 /// Every admin route, with the permission it needs (`None`: the public liveness probe).
@@ -34,6 +35,13 @@ pub const ADMIN_ROUTES: &[(&str, &str, Option<Permission>)] = &[
     ),
     ("GET", "/admin/v1/usage", Some(Permission::MetricsRead)),
     ("GET", "/metrics", Some(Permission::MetricsRead)),
+    ("GET", "/admin/v1/audit", Some(Permission::AuditRead)),
+    ("GET", "/admin/v1/audit/verify", Some(Permission::AuditRead)),
+    (
+        "POST",
+        "/admin/v1/audit/erase",
+        Some(Permission::TenantsManage),
+    ),
     ("GET", "/admin/v1/roles", Some(Permission::KeysManage)),
     ("POST", "/admin/v1/roles", Some(Permission::ConfigManage)),
     (
@@ -50,6 +58,16 @@ fn authenticator(state: &AppState) -> Result<&Authenticator, ApiError> {
         Access::Disabled => Err(ApiError::not_found(
             "the admin API needs authentication to be on",
         )),
+    }
+}
+
+/// What an admin action changed, for its audit record.
+fn note(meter: &Meter, action: &str, mut detail: Value) {
+    if let Some(meter) = meter {
+        if let Some(object) = detail.as_object_mut() {
+            object.insert("action".into(), json!(action));
+        }
+        meter.note(detail);
     }
 }
 
@@ -133,6 +151,7 @@ pub(crate) async fn list_tenants(
 pub(crate) async fn create_tenant(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Principal>,
+    Extension(meter): Extension<Meter>,
     ApiJson(body): ApiJson<NewTenantBody>,
 ) -> Result<Response, ApiError> {
     let models = body.models.unwrap_or_else(|| vec!["*".into()]);
@@ -147,6 +166,7 @@ pub(crate) async fn create_tenant(
         .await
         .map_err(gateway_error)?;
     tracing::info!(subject = %caller.subject(), tenant = %tenant.name, "tenant created");
+    note(&meter, "tenant.create", tenant_json(&tenant));
     Ok((StatusCode::CREATED, Json(tenant_json(&tenant))).into_response())
 }
 
@@ -186,6 +206,7 @@ pub(crate) struct NewKeyBody {
 pub(crate) async fn create_key(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Principal>,
+    Extension(meter): Extension<Meter>,
     ApiJson(body): ApiJson<NewKeyBody>,
 ) -> Result<Response, ApiError> {
     let authenticator = authenticator(&state)?;
@@ -220,6 +241,7 @@ pub(crate) async fn create_key(
         .await
         .map_err(gateway_error)?;
     tracing::info!(subject = %caller.subject(), key = %created.info.id, tenant = %created.info.tenant, role = %created.info.role, "key created");
+    note(&meter, "key.create", key_json(&created.info));
     let mut body = key_json(&created.info);
     body["key"] = json!(created.key);
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -228,6 +250,7 @@ pub(crate) async fn create_key(
 pub(crate) async fn revoke_key(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Principal>,
+    Extension(meter): Extension<Meter>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let store = authenticator(&state)?.store();
@@ -243,6 +266,7 @@ pub(crate) async fn revoke_key(
         .await
         .map_err(gateway_error)?;
     tracing::info!(subject = %caller.subject(), key = %key.id, tenant = %key.tenant, "key revoked");
+    note(&meter, "key.revoke", key_json(&key));
     Ok(Json(key_json(&key)))
 }
 
@@ -298,6 +322,7 @@ pub(crate) struct NewRoleBody {
 pub(crate) async fn create_role(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Principal>,
+    Extension(meter): Extension<Meter>,
     ApiJson(body): ApiJson<NewRoleBody>,
 ) -> Result<Response, ApiError> {
     let authenticator = authenticator(&state)?;
@@ -323,22 +348,21 @@ pub(crate) async fn create_role(
         .map_err(gateway_error)?;
     authenticator.forget_roles();
     tracing::info!(subject = %caller.subject(), role = %body.name, "role created");
-    Ok((
-        StatusCode::CREATED,
-        Json(role_json(
-            &body.name,
-            permissions,
-            enclave_gateway::RoleOrigin::Stored,
-            &description,
-        )),
-    )
-        .into_response())
+    let role = role_json(
+        &body.name,
+        permissions,
+        enclave_gateway::RoleOrigin::Stored,
+        &description,
+    );
+    note(&meter, "role.create", role.clone());
+    Ok((StatusCode::CREATED, Json(role)).into_response())
 }
 
 /// Deletes a role created in the database (built-in and configured ones cannot be).
 pub(crate) async fn delete_role(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Principal>,
+    Extension(meter): Extension<Meter>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let authenticator = authenticator(&state)?;
@@ -358,7 +382,97 @@ pub(crate) async fn delete_role(
         .map_err(gateway_error)?;
     authenticator.forget_roles();
     tracing::info!(subject = %caller.subject(), role = %name, "role deleted");
+    note(&meter, "role.delete", json!({ "name": name }));
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct AuditQueryParams {
+    /// `2026-11-01`, RFC 3339, `7d`, or Unix milliseconds.
+    since: Option<String>,
+    /// Records after this sequence number (paging: the last one seen).
+    after: Option<i64>,
+    tenant: Option<String>,
+    /// At most this many (default 100, at most 1,000).
+    limit: Option<u32>,
+}
+
+/// `GET /admin/v1/audit`: records oldest first; the caller's tenant's only, unless it holds
+/// `tenants:manage`.
+pub(crate) async fn audit_records(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
+    Query(params): Query<AuditQueryParams>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = tenant_filter(&caller, params.tenant.as_deref())?;
+    let since_ms = params
+        .since
+        .as_deref()
+        .map(|s| enclave_gateway::parse_since(s, crate::audit::unix_millis()))
+        .transpose()
+        .map_err(gateway_error)?;
+    let entries = authenticator(&state)?
+        .store()
+        .audit_entries(&enclave_gateway::AuditQuery {
+            since_ms,
+            after_seq: params.after,
+            tenant,
+            limit: params.limit.unwrap_or(100).clamp(1, 1000),
+            newest: false,
+        })
+        .await
+        .map_err(gateway_error)?;
+    Ok(Json(json!({
+        "records": entries.iter().map(|e| e.to_json()).collect::<Vec<_>>(),
+    })))
+}
+
+/// `GET /admin/v1/audit/verify`: walks the whole chain.
+pub(crate) async fn audit_verify(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Value>, ApiError> {
+    let report = authenticator(&state)?
+        .store()
+        .verify_audit()
+        .await
+        .map_err(gateway_error)?;
+    Ok(Json(verification_json(&report)))
+}
+
+/// A verification as the admin API and `enclave audit verify --json` show it.
+pub fn verification_json(report: &enclave_gateway::AuditVerification) -> Value {
+    json!({
+        "ok": report.problem.is_none(),
+        "records": report.records,
+        "pruned": report.pruned,
+        "erased": report.erased,
+        "head_seq": report.head_seq,
+        "head_sha256": report.head_sha256,
+        "problem": report.problem.as_ref().map(|p| json!({"seq": p.seq, "reason": p.reason})),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EraseBody {
+    /// The subject: `key:<id>`, `token:<sub>`, `cert:<subject>`, or the bare id.
+    user: String,
+}
+
+/// `POST /admin/v1/audit/erase`: removes a data subject's personal fields from every record;
+/// the action's own record holds the count, not the subject.
+pub(crate) async fn audit_erase(
+    State(state): State<Arc<AppState>>,
+    Extension(meter): Extension<Meter>,
+    ApiJson(body): ApiJson<EraseBody>,
+) -> Result<Json<Value>, ApiError> {
+    let erased = authenticator(&state)?
+        .store()
+        .erase_audit_subject(&body.user)
+        .await
+        .map_err(gateway_error)?;
+    note(&meter, "audit.erase", json!({ "records": erased }));
+    Ok(Json(json!({ "erased": erased })))
 }
 
 /// Roles as the admin API and `enclave roles list --json` show them.

@@ -6,17 +6,19 @@
 //! missing from its table is refused to everyone (405) until it is listed (the tests walk the
 //! tables).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use enclave_gateway::{Authenticator, GatewayError, Permission, Principal};
+use enclave_gateway::{AuditKind, Authenticator, GatewayError, Permission, Principal};
 
+use crate::audit::AuditTrail;
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{new_id, AppState};
 use crate::tls::TlsPeer;
 
 /// How callers are authenticated.
@@ -61,10 +63,49 @@ pub(crate) async fn authorize(
     // A route is its method and path: `GET /admin/v1/roles` and `POST /admin/v1/roles` may
     // need different permissions.
     let method = request.method().as_str().to_string();
-    let response =
-        authorize_and_run(&state, routes, route.as_deref(), &method, request, next).await;
+    let needs = route.as_deref().map(|path| {
+        routes
+            .iter()
+            .find(|(m, p, _)| *p == path && *m == method)
+            .map(|r| r.2)
+    });
+    let request_id = new_id("req");
+    // Public probes (polled every few seconds) are counted, not audited.
+    let public = matches!(needs, Some(Some(None)));
+    let trail = match (&state.audit, public) {
+        (Some(log), false) => Some(Arc::new(AuditTrail::new(
+            log.clone(),
+            if listener == "admin" {
+                AuditKind::Admin
+            } else {
+                AuditKind::Api
+            },
+            request_id.clone(),
+            source_address(&request),
+            method.clone(),
+            route.clone().unwrap_or_else(|| "unmatched".into()),
+        ))),
+        _ => None,
+    };
+    let mut response = if public {
+        next.run(request).await
+    } else {
+        authorize_and_run(
+            &state,
+            needs,
+            route.as_deref(),
+            &method,
+            trail.clone(),
+            request,
+            next,
+        )
+        .await
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let status = response.status();
     if let Some(metrics) = &state.metrics {
-        let status = response.status();
         if status == StatusCode::UNAUTHORIZED {
             metrics.auth_failed();
         } else if status == StatusCode::TOO_MANY_REQUESTS {
@@ -79,26 +120,43 @@ pub(crate) async fn authorize(
             started.elapsed(),
         );
     }
-    response
+    match trail {
+        Some(trail) => {
+            trail.set_status(status.as_u16());
+            if listener == "admin" {
+                // An admin action is answered only once its record is committed.
+                trail.commit().await;
+                response
+            } else {
+                // Recorded when the body has been sent (streams: at their end).
+                let (parts, body) = response.into_parts();
+                Response::from_parts(parts, crate::metering::hold_until_sent(body, trail))
+            }
+        }
+        None => response,
+    }
+}
+
+/// The client's address, as its connection reports it.
+fn source_address(request: &Request) -> String {
+    if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<TlsPeer>>() {
+        return peer.address.ip().to_string();
+    }
+    if let Some(ConnectInfo(address)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
+        return address.ip().to_string();
+    }
+    String::new()
 }
 
 async fn authorize_and_run(
     state: &AppState,
-    routes: RouteTable,
+    needs: Option<Option<Option<Permission>>>,
     route: Option<&str>,
     method: &str,
+    trail: Option<Arc<AuditTrail>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let needs = route.map(|path| {
-        routes
-            .iter()
-            .find(|(m, p, _)| *p == path && *m == method)
-            .map(|r| r.2)
-    });
-    if let Some(Some(None)) = needs {
-        return next.run(request).await; // a public probe
-    }
     let principal = match &state.access {
         Access::Disabled => Principal::unauthenticated(),
         Access::Keys(authenticator) => {
@@ -121,6 +179,9 @@ async fn authorize_and_run(
             }
         }
     };
+    if let Some(trail) = &trail {
+        trail.identify(&principal);
+    }
     match needs {
         // A path with no such method in its table: a method the router does not take (405),
         // or one registered but never listed — refused either way until it is listed.
@@ -138,7 +199,7 @@ async fn authorize_and_run(
     }
     let meter = match &state.access {
         Access::Disabled => None,
-        Access::Keys(_) => match state.metering.admit(&principal) {
+        Access::Keys(_) => match state.metering.admit(&principal, trail) {
             Ok(meter) => Some(meter),
             Err(refused) => return refused.into_response(),
         },

@@ -150,6 +150,9 @@ pub(crate) fn submit_choices(
     prompt_param: &str,
     meter: &Meter,
 ) -> Result<Vec<ChoiceStream>, ApiError> {
+    if let Some(meter) = meter {
+        meter.set_model(&served.name);
+    }
     let streams = (0..n)
         .map(|i| {
             let mut request = request.clone();

@@ -11,6 +11,7 @@
 //! - A stream whose client disconnects drops its engine requests, which frees their KV blocks.
 
 pub mod admin;
+mod audit;
 mod auth;
 mod chat;
 mod completions;
@@ -89,6 +90,9 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         )
         .route("/admin/v1/usage", get(admin::usage))
         .route("/metrics", get(metrics::scrape))
+        .route("/admin/v1/audit", get(admin::audit_records))
+        .route("/admin/v1/audit/verify", get(admin::audit_verify))
+        .route("/admin/v1/audit/erase", post(admin::audit_erase))
         .route(
             "/admin/v1/roles",
             get(admin::list_roles).post(admin::create_role),

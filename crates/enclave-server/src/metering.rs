@@ -16,6 +16,7 @@ use enclave_gateway::{
 };
 use http_body::{Frame, SizeHint};
 
+use crate::audit::AuditTrail;
 use crate::error::ApiError;
 
 /// The limiter and ledger every request shares.
@@ -32,7 +33,11 @@ impl Metering {
     }
 
     /// Admits a request of `principal`, counting it, or refuses it with a 429.
-    pub(crate) fn admit(&self, principal: &Principal) -> Result<Arc<RequestMeter>, ApiError> {
+    pub(crate) fn admit(
+        &self,
+        principal: &Principal,
+        trail: Option<Arc<AuditTrail>>,
+    ) -> Result<Arc<RequestMeter>, ApiError> {
         let subjects = principal.rate_subjects();
         let admission = if subjects.is_empty() {
             None
@@ -47,6 +52,7 @@ impl Metering {
             ledger: self.ledger.clone(),
             tenant: principal.tenant.clone(),
             key_id: principal.key_id().to_string(),
+            trail,
         };
         meter.record(UsageCounts {
             requests: 1,
@@ -63,9 +69,25 @@ pub(crate) struct RequestMeter {
     ledger: Arc<UsageLedger>,
     tenant: String,
     key_id: String,
+    /// The request's audit record, which counts its tokens too.
+    trail: Option<Arc<AuditTrail>>,
 }
 
 impl RequestMeter {
+    /// The model the request runs on, for its audit record.
+    pub fn set_model(&self, model: &str) {
+        if let Some(trail) = &self.trail {
+            trail.set_model(model);
+        }
+    }
+
+    /// What an admin action changed, for its audit record.
+    pub fn note(&self, detail: serde_json::Value) {
+        if let Some(trail) = &self.trail {
+            trail.note(detail);
+        }
+    }
+
     pub fn charge_prompt(&self, tokens: usize) {
         self.charge(UsageCounts {
             prompt_tokens: tokens as u64,
@@ -83,6 +105,9 @@ impl RequestMeter {
     fn charge(&self, counts: UsageCounts) {
         if let Some(admission) = &self.admission {
             admission.charge_tokens(counts.prompt_tokens + counts.completion_tokens);
+        }
+        if let Some(trail) = &self.trail {
+            trail.add_tokens(counts.prompt_tokens, counts.completion_tokens);
         }
         self.record(counts);
     }
@@ -106,13 +131,15 @@ pub(crate) fn finish(meter: Arc<RequestMeter>, response: Response) -> Response {
     if let Some(quotas) = quotas {
         quota_headers(&mut parts.headers, &quotas);
     }
-    Response::from_parts(
-        parts,
-        Body::new(MeteredBody {
-            inner: body,
-            _meter: meter,
-        }),
-    )
+    Response::from_parts(parts, hold_until_sent(body, meter))
+}
+
+/// `body`, keeping `held` alive until the body has been sent (or dropped by a client gone).
+pub(crate) fn hold_until_sent<T: Send + Sync + Unpin + 'static>(body: Body, held: T) -> Body {
+    Body::new(HoldingBody {
+        inner: body,
+        _held: held,
+    })
 }
 
 fn too_many(principal: &Principal, refusal: &Refusal) -> ApiError {
@@ -174,12 +201,12 @@ fn duration_text(duration: Duration) -> String {
     }
 }
 
-struct MeteredBody {
+struct HoldingBody<T> {
     inner: Body,
-    _meter: Arc<RequestMeter>,
+    _held: T,
 }
 
-impl http_body::Body for MeteredBody {
+impl<T: Send + Sync + Unpin + 'static> http_body::Body for HoldingBody<T> {
     type Data = Bytes;
     type Error = axum::Error;
 

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use enclave_engine::{EngineHandle, GenerateRequest, Prompt};
 
-use enclave_gateway::Principal;
+use enclave_gateway::{AuditLog, Principal};
 
 use crate::auth::Access;
 use crate::error::ApiError;
@@ -42,6 +42,8 @@ impl Default for ServerConfig {
 /// The loaded model as the handlers see it.
 pub(crate) struct Served {
     pub handle: EngineHandle,
+    /// The name clients use (`--served-model-name`).
+    pub name: String,
     /// The chat template opens `<think>` in its generation prompt (DeepSeek-R1): the output
     /// starts inside the reasoning.
     pub template_opens_think: bool,
@@ -54,14 +56,29 @@ pub struct AppState {
     pub(crate) metering: Metering,
     /// `None` only if the registry could not be built (a bug, logged; a unit test builds it).
     pub(crate) metrics: Option<Metrics>,
+    /// The audit log's writer, when authentication (and so the database) is on.
+    pub(crate) audit: Option<AuditLog>,
     served: OnceLock<Served>,
     /// Unix time the server started (the model's `created`).
     pub(crate) created: u64,
 }
 
 impl AppState {
+    /// The state of a server; with authentication on, starts the audit log's writer on the
+    /// current Tokio runtime.
     pub fn new(config: ServerConfig, access: Access) -> Arc<Self> {
+        let audit = match &access {
+            Access::Keys(authenticator) if tokio::runtime::Handle::try_current().is_ok() => {
+                Some(AuditLog::start(authenticator.store().clone()))
+            }
+            Access::Keys(_) => {
+                tracing::error!("no async runtime: requests will not be audited");
+                None
+            }
+            Access::Disabled => None,
+        };
         Arc::new(Self {
+            audit,
             config,
             access,
             metering: Metering::default(),
@@ -75,6 +92,11 @@ impl AppState {
 
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// The audit log's writer (to flush it at shutdown).
+    pub fn audit_log(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
     }
 
     /// Usage counted since the last flush, for the binary to write to the database.
@@ -102,6 +124,7 @@ impl AppState {
             .is_ok_and(|p| p.trim_end().ends_with("<think>"));
         let _ = self.served.set(Served {
             handle,
+            name: self.config.served_model_name.clone(),
             template_opens_think,
         });
         Ok(())

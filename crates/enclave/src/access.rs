@@ -8,6 +8,7 @@ use enclave_gateway::{unix_time, KeyInfo, Limits, NewKey, RoleOrigin};
 use enclave_server::admin::{key_json, role_json, roles_json, tenant_json, usage_json};
 use serde_json::{json, Value};
 
+use crate::audit::record_cli_action;
 use crate::config::Settings;
 
 #[derive(Subcommand, Debug)]
@@ -184,6 +185,7 @@ pub fn roles(settings: &Settings, command: RolesCommand) -> Result<()> {
                     RoleOrigin::Stored,
                     &args.description,
                 );
+                record_cli_action(&store, "role.create", created.clone()).await?;
                 if args.json {
                     println!("{created}");
                 } else {
@@ -199,6 +201,7 @@ pub fn roles(settings: &Settings, command: RolesCommand) -> Result<()> {
                     );
                 }
                 store.delete_role(&args.name, unix_time()).await?;
+                record_cli_action(&store, "role.delete", json!({ "name": args.name })).await?;
                 if args.json {
                     println!("{}", json!({"name": args.name, "deleted": true}));
                 } else {
@@ -236,7 +239,7 @@ pub struct TenantsListArgs {
     pub json: bool,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -270,6 +273,7 @@ pub fn keys(settings: &Settings, command: KeysCommand) -> Result<()> {
                         now,
                     )
                     .await?;
+                record_cli_action(&store, "key.create", key_json(&created.info)).await?;
                 if args.json {
                     let mut object = key_json(&created.info);
                     object["key"] = json!(created.key);
@@ -314,6 +318,7 @@ pub fn keys(settings: &Settings, command: KeysCommand) -> Result<()> {
                     .and_then(|rest| rest.split('_').next())
                     .unwrap_or(&args.id);
                 let key = store.revoke_key(id, unix_time()).await?;
+                record_cli_action(&store, "key.revoke", key_json(&key)).await?;
                 if args.json {
                     println!("{}", key_json(&key));
                 } else {
@@ -333,6 +338,7 @@ pub fn tenants(settings: &Settings, command: TenantsCommand) -> Result<()> {
                 let tenant = store
                     .create_tenant(&args.name, &args.models, args.limits.limits(), unix_time())
                     .await?;
+                record_cli_action(&store, "tenant.create", tenant_json(&tenant)).await?;
                 if args.json {
                     println!("{}", tenant_json(&tenant));
                 } else {

@@ -43,6 +43,31 @@ pub struct Settings {
     /// Custom roles: `[roles.support] permissions = ["inference"]`.
     #[serde(default)]
     pub roles: BTreeMap<String, RoleSettings>,
+    #[serde(default)]
+    pub audit: AuditSettings,
+}
+
+/// `[audit]`: how long the audit log keeps records.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// Days API calls and security events are kept (default 180: MLPS level 3 asks for at
+    /// least six months).
+    pub retention_days: Option<u32>,
+    /// Days admin actions are kept (default 365).
+    pub admin_retention_days: Option<u32>,
+}
+
+impl AuditSettings {
+    /// (API and security records, admin records), in days.
+    pub fn retention(&self) -> Result<(u32, u32)> {
+        let days = self.retention_days.unwrap_or(180);
+        let admin_days = self.admin_retention_days.unwrap_or(365.max(days));
+        if days == 0 || admin_days == 0 {
+            anyhow::bail!("audit.retention_days and audit.admin_retention_days must be at least 1");
+        }
+        Ok((days, admin_days))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +197,11 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("tls.client_ca", "ENCLAVE_TLS_CLIENT_CA"),
     ("tls.client_auth", "ENCLAVE_TLS_CLIENT_AUTH"),
     ("tls.allow_tls12", "ENCLAVE_TLS_ALLOW_TLS12"),
+    ("audit.retention_days", "ENCLAVE_AUDIT_RETENTION_DAYS"),
+    (
+        "audit.admin_retention_days",
+        "ENCLAVE_AUDIT_ADMIN_RETENTION_DAYS",
+    ),
 ];
 
 impl Settings {

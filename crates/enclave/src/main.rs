@@ -1,6 +1,7 @@
 //! `enclave`: the command-line entry point. Reads flags and the environment, wires the crates.
 
 mod access;
+mod audit;
 mod bench;
 mod bench_serve;
 mod chat;
@@ -58,6 +59,9 @@ enum Command {
     /// listed; roles created here live in the database).
     #[command(subcommand)]
     Roles(access::RolesCommand),
+    /// The audit log: verify its hash chain, tail or export it, prune it, erase a subject.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// How the serving engine batches requests and sizes its KV cache.
@@ -231,6 +235,10 @@ fn main() -> ExitCode {
         Command::Tenants(command) => access::tenants(&settings, command),
         Command::Usage(args) => access::usage(&settings, args),
         Command::Roles(command) => access::roles(&settings, command),
+        Command::Audit(command) => match audit::audit(&settings, command) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Generate(args) => {
             set_threads(args.model.threads);
             generate::run(args)

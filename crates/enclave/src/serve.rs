@@ -101,6 +101,7 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         );
     }
     let roles = settings.roles()?;
+    let retention = settings.audit.retention()?;
     let tls = tls_settings(&args, settings)?;
     let admin_tls = match &tls {
         Some(api) => Some(admin_tls_settings(&args, settings, api)?),
@@ -169,13 +170,24 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
             tracing::warn!("authentication disabled");
             Access::Disabled
         };
-        serve(args, config, access, usage_store, tls, admin, admin_tls).await
+        serve(
+            args,
+            config,
+            access,
+            usage_store,
+            tls,
+            admin,
+            admin_tls,
+            retention,
+        )
+        .await
     });
     // A model still loading when a signal arrived must not hold the exit.
     runtime.shutdown_background();
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     args: ServeArgs,
     config: ServerConfig,
@@ -184,6 +196,7 @@ async fn serve(
     tls: Option<TlsSettings>,
     admin: Option<(String, u16)>,
     admin_tls: Option<TlsSettings>,
+    (retention_days, admin_retention_days): (u32, u32),
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -246,6 +259,33 @@ async fn serve(
             }
         });
     }
+    // The audit log keeps what its retention says: pruned at start and then hourly.
+    if let Some(store) = usage_store.clone() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(AUDIT_PRUNE_INTERVAL);
+            loop {
+                tick.tick().await;
+                let now = enclave_gateway::unix_time().saturating_mul(1000);
+                match store
+                    .prune_audit(
+                        now - i64::from(retention_days) * 86_400_000,
+                        now - i64::from(admin_retention_days) * 86_400_000,
+                    )
+                    .await
+                {
+                    Ok(report) if report.pruned > 0 => {
+                        tracing::info!(
+                            pruned = report.pruned,
+                            deleted = report.deleted,
+                            "audit records past their retention pruned"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot prune the audit log"),
+                }
+            }
+        });
+    }
     // Usage is counted in memory and added to the database every few seconds.
     if let Some(store) = usage_store.clone() {
         let ledger = state.usage_ledger().clone();
@@ -304,9 +344,23 @@ async fn serve(
             tracing::warn!(error = %e, "usage since the last flush could not be written");
         }
     }
+    if let Some(audit) = state.audit_log() {
+        match tokio::time::timeout(AUDIT_FLUSH_TIMEOUT, audit.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the audit log could not be flushed"),
+            Err(_) => tracing::error!(
+                "the audit log could not be written before exiting; records queued since are lost"
+            ),
+        }
+    }
     result??;
     Ok(())
 }
+
+/// How often the audit log is pruned to its retention.
+const AUDIT_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long exiting waits for queued audit records to be committed (the database away).
+const AUDIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often counted usage is written to the database (what a crash can lose).
 const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);

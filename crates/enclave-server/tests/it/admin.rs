@@ -12,16 +12,16 @@ use tokio::net::TcpListener;
 
 use crate::{fixtures, server_config, serving_config, TestServer};
 
-struct Admin {
-    api: TestServer,
-    admin: String,
-    store: Store,
+pub struct Admin {
+    pub api: TestServer,
+    pub admin: String,
+    pub store: Store,
     /// An `admin` key of the `default` tenant.
-    root: String,
+    pub root: String,
     _dir: tempfile::TempDir,
 }
 
-async fn start() -> Admin {
+pub async fn start() -> Admin {
     let dir = tempfile::tempdir().unwrap();
     let store = crate::test_store(dir.path()).await;
     let custom = ["keys:manage".to_string(), "inference".to_string()];
@@ -67,7 +67,7 @@ async fn start() -> Admin {
 }
 
 impl Admin {
-    async fn call(
+    pub async fn call(
         &self,
         method: &str,
         path: &str,
@@ -487,6 +487,9 @@ const EXPECTED_ADMIN: &[(&str, &str, Option<enclave_gateway::Permission>)] = {
         ("DELETE", "/admin/v1/keys/{id}", Some(KeysManage)),
         ("GET", "/admin/v1/usage", Some(MetricsRead)),
         ("GET", "/metrics", Some(MetricsRead)),
+        ("GET", "/admin/v1/audit", Some(AuditRead)),
+        ("GET", "/admin/v1/audit/verify", Some(AuditRead)),
+        ("POST", "/admin/v1/audit/erase", Some(TenantsManage)),
         ("GET", "/admin/v1/roles", Some(KeysManage)),
         ("POST", "/admin/v1/roles", Some(ConfigManage)),
         ("DELETE", "/admin/v1/roles/{name}", Some(ConfigManage)),

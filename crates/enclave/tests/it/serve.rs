@@ -304,6 +304,150 @@ async fn keys_open_and_close_a_running_server(data: &Path, global: &[&str]) {
     }
     terminate(&served.child);
     assert!(served.child.wait().unwrap().success());
+
+    // The server committed its audit records before exiting: the calls above, the refusals
+    // included, and the CLI's own changes; the chain verifies.
+    let exported = cli(&["audit", "export", "--since", "1h", "--format", "jsonl"]);
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let records: Vec<Value> = stdout(&exported)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let calls = |status: i64| {
+        records
+            .iter()
+            .filter(|r| r["route"] == "/v1/models" && r["status"] == status)
+            .count()
+    };
+    assert!(calls(200) >= 2 && calls(401) >= 2, "{records:?}");
+    assert!(records
+        .iter()
+        .any(|r| r["subject"] == format!("key:{id}") && r["source"] == "127.0.0.1"));
+    for action in ["key.create", "key.revoke"] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["kind"] == "admin" && r["detail"]["action"] == action),
+            "{action}: {records:?}"
+        );
+    }
+    let verified = cli(&["audit", "verify", "--json"]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    let verified: Value = serde_json::from_str(&stdout(&verified)).unwrap();
+    assert_eq!(verified["ok"], true);
+    assert_eq!(
+        verified["records"].as_u64().unwrap() as usize,
+        records.len()
+    );
+}
+
+/// `enclave audit` on a real database file: a tampered field, a deleted record and two swapped
+/// records each make `verify` exit 1 naming the record; `erase` and `prune` keep it passing.
+#[test]
+fn audit_verify_names_the_tampered_record() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let cli = |args: &[&str]| enclave(&[&["--data-dir", dir], args].concat());
+    for name in ["acme", "globex", "initech", "umbrella"] {
+        assert!(cli(&["tenants", "create", name]).status.success());
+    }
+    for _ in 0..3 {
+        assert!(
+            cli(&["keys", "create", "--tenant", "acme", "--role", "developer"])
+                .status
+                .success()
+        );
+    }
+    let verified = cli(&["audit", "verify"]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    assert!(
+        stdout(&verified).contains("7 records"),
+        "{}",
+        stdout(&verified)
+    );
+
+    let tail = cli(&["audit", "tail", "-n", "2", "--json"]);
+    let tail: Vec<Value> = stdout(&tail)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(tail.len(), 2);
+    assert_eq!(
+        (tail[0]["seq"].as_i64(), tail[1]["seq"].as_i64()),
+        (Some(6), Some(7))
+    );
+    assert_eq!(tail[1]["detail"]["action"], "key.create");
+    assert!(tail[1]["subject"].as_str().unwrap().starts_with("cli:"));
+    let text = cli(&["audit", "tail", "-n", "1"]);
+    assert!(stdout(&text).contains("key.create"), "{}", stdout(&text));
+
+    let db = data.path().join("enclave.db");
+    let copy = data.path().join("pristine.db");
+    // Everything in the main file (not the write-ahead log) before copying it.
+    sql(&db, "PRAGMA wal_checkpoint(TRUNCATE)");
+    std::fs::copy(&db, &copy).unwrap();
+    let cases = [
+        ("UPDATE audit_log SET tenant = 'globex' WHERE seq = 3", "record 3"),
+        ("DELETE FROM audit_log WHERE seq = 4", "record 5"),
+        (
+            "UPDATE audit_log SET seq = 100 WHERE seq = 5; UPDATE audit_log SET seq = 5 WHERE seq = 6; \
+             UPDATE audit_log SET seq = 6 WHERE seq = 100",
+            "record 5",
+        ),
+    ];
+    for (statements, named) in cases {
+        std::fs::copy(&copy, &db).unwrap();
+        sql(&db, statements);
+        let out = cli(&["audit", "verify"]);
+        assert_eq!(out.status.code(), Some(1), "{statements}: not detected");
+        assert!(
+            stderr(&out).contains(named),
+            "{statements}: {}",
+            stderr(&out)
+        );
+    }
+
+    std::fs::copy(&copy, &db).unwrap();
+    let erased = cli(&[
+        "audit",
+        "erase",
+        "--user",
+        &format!("cli:{}", whoami()),
+        "--json",
+    ]);
+    assert!(erased.status.success(), "{}", stderr(&erased));
+    let erased: Value = serde_json::from_str(&stdout(&erased)).unwrap();
+    assert_eq!(erased["erased"], 7);
+    let pruned = cli(&["audit", "prune", "--json"]);
+    assert!(pruned.status.success(), "{}", stderr(&pruned));
+    let verified = cli(&["audit", "verify", "--json"]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    let verified: Value = serde_json::from_str(&stdout(&verified)).unwrap();
+    assert_eq!(
+        (verified["ok"].as_bool(), verified["erased"].as_u64()),
+        (Some(true), Some(7))
+    );
+}
+
+/// Runs `statements` (`; `-separated) on the SQLite file `db`, as someone with access to it.
+fn sql(db: &Path, statements: &str) {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        for statement in statements.split("; ") {
+            sqlx::query(statement).execute(&mut conn).await.unwrap();
+        }
+        conn.close().await.unwrap();
+    });
+}
+
+/// The OS user the CLI records as `cli:<user>`.
+fn whoami() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 #[test]

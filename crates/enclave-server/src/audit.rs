@@ -1,0 +1,154 @@
+//! The audit record of one request, filled in as it goes: who (once authenticated), which
+//! model, how many tokens, what an admin action changed, and the status. It is queued for the
+//! audit log when the response has been sent to the end (streams included) — or, on the admin
+//! listener, committed before the response leaves.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use enclave_gateway::{AuditEvent, AuditKind, AuditLog, Principal};
+use serde_json::Value;
+
+#[derive(Default)]
+struct Identified {
+    tenant: String,
+    subject: String,
+    model: String,
+    detail: Option<Value>,
+}
+
+/// One request's audit record in the making; queued when the last reference goes.
+pub(crate) struct AuditTrail {
+    log: AuditLog,
+    started: Instant,
+    at_ms: i64,
+    kind: AuditKind,
+    request_id: String,
+    source: String,
+    method: String,
+    route: String,
+    identified: Mutex<Identified>,
+    status: AtomicU16,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    recorded: AtomicBool,
+}
+
+impl AuditTrail {
+    pub fn new(
+        log: AuditLog,
+        kind: AuditKind,
+        request_id: String,
+        source: String,
+        method: String,
+        route: String,
+    ) -> Self {
+        Self {
+            log,
+            started: Instant::now(),
+            at_ms: unix_millis(),
+            kind,
+            request_id,
+            source,
+            method,
+            route,
+            identified: Mutex::new(Identified {
+                subject: "anonymous".into(),
+                ..Identified::default()
+            }),
+            status: AtomicU16::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+            recorded: AtomicBool::new(false),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Identified) -> R) -> R {
+        f(&mut self.identified.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The caller, once authenticated.
+    pub fn identify(&self, principal: &Principal) {
+        self.with(|i| {
+            i.tenant = principal.tenant.clone();
+            i.subject = principal.subject();
+        });
+    }
+
+    pub fn set_model(&self, model: &str) {
+        self.with(|i| i.model = model.to_string());
+    }
+
+    /// What an admin action changed (ids and names, never secrets or personal data).
+    pub fn note(&self, detail: Value) {
+        self.with(|i| i.detail = Some(detail));
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::Relaxed);
+    }
+
+    pub fn add_tokens(&self, prompt: u64, completion: u64) {
+        self.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+        self.completion_tokens
+            .fetch_add(completion, Ordering::Relaxed);
+    }
+
+    /// The finished record, once: later calls (and the drop) get `None`.
+    pub fn take_event(&self) -> Option<AuditEvent> {
+        if self.recorded.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let identified = self.with(std::mem::take);
+        Some(AuditEvent {
+            at_ms: self.at_ms,
+            kind: self.kind,
+            request_id: self.request_id.clone(),
+            tenant: identified.tenant,
+            subject: identified.subject,
+            source: self.source.clone(),
+            method: self.method.clone(),
+            route: self.route.clone(),
+            model: identified.model,
+            status: self.status.load(Ordering::Relaxed),
+            prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
+            completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
+            latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            detail: identified.detail.map(|d| d.to_string()).unwrap_or_default(),
+            text: None,
+        })
+    }
+
+    /// Commits the record now (admin actions: the change is not answered unaudited).
+    pub async fn commit(&self) {
+        if let Some(event) = self.take_event() {
+            if let Err(e) = self.log.record_and_wait(event).await {
+                tracing::error!(error = %e, request_id = %self.request_id, "cannot commit an admin action's audit record");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for AuditTrail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditTrail")
+            .field("request_id", &self.request_id)
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for AuditTrail {
+    fn drop(&mut self) {
+        if let Some(event) = self.take_event() {
+            self.log.record(event);
+        }
+    }
+}
+
+pub(crate) fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

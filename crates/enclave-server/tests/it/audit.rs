@@ -1,0 +1,330 @@
+//! The audit log through the real server: one record per call with who, from where, which
+//! route and model, the status, the tokens the response reported and the `x-request-id` it
+//! carried; refusals recorded too; admin actions with what changed and never a secret; the
+//! admin API serving records, verification and erasure.
+
+use std::time::{Duration, Instant};
+
+use enclave_gateway::{unix_time, AuditEntry, AuditQuery, Limits, NewKey, Roles};
+use serde_json::{json, Value};
+
+use crate::admin::{start, Admin};
+
+/// Every record committed so far, oldest first (after the writer has caught up).
+async fn records(admin: &Admin) -> Vec<AuditEntry> {
+    admin.api.state.audit_log().unwrap().flush().await.unwrap();
+    admin
+        .store
+        .audit_entries(&AuditQuery {
+            limit: 1000,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap()
+}
+
+async fn key(admin: &Admin, tenant: &str, role: &str) -> (String, String) {
+    let created = admin
+        .store
+        .create_key(
+            NewKey {
+                tenant: tenant.into(),
+                role: role.into(),
+                models: vec!["*".into()],
+                name: String::new(),
+                expires_at: None,
+                limits: Limits::default(),
+            },
+            &Roles::default(),
+            unix_time(),
+        )
+        .await
+        .unwrap();
+    (created.info.id, created.key)
+}
+
+/// The record of the response that carried `request_id`, waiting for a stream's to land.
+async fn record_of(admin: &Admin, request_id: &str) -> AuditEntry {
+    let start = Instant::now();
+    loop {
+        if let Some(entry) = records(admin)
+            .await
+            .into_iter()
+            .find(|e| e.request_id.as_deref() == Some(request_id))
+        {
+            return entry;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no record of {request_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_call_is_recorded_with_what_it_did() {
+    let admin = start().await;
+    let (id, developer) = key(&admin, "default", "developer").await;
+    let api = &admin.api;
+
+    // A completion: its record has the tokens the response reported.
+    let response = api
+        .client
+        .post(format!("{}/v1/completions", api.base))
+        .bearer_auth(&developer)
+        .json(
+            &json!({"model": crate::MODEL, "prompt": "The audit", "max_tokens": 4,
+            "ignore_eos": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = response.json().await.unwrap();
+    let entry = record_of(&admin, &request_id).await;
+    assert_eq!(entry.kind, "api");
+    assert_eq!(entry.subject, Some(format!("key:{id}")));
+    assert_eq!(entry.tenant.as_deref(), Some("default"));
+    assert_eq!(entry.source.as_deref(), Some("127.0.0.1"));
+    assert_eq!(entry.method.as_deref(), Some("POST"));
+    assert_eq!(entry.route.as_deref(), Some("/v1/completions"));
+    assert_eq!(entry.model.as_deref(), Some(crate::MODEL));
+    assert_eq!(entry.status, Some(200));
+    assert_eq!(entry.prompt_tokens, body["usage"]["prompt_tokens"].as_i64());
+    assert_eq!(
+        entry.completion_tokens,
+        body["usage"]["completion_tokens"].as_i64()
+    );
+    assert_eq!(entry.text, None, "no text unless a policy asks for it");
+
+    // A streamed chat: recorded when the stream ends, with all its tokens.
+    let response = api
+        .client
+        .post(format!("{}/v1/chat/completions", api.base))
+        .bearer_auth(&developer)
+        .json(
+            &json!({"model": crate::MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 6, "ignore_eos": true, "stream": true,
+            "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let text = response.text().await.unwrap();
+    let usage = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|chunk| chunk.get("usage").filter(|u| !u.is_null()).cloned())
+        .unwrap();
+    let entry = record_of(&admin, &request_id).await;
+    assert_eq!(entry.completion_tokens, Some(6));
+    assert_eq!(entry.prompt_tokens, usage["prompt_tokens"].as_i64());
+    assert_eq!(entry.route.as_deref(), Some("/v1/chat/completions"));
+
+    // Refusals: a made-up key (401, anonymous) and a missing permission (403, the caller).
+    let response = api
+        .client
+        .get(format!("{}/v1/models", api.base))
+        .bearer_auth("enc_0123456789abcdef_00")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let unknown = record_of(&admin, response.headers()["x-request-id"].to_str().unwrap()).await;
+    assert_eq!(
+        (unknown.status, unknown.subject.as_deref()),
+        (Some(401), Some("anonymous"))
+    );
+    let (status, _) = admin
+        .call("GET", "/admin/v1/tenants", Some(&developer), None)
+        .await;
+    assert_eq!(status, 403);
+
+    // An admin action: committed before the answer, with what changed and no secret.
+    let (status, created) = admin
+        .call(
+            "POST",
+            "/admin/v1/keys",
+            Some(&admin.root),
+            Some(json!({"role": "viewer", "name": "dashboards"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let secret = created["key"].as_str().unwrap();
+    let entries = admin
+        .store
+        .audit_entries(&AuditQuery {
+            limit: 1000,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    let action = entries
+        .iter()
+        .rev()
+        .find(|e| {
+            e.route.as_deref() == Some("/admin/v1/keys") && e.method.as_deref() == Some("POST")
+        })
+        .unwrap_or_else(|| panic!("the admin action was answered before it was recorded"));
+    assert_eq!(action.kind, "admin");
+    assert_eq!(action.status, Some(201));
+    let detail: Value = serde_json::from_str(action.detail.as_deref().unwrap()).unwrap();
+    assert_eq!(detail["action"], "key.create");
+    assert_eq!(detail["id"], created["id"]);
+    assert_eq!(detail["role"], "viewer");
+    let all = serde_json::to_string(
+        &records(&admin)
+            .await
+            .iter()
+            .map(AuditEntry::to_json)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert!(
+        !all.contains(secret),
+        "a key's secret reached the audit log"
+    );
+    assert!(all.contains("/admin/v1/tenants") && all.contains("\"status\":403"));
+
+    // Liveness probes are not audited; the whole chain verifies.
+    let before = records(&admin).await.len();
+    for _ in 0..3 {
+        api.client
+            .get(format!("{}/livez", api.base))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(records(&admin).await.len(), before);
+    assert_eq!(admin.store.verify_audit().await.unwrap().problem, None);
+}
+
+#[tokio::test]
+async fn the_admin_api_serves_the_log_to_auditors_and_erases_subjects() {
+    let admin = start().await;
+    let (status, _) = admin
+        .call(
+            "POST",
+            "/admin/v1/tenants",
+            Some(&admin.root),
+            Some(json!({"name": "acme"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (acme_id, acme_dev) = key(&admin, "acme", "developer").await;
+    let (_, acme_auditor) = key(&admin, "acme", "auditor").await;
+    let (_, developer) = key(&admin, "default", "developer").await;
+    for caller in [&acme_dev, &developer] {
+        let response = admin
+            .api
+            .client
+            .get(format!("{}/v1/models", admin.api.base))
+            .bearer_auth(caller)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    records(&admin).await;
+
+    // An acme auditor sees acme's records only; another tenant's are "missing".
+    let (status, listed) = admin
+        .call("GET", "/admin/v1/audit?since=1d", Some(&acme_auditor), None)
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    let listed = listed["records"].as_array().unwrap();
+    assert!(!listed.is_empty());
+    assert!(listed.iter().all(|r| r["tenant"] == "acme"), "{listed:?}");
+    assert!(listed
+        .iter()
+        .any(|r| r["subject"] == format!("key:{acme_id}") && r["route"] == "/v1/models"));
+    assert!(listed[0]["time"].as_str().unwrap().ends_with('Z'));
+    let (status, _) = admin
+        .call(
+            "GET",
+            "/admin/v1/audit?tenant=default",
+            Some(&acme_auditor),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, bad) = admin
+        .call(
+            "GET",
+            "/admin/v1/audit?since=yesterday",
+            Some(&acme_auditor),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    // Paging: after the last seen.
+    let last = listed.last().unwrap()["seq"].as_i64().unwrap();
+    let (_, after) = admin
+        .call(
+            "GET",
+            &format!("/admin/v1/audit?after={last}"),
+            Some(&acme_auditor),
+            None,
+        )
+        .await;
+    assert!(after["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["seq"].as_i64().unwrap() > last));
+    // Developers do not read the audit log; auditors do not erase.
+    let (status, _) = admin
+        .call("GET", "/admin/v1/audit", Some(&developer), None)
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = admin
+        .call(
+            "POST",
+            "/admin/v1/audit/erase",
+            Some(&acme_auditor),
+            Some(json!({"user": acme_id})),
+        )
+        .await;
+    assert_eq!(status, 403);
+
+    // Erasure: the subject's records keep their facts, lose who and from where.
+    let (status, erased) = admin
+        .call(
+            "POST",
+            "/admin/v1/audit/erase",
+            Some(&admin.root),
+            Some(json!({"user": acme_id})),
+        )
+        .await;
+    assert_eq!(status, 200, "{erased}");
+    assert!(erased["erased"].as_u64().unwrap() >= 1);
+    let after = records(&admin).await;
+    assert!(after
+        .iter()
+        .all(|e| e.subject.as_deref() != Some(&format!("key:{acme_id}"))));
+    assert!(after
+        .iter()
+        .any(|e| e.erased && e.route.as_deref() == Some("/v1/models")));
+    let erase_record = after
+        .iter()
+        .rev()
+        .find(|e| e.route.as_deref() == Some("/admin/v1/audit/erase") && e.status == Some(200))
+        .unwrap();
+    assert!(!erase_record.detail.as_deref().unwrap().contains(&acme_id));
+    let (status, verified) = admin
+        .call("GET", "/admin/v1/audit/verify", Some(&acme_auditor), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert!(verified["erased"].as_u64().unwrap() >= 1);
+}
