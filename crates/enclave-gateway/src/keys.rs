@@ -34,7 +34,7 @@ pub(crate) fn generate() -> NewSecret {
 
 /// The id of a well-formed key, `None` for anything else (never an error: what a client sent
 /// is not worth describing back).
-pub(crate) fn key_id(key: &str) -> Option<&str> {
+pub fn key_id(key: &str) -> Option<&str> {
     let rest = key.strip_prefix(KEY_PREFIX)?;
     let (id, secret) = rest.split_once('_')?;
     let hex = |s: &str, len: usize| {

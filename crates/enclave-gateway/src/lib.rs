@@ -10,6 +10,7 @@
 //!   configured authenticates to nothing rather than to a default.
 //! - A revocation is seen by every server on the same database within [`CACHE_TTL`].
 
+mod abuse;
 mod audit;
 mod authenticator;
 mod error;
@@ -22,13 +23,14 @@ mod store;
 mod tls;
 mod usage;
 
+pub use abuse::{AbuseGuard, AbuseLimits, BlockStarted, Offender};
 pub use audit::{
     parse_since, rfc3339, AuditEntry, AuditEvent, AuditKind, AuditLog, AuditProblem, AuditQuery,
     AuditVerification, PruneReport,
 };
 pub use authenticator::{unix_time, Authenticator, CertificateBinding, CACHE_TTL};
 pub use error::{GatewayError, Result};
-pub use keys::KEY_PREFIX;
+pub use keys::{key_id, KEY_PREFIX};
 pub use limits::{Admission, Limits, Quota, Quotas, RateLimiter, Refusal, Subject};
 pub use oidc::{JwksSource, OidcSettings, OidcVerifier, VerifiedToken, MIN_REFRESH};
 pub use principal::{Identity, Principal};

@@ -68,6 +68,10 @@ impl AuditTrail {
         f(&mut self.identified.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    pub fn request_id(&self) -> String {
+        self.request_id.clone()
+    }
+
     /// The caller, once authenticated.
     pub fn identify(&self, principal: &Principal) {
         self.with(|i| {

@@ -14,7 +14,10 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use enclave_gateway::{AuditKind, Authenticator, GatewayError, Permission, Principal};
+use enclave_gateway::{
+    AuditEvent, AuditKind, Authenticator, BlockStarted, GatewayError, Offender, Permission,
+    Principal,
+};
 
 use crate::audit::AuditTrail;
 use crate::error::ApiError;
@@ -70,6 +73,7 @@ pub(crate) async fn authorize(
             .map(|r| r.2)
     });
     let request_id = new_id("req");
+    let source = source_address(&request);
     // Public probes (polled every few seconds) are counted, not audited.
     let public = matches!(needs, Some(Some(None)));
     let trail = match (&state.audit, public) {
@@ -81,7 +85,7 @@ pub(crate) async fn authorize(
                 AuditKind::Api
             },
             request_id.clone(),
-            source_address(&request),
+            source.clone(),
             method.clone(),
             route.clone().unwrap_or_else(|| "unmatched".into()),
         ))),
@@ -90,16 +94,14 @@ pub(crate) async fn authorize(
     let mut response = if public {
         next.run(request).await
     } else {
-        authorize_and_run(
-            &state,
+        let context = Context {
             needs,
-            route.as_deref(),
-            &method,
-            trail.clone(),
-            request,
-            next,
-        )
-        .await
+            route: route.as_deref(),
+            method: &method,
+            source: &source,
+            trail: trail.clone(),
+        };
+        authorize_and_run(&state, context, request, next).await
     };
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
@@ -148,15 +150,30 @@ fn source_address(request: &Request) -> String {
     String::new()
 }
 
+/// What the middleware knows of a request before authenticating it.
+struct Context<'a> {
+    /// The route's permission: `None` if no route matched, `Some(None)` if the route has no
+    /// such method in its table.
+    needs: Option<Option<Option<Permission>>>,
+    route: Option<&'a str>,
+    method: &'a str,
+    source: &'a str,
+    trail: Option<Arc<AuditTrail>>,
+}
+
 async fn authorize_and_run(
     state: &AppState,
-    needs: Option<Option<Option<Permission>>>,
-    route: Option<&str>,
-    method: &str,
-    trail: Option<Arc<AuditTrail>>,
+    context: Context<'_>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    let Context {
+        needs,
+        route,
+        method,
+        source,
+        trail,
+    } = context;
     let principal = match &state.access {
         Access::Disabled => Principal::unauthenticated(),
         Access::Keys(authenticator) => {
@@ -173,9 +190,29 @@ async fn authorize_and_run(
                     None => Presented::Key(bearer(&request)),
                 }
             };
+            // Who to hold responsible for failures: the address, and the key id presented. A
+            // request without credentials is no login attempt and counts for nothing.
+            let attempted = request.headers().contains_key(header::AUTHORIZATION)
+                || matches!(presented, Presented::Certificate(_));
+            let mut offenders = vec![Offender::Source(source.to_string())];
+            if let Presented::Key(Ok(key)) = &presented {
+                if let Some(id) = enclave_gateway::key_id(key) {
+                    offenders.push(Offender::Key(id.to_string()));
+                }
+            }
+            if let Some(remaining) = state.abuse.blocked(&offenders, Instant::now()) {
+                return ApiError::blocked(remaining).into_response();
+            }
             match authenticate(authenticator, presented).await {
                 Ok(principal) => principal,
-                Err(error) => return error.into_response(),
+                Err(error) => {
+                    if attempted && error.status == StatusCode::UNAUTHORIZED {
+                        for block in state.abuse.failed(&offenders, Instant::now()) {
+                            blocked(state, &block, source, trail.as_deref());
+                        }
+                    }
+                    return error.into_response();
+                }
             }
         }
     };
@@ -210,6 +247,32 @@ async fn authorize_and_run(
     match meter {
         Some(meter) => crate::metering::finish(meter, response),
         None => response,
+    }
+}
+
+/// A block just started: logged, and a security record in the audit log.
+fn blocked(state: &AppState, block: &BlockStarted, source: &str, trail: Option<&AuditTrail>) {
+    let (kind, subject) = match &block.offender {
+        Offender::Source(_) => ("source", "anonymous".to_string()),
+        Offender::Key(id) => ("key", format!("key:{id}")),
+    };
+    tracing::warn!(offender = %block.offender.describe(), failures = block.failures, seconds = block.duration.as_secs(), "blocked after repeated authentication failures");
+    if let Some(log) = &state.audit {
+        log.record(AuditEvent {
+            at_ms: crate::audit::unix_millis(),
+            kind: AuditKind::Security,
+            request_id: trail.map(AuditTrail::request_id).unwrap_or_default(),
+            subject,
+            source: source.to_string(),
+            detail: serde_json::json!({
+                "event": "blocked",
+                "offender": kind,
+                "failures": block.failures,
+                "block_seconds": block.duration.as_secs(),
+            })
+            .to_string(),
+            ..AuditEvent::default()
+        });
     }
 }
 

@@ -89,6 +89,20 @@ impl ApiError {
     }
 
     /// A 429: a rate limit of the caller's key or tenant is reached.
+    /// A 429 for an address or key blocked after repeated authentication failures.
+    pub fn blocked(retry_after: std::time::Duration) -> Self {
+        let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u32;
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: Some("blocked"),
+            retry_after: Some(seconds),
+            ..Self::invalid(
+                None,
+                format!("too many failed authentications; blocked for another {seconds} s"),
+            )
+        }
+    }
+
     pub fn rate_limited(message: impl Into<String>) -> Self {
         let message = message.into();
         Self {

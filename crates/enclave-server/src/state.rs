@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Most choices (`n`) per request.
     pub max_n: usize,
+    /// When repeated authentication failures block an address or key.
+    pub abuse: enclave_gateway::AbuseLimits,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +37,7 @@ impl Default for ServerConfig {
             reasoning_split: true,
             shutdown_grace: Duration::from_secs(30),
             max_n: 16,
+            abuse: enclave_gateway::AbuseLimits::default(),
         }
     }
 }
@@ -58,6 +61,8 @@ pub struct AppState {
     pub(crate) metrics: Option<Metrics>,
     /// The audit log's writer, when authentication (and so the database) is on.
     pub(crate) audit: Option<AuditLog>,
+    /// Failed authentications per address and key, and the blocks they caused.
+    pub(crate) abuse: enclave_gateway::AbuseGuard,
     served: OnceLock<Served>,
     /// Unix time the server started (the model's `created`).
     pub(crate) created: u64,
@@ -79,6 +84,7 @@ impl AppState {
         };
         Arc::new(Self {
             audit,
+            abuse: enclave_gateway::AbuseGuard::new(config.abuse),
             config,
             access,
             metering: Metering::default(),

@@ -45,6 +45,72 @@ pub struct Settings {
     pub roles: BTreeMap<String, RoleSettings>,
     #[serde(default)]
     pub audit: AuditSettings,
+    #[serde(default)]
+    pub redaction: RedactionSettings,
+    #[serde(default)]
+    pub abuse: AbuseSettings,
+}
+
+/// `[abuse]`: repeated authentication failures from one address, or against one key, block it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbuseSettings {
+    /// Failures within the window that trigger a block (default 10; 0 turns the rule off).
+    pub max_failures: Option<u32>,
+    /// The window, in seconds (default 60).
+    pub window_seconds: Option<u64>,
+    /// How long a block lasts, in seconds (default 300).
+    pub block_seconds: Option<u64>,
+}
+
+impl AbuseSettings {
+    pub fn limits(&self) -> Result<enclave_gateway::AbuseLimits> {
+        let default = enclave_gateway::AbuseLimits::default();
+        let limits = enclave_gateway::AbuseLimits {
+            max_failures: self.max_failures.unwrap_or(default.max_failures),
+            window: self
+                .window_seconds
+                .map_or(default.window, std::time::Duration::from_secs),
+            block: self
+                .block_seconds
+                .map_or(default.block, std::time::Duration::from_secs),
+        };
+        if limits.max_failures > 0 && (limits.window.is_zero() || limits.block.is_zero()) {
+            anyhow::bail!("abuse.window_seconds and abuse.block_seconds must be at least 1");
+        }
+        Ok(limits)
+    }
+}
+
+/// `[redaction]`: what the sensitive-data detector looks for.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionSettings {
+    /// Built-in categories to detect (default: all).
+    pub categories: Option<Vec<String>>,
+    /// Patterns of your own: `[[redaction.custom]] name = "employee_id", pattern = "EMP-\\d{6}"`.
+    #[serde(default)]
+    pub custom: Vec<CustomPattern>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomPattern {
+    pub name: String,
+    pub pattern: String,
+}
+
+impl RedactionSettings {
+    /// The detector these settings describe.
+    pub fn redactor(&self) -> Result<enclave_redact::Redactor> {
+        let custom: Vec<(String, String)> = self
+            .custom
+            .iter()
+            .map(|c| (c.name.clone(), c.pattern.clone()))
+            .collect();
+        enclave_redact::Redactor::new(self.categories.as_deref(), &custom)
+            .map_err(|e| anyhow::anyhow!("redaction: {e}"))
+    }
 }
 
 /// `[audit]`: how long the audit log keeps records.
@@ -198,6 +264,9 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("tls.client_auth", "ENCLAVE_TLS_CLIENT_AUTH"),
     ("tls.allow_tls12", "ENCLAVE_TLS_ALLOW_TLS12"),
     ("audit.retention_days", "ENCLAVE_AUDIT_RETENTION_DAYS"),
+    ("abuse.max_failures", "ENCLAVE_ABUSE_MAX_FAILURES"),
+    ("abuse.window_seconds", "ENCLAVE_ABUSE_WINDOW_SECONDS"),
+    ("abuse.block_seconds", "ENCLAVE_ABUSE_BLOCK_SECONDS"),
     (
         "audit.admin_retention_days",
         "ENCLAVE_AUDIT_ADMIN_RETENTION_DAYS",

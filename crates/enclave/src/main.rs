@@ -8,6 +8,7 @@ mod chat;
 mod config;
 mod generate;
 mod model_source;
+mod redact;
 mod serve;
 
 use std::process::ExitCode;
@@ -62,6 +63,9 @@ enum Command {
     /// The audit log: verify its hash chain, tail or export it, prune it, erase a subject.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Replace sensitive values on stdin (ID and phone numbers, cards, addresses, secrets, …)
+    /// with typed placeholders such as `[ID_CARD]`; `--json` lists the findings.
+    Redact(redact::RedactArgs),
 }
 
 /// How the serving engine batches requests and sizes its KV cache.
@@ -239,6 +243,7 @@ fn main() -> ExitCode {
             Ok(code) => return code,
             Err(e) => Err(e),
         },
+        Command::Redact(args) => redact::run(&settings, args),
         Command::Generate(args) => {
             set_threads(args.model.threads);
             generate::run(args)

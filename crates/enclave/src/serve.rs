@@ -129,6 +129,7 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         reasoning_split: !args.no_reasoning_split,
         shutdown_grace: Duration::from_secs(args.shutdown_timeout),
         max_n: args.max_n.max(1),
+        abuse: settings.abuse.limits()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

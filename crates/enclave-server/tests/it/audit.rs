@@ -328,3 +328,101 @@ async fn the_admin_api_serves_the_log_to_auditors_and_erases_subjects() {
     assert_eq!(verified["ok"], true, "{verified}");
     assert!(verified["erased"].as_u64().unwrap() >= 1);
 }
+
+/// Repeated failed logins from one address block it — even with a good key — for the
+/// configured time, with a security record in the audit log; then it is let in again.
+#[tokio::test]
+async fn failed_logins_block_the_address_for_a_while() {
+    use std::sync::Arc;
+
+    use enclave_gateway::{AbuseLimits, Authenticator};
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::test_store(dir.path()).await;
+    let config = enclave_server::ServerConfig {
+        abuse: AbuseLimits {
+            max_failures: 3,
+            window: Duration::from_secs(60),
+            block: Duration::from_secs(2),
+        },
+        ..crate::server_config()
+    };
+    let server = crate::TestServer::start_with(
+        &crate::fixtures().join("models/qwen2"),
+        config,
+        crate::serving_config(),
+        enclave_server::Access::Keys(Arc::new(Authenticator::new(
+            store.clone(),
+            Roles::default(),
+        ))),
+    )
+    .await;
+    let good = store
+        .create_key(
+            NewKey {
+                tenant: "default".into(),
+                role: "viewer".into(),
+                models: vec!["*".into()],
+                name: String::new(),
+                expires_at: None,
+                limits: Limits::default(),
+            },
+            &Roles::default(),
+            unix_time(),
+        )
+        .await
+        .unwrap()
+        .key;
+    let models = |key: String| {
+        server
+            .client
+            .get(format!("{}/v1/models", server.base))
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(models(good.clone()).await.unwrap().status(), 200);
+    for i in 0..3 {
+        let guess = format!("enc_{:016x}_{}", i, "0".repeat(64));
+        assert_eq!(models(guess).await.unwrap().status(), 401);
+    }
+    let blocked = models(good.clone()).await.unwrap();
+    assert_eq!(blocked.status(), 429);
+    assert!(blocked.headers().contains_key("retry-after"));
+    let body: Value = blocked.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "blocked", "{body}");
+
+    server.state.audit_log().unwrap().flush().await.unwrap();
+    let entries = store
+        .audit_entries(&AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    let security = entries
+        .iter()
+        .find(|e| e.kind == "security")
+        .unwrap_or_else(|| panic!("no security record: {entries:?}"));
+    assert_eq!(security.source.as_deref(), Some("127.0.0.1"));
+    let detail: Value = serde_json::from_str(security.detail.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (
+            detail["event"].as_str(),
+            detail["offender"].as_str(),
+            detail["failures"].as_u64()
+        ),
+        (Some("blocked"), Some("source"), Some(3))
+    );
+    assert_eq!(store.verify_audit().await.unwrap().problem, None);
+
+    // After the block, the address is served again.
+    let start = Instant::now();
+    loop {
+        let status = models(good.clone()).await.unwrap().status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(start.elapsed() < Duration::from_secs(10), "still blocked");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

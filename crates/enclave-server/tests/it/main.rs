@@ -96,6 +96,12 @@ async fn fresh_postgres(admin: &str) -> String {
 pub fn server_config() -> ServerConfig {
     ServerConfig {
         served_model_name: MODEL.into(),
+        // The tests fail logins on purpose, many times from one address; the rule that blocks
+        // that has its own test (`audit::failed_logins_block_the_address_for_a_while`).
+        abuse: enclave_gateway::AbuseLimits {
+            max_failures: 0,
+            ..enclave_gateway::AbuseLimits::default()
+        },
         ..ServerConfig::default()
     }
 }

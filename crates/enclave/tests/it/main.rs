@@ -6,6 +6,7 @@
 mod bad_input;
 mod chat;
 mod generate;
+mod redact;
 mod serve;
 
 use std::path::PathBuf;
