@@ -16,6 +16,9 @@ struct Identified {
     subject: String,
     model: String,
     detail: Option<Value>,
+    /// Redacted prompt and completions, when the tenant's policy keeps them.
+    prompt_text: Option<String>,
+    completion_texts: Vec<String>,
 }
 
 /// One request's audit record in the making; queued when the last reference goes.
@@ -89,6 +92,16 @@ impl AuditTrail {
         self.with(|i| i.detail = Some(detail));
     }
 
+    /// The redacted prompt, for the record (only when the tenant's policy keeps text).
+    pub fn log_prompt(&self, text: &str) {
+        self.with(|i| i.prompt_text = Some(text.to_string()));
+    }
+
+    /// A redacted completion (one per choice), for the record.
+    pub fn log_completion(&self, text: &str) {
+        self.with(|i| i.completion_texts.push(text.to_string()));
+    }
+
     pub fn set_status(&self, status: u16) {
         self.status.store(status, Ordering::Relaxed);
     }
@@ -120,7 +133,10 @@ impl AuditTrail {
             completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
             latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             detail: identified.detail.map(|d| d.to_string()).unwrap_or_default(),
-            text: None,
+            text: crate::redaction::logged_text(
+                identified.prompt_text.as_deref(),
+                &identified.completion_texts,
+            ),
         })
     }
 

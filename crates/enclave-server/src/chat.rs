@@ -21,6 +21,7 @@ use crate::generation::{
     ReplyHeader, SamplingFields, Stop, StreamOptions, TokenLogprob,
 };
 use crate::reasoning::ReasoningSplitter;
+use crate::redaction;
 use crate::sse::{merge, send, sse_response};
 use crate::state::AppState;
 
@@ -64,7 +65,7 @@ pub(crate) async fn create(
 ) -> Result<Response, ApiError> {
     let served = state.model(request.model.as_deref(), &caller)?;
     let engine = served.handle.engine();
-    let messages = normalize_messages(request.messages)?;
+    let mut messages = normalize_messages(request.messages)?;
     let n = choices(request.n, state.config.max_n)?;
     let top_logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
         (false, Some(k)) if k > 0 => {
@@ -97,6 +98,23 @@ pub(crate) async fn create(
         seed: request.seed,
     }
     .params(engine)?;
+    let output = {
+        let mut texts: Vec<&mut String> = messages
+            .iter_mut()
+            .filter_map(|m| match m.get_mut("content") {
+                Some(Value::String(text)) => Some(text),
+                _ => None,
+            })
+            .collect();
+        redaction::apply(
+            state.config.redaction.as_deref(),
+            &caller.tenant,
+            &mut texts,
+            "messages",
+            &meter,
+            top_logprobs.is_some(),
+        )?
+    };
     let mut generate = GenerateRequest::new(Prompt::Chat(messages));
     // Cached prompt blocks are shared within the caller's tenant only (CVE-2025-46570).
     generate.cache_salt = Some(caller.tenant.clone());
@@ -105,7 +123,7 @@ pub(crate) async fn create(
     generate.ignore_eos = request.ignore_eos.unwrap_or(false);
     generate.stop = request.stop.map(Stop::into_vec).unwrap_or_default();
     generate.logprobs = top_logprobs;
-    let streams = submit_choices(served, generate, n, "messages", &meter)?;
+    let streams = submit_choices(served, generate, n, "messages", &meter, &output)?;
 
     let reply = ChatReply {
         header: ReplyHeader::new("chatcmpl", &state.config.served_model_name),

@@ -18,6 +18,7 @@ use crate::generation::{
     choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, ChoiceStream, Meter,
     ReplyHeader, SamplingFields, Stop, StreamOptions, TokenLogprob,
 };
+use crate::redaction;
 use crate::sse::{merge, send, sse_response, EventSender};
 use crate::state::AppState;
 
@@ -61,6 +62,25 @@ pub(crate) struct CompletionRequest {
     ignore_eos: Option<bool>,
 }
 
+/// The tenant's prompt policy over text prompts (in place); how the output is treated.
+fn redact_prompts(
+    policies: Option<&redaction::RedactionPolicies>,
+    caller: &Principal,
+    texts: &mut [String],
+    meter: &Meter,
+    logprobs: Option<usize>,
+) -> Result<Option<redaction::OutputPolicy>, ApiError> {
+    let mut texts: Vec<&mut String> = texts.iter_mut().collect();
+    redaction::apply(
+        policies,
+        &caller.tenant,
+        &mut texts,
+        "prompt",
+        meter,
+        logprobs.is_some(),
+    )
+}
+
 /// OpenAI's default when `max_tokens` is absent.
 const DEFAULT_MAX_TOKENS: usize = 16;
 
@@ -99,11 +119,27 @@ pub(crate) async fn create(
         }
     };
     let echo = request.echo.unwrap_or(false);
-    let prompts: Vec<Prompt> = match request.prompt {
-        PromptInput::Text(t) => vec![Prompt::Text(t)],
-        PromptInput::Texts(ts) => ts.into_iter().map(Prompt::Text).collect(),
-        PromptInput::Ids(ids) => vec![Prompt::TokenIds(ids)],
-        PromptInput::Batch(batch) => batch.into_iter().map(Prompt::TokenIds).collect(),
+    let policies = state.config.redaction.as_deref();
+    let (prompts, output): (Vec<Prompt>, _) = match request.prompt {
+        PromptInput::Text(t) => {
+            let mut texts = vec![t];
+            let output = redact_prompts(policies, &caller, &mut texts, &meter, logprobs)?;
+            (texts.into_iter().map(Prompt::Text).collect(), output)
+        }
+        PromptInput::Texts(mut texts) => {
+            let output = redact_prompts(policies, &caller, &mut texts, &meter, logprobs)?;
+            (texts.into_iter().map(Prompt::Text).collect(), output)
+        }
+        PromptInput::Ids(ids) => {
+            redaction::refuse_unchecked(policies, &caller.tenant)?;
+            let output = redact_prompts(policies, &caller, &mut [], &meter, logprobs)?;
+            (vec![Prompt::TokenIds(ids)], output)
+        }
+        PromptInput::Batch(batch) => {
+            redaction::refuse_unchecked(policies, &caller.tenant)?;
+            let output = redact_prompts(policies, &caller, &mut [], &meter, logprobs)?;
+            (batch.into_iter().map(Prompt::TokenIds).collect(), output)
+        }
     };
     if prompts.is_empty() {
         return Err(ApiError::invalid(
@@ -146,7 +182,7 @@ pub(crate) async fn create(
         generate.ignore_eos = request.ignore_eos.unwrap_or(false);
         generate.logprobs = logprobs;
         generate.prompt_logprobs = if echo { logprobs } else { None };
-        for stream in submit_choices(served, generate, n, "prompt", &meter)? {
+        for stream in submit_choices(served, generate, n, "prompt", &meter, &output)? {
             choices_in_order.push((stream, echo_text.clone()));
         }
     }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use crate::error::ApiError;
 use crate::metering::RequestMeter;
+use crate::redaction::OutputPolicy;
 use crate::state::{new_id, unix_time, Served};
+use enclave_redact::StreamRedactor;
 
 /// `stop`: one string or a list of them.
 #[derive(Debug, Clone, Deserialize)]
@@ -117,19 +119,74 @@ pub(crate) fn max_tokens(value: Option<i64>, param: &str) -> Result<Option<usize
 /// The caller's account, when it is metered (authentication on).
 pub(crate) type Meter = Option<Arc<RequestMeter>>;
 
-/// One choice's events, each generated token charged to the caller's account as it arrives.
+/// One choice's events, each generated token charged to the caller's account as it arrives,
+/// and its text redacted as it streams when the tenant's policy masks completions.
 pub(crate) struct ChoiceStream {
     inner: RequestStream,
     meter: Meter,
+    output: Option<OutputPolicy>,
+    redactor: Option<StreamRedactor>,
+    /// `Finished`, held while the redactor's last text goes out as a token of its own.
+    pending: Option<Event>,
 }
 
 impl ChoiceStream {
     pub async fn next(&mut self) -> Option<Event> {
-        let event = self.inner.next().await;
-        if let (Some(Event::Token { .. }), Some(meter)) = (&event, &self.meter) {
-            meter.charge_completion(1);
+        if let Some(event) = self.pending.take() {
+            return Some(event);
         }
-        event
+        match self.inner.next().await {
+            Some(Event::Token {
+                id,
+                text,
+                logprob,
+                top_logprobs,
+            }) => {
+                if let Some(meter) = &self.meter {
+                    meter.charge_completion(1);
+                }
+                let text = match &mut self.redactor {
+                    Some(redactor) => redactor.push(&text),
+                    None => text,
+                };
+                Some(Event::Token {
+                    id,
+                    text,
+                    logprob,
+                    top_logprobs,
+                })
+            }
+            Some(Event::Finished {
+                reason,
+                usage,
+                text,
+            }) => {
+                let text = match &self.output {
+                    Some(output) => output.finish(text, &self.meter),
+                    None => text,
+                };
+                let finished = Event::Finished {
+                    reason,
+                    usage,
+                    text,
+                };
+                let rest = self.redactor.as_mut().map(StreamRedactor::finish);
+                match rest.filter(|r| !r.is_empty()) {
+                    // The text held back for a value that might have continued.
+                    Some(rest) => {
+                        self.pending = Some(finished);
+                        Some(Event::Token {
+                            id: 0,
+                            text: rest,
+                            logprob: 0.0,
+                            top_logprobs: Vec::new(),
+                        })
+                    }
+                    None => Some(finished),
+                }
+            }
+            other => other,
+        }
     }
 }
 
@@ -149,6 +206,7 @@ pub(crate) fn submit_choices(
     n: usize,
     prompt_param: &str,
     meter: &Meter,
+    output: &Option<OutputPolicy>,
 ) -> Result<Vec<ChoiceStream>, ApiError> {
     if let Some(meter) = meter {
         meter.set_model(&served.name);
@@ -165,6 +223,9 @@ pub(crate) fn submit_choices(
                 .map(|inner| ChoiceStream {
                     inner,
                     meter: meter.clone(),
+                    redactor: output.as_ref().and_then(OutputPolicy::stream),
+                    output: output.clone(),
+                    pending: None,
                 })
                 .map_err(|e| ApiError::from_engine(e, prompt_param))
         })

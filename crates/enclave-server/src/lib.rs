@@ -22,6 +22,7 @@ mod metering;
 mod metrics;
 mod models;
 pub mod reasoning;
+pub mod redaction;
 mod sse;
 mod state;
 mod tls;

@@ -81,10 +81,22 @@ impl RequestMeter {
         }
     }
 
-    /// What an admin action changed, for its audit record.
+    /// What an admin action changed (or what a prompt held), for the audit record.
     pub fn note(&self, detail: serde_json::Value) {
         if let Some(trail) = &self.trail {
             trail.note(detail);
+        }
+    }
+
+    pub fn log_prompt(&self, text: &str) {
+        if let Some(trail) = &self.trail {
+            trail.log_prompt(text);
+        }
+    }
+
+    pub fn log_completion(&self, text: &str) {
+        if let Some(trail) = &self.trail {
+            trail.log_completion(text);
         }
     }
 

@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub max_n: usize,
     /// When repeated authentication failures block an address or key.
     pub abuse: enclave_gateway::AbuseLimits,
+    /// Each tenant's sensitive-data policy; `None`: text passes untouched and unlogged.
+    pub redaction: Option<Arc<crate::redaction::RedactionPolicies>>,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +40,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_n: 16,
             abuse: enclave_gateway::AbuseLimits::default(),
+            redaction: None,
         }
     }
 }

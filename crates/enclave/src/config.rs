@@ -91,6 +91,50 @@ pub struct RedactionSettings {
     /// Patterns of your own: `[[redaction.custom]] name = "employee_id", pattern = "EMP-\\d{6}"`.
     #[serde(default)]
     pub custom: Vec<CustomPattern>,
+    /// Every tenant's policy (`[redaction.policy]`), unless it has its own
+    /// (`[redaction.tenants.acme]`, whose unset keys come from the former).
+    #[serde(default)]
+    pub policy: PolicySettings,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, PolicySettings>,
+}
+
+/// One tenant's sensitive-data policy.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    /// `off`, `log_only`, `mask` or `block`.
+    pub prompt: Option<String>,
+    /// `off` or `mask`.
+    pub completion: Option<String>,
+    /// Keep the redacted prompt and completion in the audit log.
+    pub store_text: Option<bool>,
+}
+
+impl PolicySettings {
+    fn resolve(
+        &self,
+        base: enclave_server::redaction::TenantPolicy,
+        at: &str,
+    ) -> Result<enclave_server::redaction::TenantPolicy> {
+        use enclave_server::redaction::{CompletionAction, PromptAction, TenantPolicy};
+        let prompt = match self.prompt.as_deref() {
+            None => base.prompt,
+            Some(name) => PromptAction::parse(name).with_context(|| {
+                format!("{at}.prompt: `{name}` is not one of off, log_only, mask, block")
+            })?,
+        };
+        let completion = match self.completion.as_deref() {
+            None => base.completion,
+            Some(name) => CompletionAction::parse(name)
+                .with_context(|| format!("{at}.completion: `{name}` is not one of off, mask"))?,
+        };
+        Ok(TenantPolicy {
+            prompt,
+            completion,
+            store_text: self.store_text.unwrap_or(base.store_text),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +145,29 @@ pub struct CustomPattern {
 }
 
 impl RedactionSettings {
+    /// The policies, or `None` when every tenant's is off (nothing to check).
+    pub fn policies(&self) -> Result<Option<enclave_server::redaction::RedactionPolicies>> {
+        let default = self
+            .policy
+            .resolve(Default::default(), "redaction.policy")?;
+        let mut tenants = std::collections::HashMap::new();
+        for (name, settings) in &self.tenants {
+            tenants.insert(
+                name.clone(),
+                settings.resolve(default, &format!("redaction.tenants.{name}"))?,
+            );
+        }
+        let off = enclave_server::redaction::TenantPolicy::default();
+        if default == off && tenants.values().all(|p| *p == off) {
+            return Ok(None);
+        }
+        Ok(Some(enclave_server::redaction::RedactionPolicies {
+            redactor: std::sync::Arc::new(self.redactor()?),
+            default,
+            tenants,
+        }))
+    }
+
     /// The detector these settings describe.
     pub fn redactor(&self) -> Result<enclave_redact::Redactor> {
         let custom: Vec<(String, String)> = self
@@ -476,6 +543,60 @@ mod tests {
         let s = Settings::from_sources(Some(&example), &[]).unwrap();
         assert!(s.auth_enabled());
         assert!(s.roles().unwrap().require("support").is_ok());
+    }
+
+    #[test]
+    fn the_example_file_with_every_section_uncommented_is_valid() {
+        // The commented-out sections are documentation: each must parse when switched on.
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../enclave.example.toml"),
+        )
+        .unwrap();
+        let on: String = example
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                // The variable named at the end of a line is documentation too.
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => {
+                    rest.split(" ENCLAVE_").next().unwrap_or(rest)
+                }
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let f = file(&on);
+        let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
+        assert_eq!(s.audit.retention().unwrap(), (180, 365));
+        assert_eq!(s.abuse.limits().unwrap().max_failures, 10);
+        let policies = s.redaction.policies().unwrap().unwrap();
+        let hospital = policies.policy("hospital");
+        assert_eq!(
+            (hospital.prompt, hospital.completion, hospital.store_text),
+            (
+                enclave_server::redaction::PromptAction::Block,
+                enclave_server::redaction::CompletionAction::Mask,
+                false
+            )
+        );
+        assert_eq!(
+            policies.policy("anyone").prompt,
+            enclave_server::redaction::PromptAction::LogOnly
+        );
+    }
+
+    #[test]
+    fn redaction_policies_name_a_bad_key() {
+        let f = file("[redaction.tenants.acme]\nprompt = \"hide\"\n");
+        let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
+        let e = s.redaction.policies().unwrap_err().to_string();
+        assert!(
+            e.contains("redaction.tenants.acme.prompt") && e.contains("hide"),
+            "{e}"
+        );
+        let f = file("[redaction.policy]\ncompletion = \"block\"\n");
+        let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
+        assert!(s.redaction.policies().is_err());
+        // Nothing configured: nothing to check.
+        assert!(Settings::default().redaction.policies().unwrap().is_none());
     }
 
     #[test]

@@ -130,6 +130,7 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_timeout),
         max_n: args.max_n.max(1),
         abuse: settings.abuse.limits()?,
+        redaction: settings.redaction.policies()?.map(Arc::new),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -13,6 +13,7 @@ mod errors;
 mod lifecycle;
 mod limits;
 mod reasoning;
+mod redaction;
 mod tls;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,220 @@
+//! Each tenant's sensitive-data policy, applied at the edge: prompts may be left alone but
+//! logged redacted (`log_only`), redacted before the model sees them (`mask`), or refused
+//! (`block`, a 400 naming the categories, never the values); completions may be redacted as
+//! they stream (`mask`); and the audit record may keep the redacted text (`store_text`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use enclave_redact::{Redactor, StreamRedactor};
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::generation::Meter;
+
+/// What happens to a prompt with sensitive values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptAction {
+    #[default]
+    Off,
+    /// Served as sent; the audit record holds the redacted text.
+    LogOnly,
+    /// Redacted before the model sees it.
+    Mask,
+    /// Refused with a 400 naming the categories.
+    Block,
+}
+
+/// What happens to generated text with sensitive values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompletionAction {
+    #[default]
+    Off,
+    /// Redacted before the client sees it, streams included.
+    Mask,
+}
+
+impl PromptAction {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "off" => Self::Off,
+            "log_only" => Self::LogOnly,
+            "mask" => Self::Mask,
+            "block" => Self::Block,
+            _ => return None,
+        })
+    }
+}
+
+impl CompletionAction {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "off" => Self::Off,
+            "mask" => Self::Mask,
+            _ => return None,
+        })
+    }
+}
+
+/// One tenant's policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TenantPolicy {
+    pub prompt: PromptAction,
+    pub completion: CompletionAction,
+    /// Keep the prompt and completion, redacted, in the audit record.
+    pub store_text: bool,
+}
+
+/// The detector and every tenant's policy.
+#[derive(Debug, Clone)]
+pub struct RedactionPolicies {
+    pub redactor: Arc<Redactor>,
+    /// For tenants without their own.
+    pub default: TenantPolicy,
+    pub tenants: HashMap<String, TenantPolicy>,
+}
+
+impl RedactionPolicies {
+    pub fn policy(&self, tenant: &str) -> TenantPolicy {
+        self.tenants.get(tenant).copied().unwrap_or(self.default)
+    }
+}
+
+/// How one request's output is treated.
+#[derive(Debug, Clone)]
+pub(crate) struct OutputPolicy {
+    redactor: Arc<Redactor>,
+    mask: bool,
+    store: bool,
+}
+
+impl OutputPolicy {
+    /// A stream redactor when completions are masked.
+    pub fn stream(&self) -> Option<StreamRedactor> {
+        self.mask.then(|| self.redactor.stream())
+    }
+
+    /// The finished text as the client gets it, logged (redacted) when the policy says so.
+    pub fn finish(&self, text: String, meter: &Meter) -> String {
+        if !self.mask && !self.store {
+            return text;
+        }
+        let redacted = self.redactor.redact(&text);
+        if self.store {
+            if let Some(meter) = meter {
+                meter.log_completion(&redacted.text);
+            }
+        }
+        if self.mask {
+            redacted.text
+        } else {
+            text
+        }
+    }
+}
+
+/// Applies the caller's prompt policy to `texts` (the messages' contents, or the prompts),
+/// in place; returns how the output is to be treated. `param` names the field in errors.
+pub(crate) fn apply(
+    policies: Option<&RedactionPolicies>,
+    tenant: &str,
+    texts: &mut [&mut String],
+    param: &str,
+    meter: &Meter,
+    wants_logprobs: bool,
+) -> Result<Option<OutputPolicy>, ApiError> {
+    let Some(policies) = policies else {
+        return Ok(None);
+    };
+    let policy = policies.policy(tenant);
+    if policy == TenantPolicy::default() {
+        return Ok(None);
+    }
+    let checks_prompt = policy.prompt != PromptAction::Off || policy.store_text;
+    if checks_prompt {
+        let mut categories: Vec<String> = Vec::new();
+        let mut logged = Vec::new();
+        for text in texts.iter_mut() {
+            let redacted = policies.redactor.redact(text);
+            for f in &redacted.findings {
+                let name = f.category.name().to_string();
+                if !categories.contains(&name) {
+                    categories.push(name);
+                }
+            }
+            logged.push(redacted.text.clone());
+            if policy.prompt == PromptAction::Mask {
+                **text = redacted.text;
+            }
+        }
+        if !categories.is_empty() {
+            let action = match policy.prompt {
+                PromptAction::Off => "none",
+                PromptAction::LogOnly => "log_only",
+                PromptAction::Mask => "mask",
+                PromptAction::Block => "block",
+            };
+            if let Some(meter) = meter {
+                meter.note(json!({"sensitive": {"prompt": categories, "action": action}}));
+            }
+            if policy.prompt == PromptAction::Block {
+                return Err(ApiError {
+                    code: Some("sensitive_data"),
+                    ..ApiError::invalid(
+                        Some(param.to_string()),
+                        format!(
+                            "`{param}` contains sensitive data ({}), which this tenant's policy does not allow",
+                            categories.join(", ")
+                        ),
+                    )
+                });
+            }
+        }
+        if policy.prompt == PromptAction::LogOnly || policy.store_text {
+            if let Some(meter) = meter {
+                meter.log_prompt(&logged.join("\n"));
+            }
+        }
+    }
+    if policy.completion == CompletionAction::Mask && wants_logprobs {
+        return Err(ApiError::invalid(
+            Some("logprobs".into()),
+            "log-probabilities would show the text this tenant's policy redacts; leave `logprobs` off",
+        ));
+    }
+    let output = OutputPolicy {
+        redactor: policies.redactor.clone(),
+        mask: policy.completion == CompletionAction::Mask,
+        store: policy.store_text,
+    };
+    Ok((output.mask || output.store).then_some(output))
+}
+
+/// A token-id prompt cannot be checked: refused under a policy that would check it.
+pub(crate) fn refuse_unchecked(
+    policies: Option<&RedactionPolicies>,
+    tenant: &str,
+) -> Result<(), ApiError> {
+    match policies.map(|p| p.policy(tenant).prompt) {
+        Some(PromptAction::Mask | PromptAction::Block) => Err(ApiError::invalid(
+            Some("prompt".into()),
+            "token-id prompts cannot be checked for sensitive data, which this tenant's policy requires; send text",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The audit record's text: the redacted prompt and completion.
+pub(crate) fn logged_text(prompt: Option<&str>, completion: &[String]) -> Option<String> {
+    if prompt.is_none() && completion.is_empty() {
+        return None;
+    }
+    let mut text = json!({});
+    if let Some(prompt) = prompt {
+        text["prompt"] = Value::String(prompt.to_string());
+    }
+    if !completion.is_empty() {
+        text["completion"] = json!(completion);
+    }
+    Some(text.to_string())
+}
