@@ -164,6 +164,9 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the end of the context.
     Length,
+    /// Ended at the edge by a content policy (a sensitive value in the output); the engine
+    /// itself never finishes so.
+    ContentFilter,
 }
 
 impl FinishReason {
@@ -171,6 +174,7 @@ impl FinishReason {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
+            Self::ContentFilter => "content_filter",
         }
     }
 }

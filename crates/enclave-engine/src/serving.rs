@@ -462,6 +462,12 @@ impl Drop for QueueSlot {
 }
 
 impl RequestStream {
+    /// Stops the request: the engine drops it (freeing its blocks) at its next step, and no
+    /// more events come.
+    pub fn cancel(&mut self) {
+        self.receiver.close();
+    }
+
     /// The next event, or `None` after the last one.
     pub async fn next(&mut self) -> Option<Event> {
         self.receiver.recv().await

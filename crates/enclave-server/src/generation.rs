@@ -120,20 +120,29 @@ pub(crate) fn max_tokens(value: Option<i64>, param: &str) -> Result<Option<usize
 pub(crate) type Meter = Option<Arc<RequestMeter>>;
 
 /// One choice's events, each generated token charged to the caller's account as it arrives,
-/// and its text redacted as it streams when the tenant's policy masks completions.
+/// and its text redacted as it streams (or cut before the first sensitive value) when the
+/// tenant's policy says so.
 pub(crate) struct ChoiceStream {
     inner: RequestStream,
     meter: Meter,
     output: Option<OutputPolicy>,
     redactor: Option<StreamRedactor>,
-    /// `Finished`, held while the redactor's last text goes out as a token of its own.
+    /// An event held while text released before it goes out as a token of its own.
     pending: Option<Event>,
+    /// Tokens generated so far, and the text released so far (for a blocked choice's end).
+    generated: usize,
+    released: String,
+    /// Ended by the content policy: nothing more comes.
+    ended: bool,
 }
 
 impl ChoiceStream {
     pub async fn next(&mut self) -> Option<Event> {
         if let Some(event) = self.pending.take() {
             return Some(event);
+        }
+        if self.ended {
+            return None;
         }
         match self.inner.next().await {
             Some(Event::Token {
@@ -145,9 +154,10 @@ impl ChoiceStream {
                 if let Some(meter) = &self.meter {
                     meter.charge_completion(1);
                 }
-                let text = match &mut self.redactor {
-                    Some(redactor) => redactor.push(&text),
-                    None => text,
+                self.generated += 1;
+                let text = match self.release(&text, false) {
+                    Ok(text) => text,
+                    Err(cut) => return Some(cut),
                 };
                 Some(Event::Token {
                     id,
@@ -161,6 +171,10 @@ impl ChoiceStream {
                 usage,
                 text,
             }) => {
+                let rest = match self.release("", true) {
+                    Ok(rest) => rest,
+                    Err(cut) => return Some(cut),
+                };
                 let text = match &self.output {
                     Some(output) => output.finish(text, &self.meter),
                     None => text,
@@ -170,23 +184,71 @@ impl ChoiceStream {
                     usage,
                     text,
                 };
-                let rest = self.redactor.as_mut().map(StreamRedactor::finish);
-                match rest.filter(|r| !r.is_empty()) {
+                if rest.is_empty() {
+                    Some(finished)
+                } else {
                     // The text held back for a value that might have continued.
-                    Some(rest) => {
-                        self.pending = Some(finished);
-                        Some(Event::Token {
-                            id: 0,
-                            text: rest,
-                            logprob: 0.0,
-                            top_logprobs: Vec::new(),
-                        })
-                    }
-                    None => Some(finished),
+                    self.pending = Some(finished);
+                    Some(Event::Token {
+                        id: 0,
+                        text: rest,
+                        logprob: 0.0,
+                        top_logprobs: Vec::new(),
+                    })
                 }
             }
             other => other,
         }
+    }
+
+    /// `text` as the policy lets it out (`at_end`: with everything held back); `Err` with the
+    /// event to send when a blocked choice reached a value: its text up to the value, then
+    /// the end.
+    fn release(&mut self, text: &str, at_end: bool) -> Result<String, Event> {
+        let Some(redactor) = self.redactor.as_mut() else {
+            return Ok(text.to_string());
+        };
+        let found_before = redactor.findings().len();
+        let out = if at_end {
+            redactor.finish()
+        } else {
+            redactor.push(text)
+        };
+        let block = self.output.as_ref().is_some_and(|o| o.block);
+        let Some(first) = redactor.findings().get(found_before).filter(|_| block) else {
+            self.released.push_str(&out);
+            return Ok(out);
+        };
+        let kept = out
+            .find(&first.category.placeholder())
+            .map_or(out.as_str(), |at| &out[..at])
+            .to_string();
+        tracing::info!(category = %first.category, "a completion reached a sensitive value; ended by the tenant's policy");
+        self.released.push_str(&kept);
+        if let Some(meter) = &self.meter {
+            meter.note(serde_json::json!({"sensitive": {"completion": [first.category.name()], "action": "block"}}));
+        }
+        self.inner.cancel();
+        self.ended = true;
+        let finished = Event::Finished {
+            reason: FinishReason::ContentFilter,
+            usage: enclave_engine::Usage {
+                prompt_tokens: self.inner.prompt_ids.len(),
+                completion_tokens: self.generated,
+                cached_prompt_tokens: 0,
+            },
+            text: self.released.clone(),
+        };
+        if kept.is_empty() {
+            return Err(finished);
+        }
+        self.pending = Some(finished);
+        Err(Event::Token {
+            id: 0,
+            text: kept,
+            logprob: 0.0,
+            top_logprobs: Vec::new(),
+        })
     }
 }
 
@@ -226,6 +288,9 @@ pub(crate) fn submit_choices(
                     redactor: output.as_ref().and_then(OutputPolicy::stream),
                     output: output.clone(),
                     pending: None,
+                    generated: 0,
+                    released: String::new(),
+                    ended: false,
                 })
                 .map_err(|e| ApiError::from_engine(e, prompt_param))
         })

@@ -1,7 +1,9 @@
 //! Each tenant's sensitive-data policy, applied at the edge: prompts may be left alone but
 //! logged redacted (`log_only`), redacted before the model sees them (`mask`), or refused
-//! (`block`, a 400 naming the categories, never the values); completions may be redacted as
-//! they stream (`mask`); and the audit record may keep the redacted text (`store_text`).
+//! (`block`, a 400 naming the categories, never the values); completions may be logged
+//! redacted (`log_only`), redacted as they stream (`mask`), or cut before the first value
+//! (`block`, `finish_reason: "content_filter"`); and the audit record may keep the redacted
+//! text (`store_text`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,8 +32,12 @@ pub enum PromptAction {
 pub enum CompletionAction {
     #[default]
     Off,
+    /// Sent as generated; the audit record holds the redacted text.
+    LogOnly,
     /// Redacted before the client sees it, streams included.
     Mask,
+    /// The choice ends before the first value, with `finish_reason: "content_filter"`.
+    Block,
 }
 
 impl PromptAction {
@@ -50,7 +56,9 @@ impl CompletionAction {
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "off" => Self::Off,
+            "log_only" => Self::LogOnly,
             "mask" => Self::Mask,
+            "block" => Self::Block,
             _ => return None,
         })
     }
@@ -72,11 +80,18 @@ pub struct RedactionPolicies {
     /// For tenants without their own.
     pub default: TenantPolicy,
     pub tenants: HashMap<String, TenantPolicy>,
+    /// Detectors of tenants that look for other categories than `redactor` does.
+    pub scoped: HashMap<String, Arc<Redactor>>,
 }
 
 impl RedactionPolicies {
     pub fn policy(&self, tenant: &str) -> TenantPolicy {
         self.tenants.get(tenant).copied().unwrap_or(self.default)
+    }
+
+    /// The detector of `tenant`'s categories.
+    pub fn redactor(&self, tenant: &str) -> &Arc<Redactor> {
+        self.scoped.get(tenant).unwrap_or(&self.redactor)
     }
 }
 
@@ -85,18 +100,20 @@ impl RedactionPolicies {
 pub(crate) struct OutputPolicy {
     redactor: Arc<Redactor>,
     mask: bool,
+    /// End the choice before the first value.
+    pub block: bool,
     store: bool,
 }
 
 impl OutputPolicy {
-    /// A stream redactor when completions are masked.
+    /// A stream redactor when completions are masked or blocked.
     pub fn stream(&self) -> Option<StreamRedactor> {
-        self.mask.then(|| self.redactor.stream())
+        (self.mask || self.block).then(|| self.redactor.stream())
     }
 
     /// The finished text as the client gets it, logged (redacted) when the policy says so.
     pub fn finish(&self, text: String, meter: &Meter) -> String {
-        if !self.mask && !self.store {
+        if !self.mask && !self.store && !self.block {
             return text;
         }
         let redacted = self.redactor.redact(&text);
@@ -105,10 +122,11 @@ impl OutputPolicy {
                 meter.log_completion(&redacted.text);
             }
         }
-        if self.mask {
-            redacted.text
-        } else {
-            text
+        match redacted.findings.first() {
+            _ if self.mask => redacted.text,
+            // A blocked choice ends before its first value.
+            Some(first) if self.block => text[..first.start].to_string(),
+            _ => text,
         }
     }
 }
@@ -130,12 +148,13 @@ pub(crate) fn apply(
     if policy == TenantPolicy::default() {
         return Ok(None);
     }
+    let redactor = policies.redactor(tenant);
     let checks_prompt = policy.prompt != PromptAction::Off || policy.store_text;
     if checks_prompt {
         let mut categories: Vec<String> = Vec::new();
         let mut logged = Vec::new();
         for text in texts.iter_mut() {
-            let redacted = policies.redactor.redact(text);
+            let redacted = redactor.redact(text);
             for f in &redacted.findings {
                 let name = f.category.name().to_string();
                 if !categories.contains(&name) {
@@ -176,18 +195,23 @@ pub(crate) fn apply(
             }
         }
     }
-    if policy.completion == CompletionAction::Mask && wants_logprobs {
+    let hides = matches!(
+        policy.completion,
+        CompletionAction::Mask | CompletionAction::Block
+    );
+    if hides && wants_logprobs {
         return Err(ApiError::invalid(
             Some("logprobs".into()),
             "log-probabilities would show the text this tenant's policy redacts; leave `logprobs` off",
         ));
     }
     let output = OutputPolicy {
-        redactor: policies.redactor.clone(),
+        redactor: redactor.clone(),
         mask: policy.completion == CompletionAction::Mask,
-        store: policy.store_text,
+        block: policy.completion == CompletionAction::Block,
+        store: policy.store_text || policy.completion == CompletionAction::LogOnly,
     };
-    Ok((output.mask || output.store).then_some(output))
+    Ok((output.mask || output.block || output.store).then_some(output))
 }
 
 /// A token-id prompt cannot be checked: refused under a policy that would check it.

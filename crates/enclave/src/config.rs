@@ -105,10 +105,12 @@ pub struct RedactionSettings {
 pub struct PolicySettings {
     /// `off`, `log_only`, `mask` or `block`.
     pub prompt: Option<String>,
-    /// `off` or `mask`.
+    /// `off`, `log_only`, `mask` or `block`.
     pub completion: Option<String>,
     /// Keep the redacted prompt and completion in the audit log.
     pub store_text: Option<bool>,
+    /// The categories this policy looks for (default: `[redaction] categories`, or all).
+    pub categories: Option<Vec<String>>,
 }
 
 impl PolicySettings {
@@ -126,8 +128,9 @@ impl PolicySettings {
         };
         let completion = match self.completion.as_deref() {
             None => base.completion,
-            Some(name) => CompletionAction::parse(name)
-                .with_context(|| format!("{at}.completion: `{name}` is not one of off, mask"))?,
+            Some(name) => CompletionAction::parse(name).with_context(|| {
+                format!("{at}.completion: `{name}` is not one of off, log_only, mask, block")
+            })?,
         };
         Ok(TenantPolicy {
             prompt,
@@ -151,21 +154,42 @@ impl RedactionSettings {
             .policy
             .resolve(Default::default(), "redaction.policy")?;
         let mut tenants = std::collections::HashMap::new();
+        let mut scoped = std::collections::HashMap::new();
+        let default_categories = self.policy.categories.as_ref().or(self.categories.as_ref());
         for (name, settings) in &self.tenants {
-            tenants.insert(
-                name.clone(),
-                settings.resolve(default, &format!("redaction.tenants.{name}"))?,
-            );
+            let at = format!("redaction.tenants.{name}");
+            tenants.insert(name.clone(), settings.resolve(default, &at)?);
+            if let Some(categories) = &settings.categories {
+                scoped.insert(
+                    name.clone(),
+                    std::sync::Arc::new(self.detector(Some(categories), &at)?),
+                );
+            }
         }
         let off = enclave_server::redaction::TenantPolicy::default();
         if default == off && tenants.values().all(|p| *p == off) {
             return Ok(None);
         }
         Ok(Some(enclave_server::redaction::RedactionPolicies {
-            redactor: std::sync::Arc::new(self.redactor()?),
+            redactor: std::sync::Arc::new(self.detector(default_categories, "redaction.policy")?),
             default,
             tenants,
+            scoped,
         }))
+    }
+
+    fn detector(
+        &self,
+        categories: Option<&Vec<String>>,
+        at: &str,
+    ) -> Result<enclave_redact::Redactor> {
+        let custom: Vec<(String, String)> = self
+            .custom
+            .iter()
+            .map(|c| (c.name.clone(), c.pattern.clone()))
+            .collect();
+        enclave_redact::Redactor::new(categories.map(Vec::as_slice), &custom)
+            .map_err(|e| anyhow::anyhow!("{at}: {e}"))
     }
 
     /// The detector these settings describe.
@@ -592,9 +616,16 @@ mod tests {
             e.contains("redaction.tenants.acme.prompt") && e.contains("hide"),
             "{e}"
         );
-        let f = file("[redaction.policy]\ncompletion = \"block\"\n");
+        let f = file("[redaction.policy]\ncompletion = \"hide\"\n");
         let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
         assert!(s.redaction.policies().is_err());
+        let f = file("[redaction.tenants.acme]\nprompt = \"mask\"\ncategories = [\"phone\"]\n");
+        let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
+        let e = s.redaction.policies().unwrap_err().to_string();
+        assert!(
+            e.contains("redaction.tenants.acme") && e.contains("phone"),
+            "{e}"
+        );
         // Nothing configured: nothing to check.
         assert!(Settings::default().redaction.policies().unwrap().is_none());
     }

@@ -95,13 +95,23 @@ async fn prompt_policies_mask_block_and_log() {
             "logged".to_string(),
             policy(PromptAction::LogOnly, CompletionAction::Off, false),
         ),
+        (
+            "phones".to_string(),
+            policy(PromptAction::Block, CompletionAction::Off, false),
+        ),
     ]);
+    // The `phones` tenant looks for mobile numbers only.
+    let scoped = HashMap::from([(
+        "phones".to_string(),
+        Arc::new(Redactor::new(Some(&["mobile".to_string()]), &[]).unwrap()),
+    )]);
     let server = server(
         &store,
         Some(RedactionPolicies {
             redactor: Arc::new(Redactor::default()),
             default: TenantPolicy::default(),
             tenants,
+            scoped,
         }),
     )
     .await;
@@ -178,6 +188,20 @@ async fn prompt_policies_mask_block_and_log() {
     .await;
     assert_eq!(status, 400);
 
+    // A tenant's own categories: an ID passes where only phone numbers are blocked.
+    let phones = key(&store, "phones").await;
+    let (status, _) = completion(phones.clone()).await;
+    assert_eq!(status, 200);
+    let (status, body) = post(
+        &server,
+        &phones,
+        "/v1/completions",
+        json!({"model": crate::MODEL, "prompt": "call 13812345678", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("mobile") && !body.contains("13812345678"));
+
     // log_only: served as sent (the raw prompt's tokens), the record holds the redacted text.
     let (status, body) = completion(logged.clone()).await;
     assert_eq!(status, 200, "{body}");
@@ -252,20 +276,30 @@ async fn completions_are_masked_streamed_or_not() {
         Some(RedactionPolicies {
             redactor,
             default: policy(PromptAction::Off, CompletionAction::Mask, true),
-            tenants: HashMap::new(),
+            tenants: HashMap::from([
+                (
+                    "cut".to_string(),
+                    policy(PromptAction::Off, CompletionAction::Block, false),
+                ),
+                (
+                    "logonly".to_string(),
+                    policy(PromptAction::Off, CompletionAction::LogOnly, false),
+                ),
+            ]),
+            scoped: HashMap::new(),
         }),
     )
     .await;
-    let key = key(&store, "acme").await;
+    let acme = key(&store, "acme").await;
 
-    let (status, text) = post(&server, &key, "/v1/completions", body.clone()).await;
+    let (status, text) = post(&server, &acme, "/v1/completions", body.clone()).await;
     assert_eq!(status, 200);
     let full: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(full["choices"][0]["text"], expected.as_str());
 
     let mut streamed_body = body.clone();
     streamed_body["stream"] = json!(true);
-    let (status, text) = post(&server, &key, "/v1/completions", streamed_body).await;
+    let (status, text) = post(&server, &acme, "/v1/completions", streamed_body).await;
     assert_eq!(status, 200);
     let streamed: String = text
         .lines()
@@ -279,7 +313,7 @@ async fn completions_are_masked_streamed_or_not() {
     // Logprobs would show the masked text: refused.
     let mut with_logprobs = body.clone();
     with_logprobs["logprobs"] = json!(1);
-    let (status, _) = post(&server, &key, "/v1/completions", with_logprobs).await;
+    let (status, _) = post(&server, &acme, "/v1/completions", with_logprobs).await;
     assert_eq!(status, 400);
 
     // store_text: the record holds the redacted completion.
@@ -297,6 +331,57 @@ async fn completions_are_masked_streamed_or_not() {
         .unwrap();
     let logged: Value = serde_json::from_str(record.text.as_deref().unwrap()).unwrap();
     assert_eq!(logged["completion"][0], expected.as_str());
+
+    // block: the choice ends just before the value, streamed or not.
+    let before = &raw[..raw.find(&secret).unwrap()];
+    let cut = key(&store, "cut").await;
+    let (status, text) = post(&server, &cut, "/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{text}");
+    let full: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(full["choices"][0]["text"], before);
+    assert_eq!(full["choices"][0]["finish_reason"], "content_filter");
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    let (_, text) = post(&server, &cut, "/v1/completions", streamed_body).await;
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, before);
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "content_filter"));
+    assert!(!text.contains(&secret));
+
+    // log_only: the client gets the text as generated; the record holds it redacted.
+    let logonly = key(&store, "logonly").await;
+    let (_, text) = post(&server, &logonly, "/v1/completions", body.clone()).await;
+    let full: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(full["choices"][0]["text"], raw.as_str());
+    server.state.audit_log().unwrap().flush().await.unwrap();
+    let entries = store
+        .audit_entries(&AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    let record = entries
+        .iter()
+        .find(|e| e.tenant.as_deref() == Some("logonly"))
+        .unwrap();
+    let logged: Value = serde_json::from_str(record.text.as_deref().unwrap()).unwrap();
+    assert_eq!(logged["completion"][0], expected.as_str());
+    assert!(
+        !serde_json::to_string(&entries.iter().map(|e| e.to_json()).collect::<Vec<_>>())
+            .unwrap()
+            .contains(&secret)
+    );
 }
 
 fn regex_escape(text: &str) -> String {
