@@ -103,6 +103,14 @@ impl AbuseGuard {
                 r.blocked_until.is_some_and(|u| u > now)
                     || r.failures.last().is_some_and(|t| now - *t < limits.window)
             });
+            // Still full (a flood of addresses): keep the blocks, forget the counts, and if
+            // even the blocks fill it, start over rather than grow.
+            if records.len() >= CAPACITY / 2 {
+                records.retain(|_, r| r.blocked_until.is_some_and(|u| u > now));
+            }
+            if records.len() >= CAPACITY / 2 {
+                records.clear();
+            }
         }
         let mut started = Vec::new();
         for offender in offenders {

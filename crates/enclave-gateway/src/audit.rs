@@ -423,6 +423,26 @@ fn check(row: &Row2, expected_seq: i64, prev: &str) -> Option<String> {
         return Some(format!("unknown kind `{}`", e.kind));
     }
     let content = if e.pruned {
+        let holds_content = e.request_id.is_some()
+            || e.tenant.is_some()
+            || e.method.is_some()
+            || e.route.is_some()
+            || e.model.is_some()
+            || e.status.is_some()
+            || e.prompt_tokens.is_some()
+            || e.completion_tokens.is_some()
+            || e.latency_ms.is_some()
+            || e.detail.is_some()
+            || e.subject.is_some()
+            || e.source.is_some()
+            || e.text.is_some()
+            || row.salt.is_some()
+            || row.personal.is_some();
+        if holds_content {
+            return Some(
+                "marked pruned but still holds content (its fields cannot be verified)".into(),
+            );
+        }
         row.content.clone()
     } else {
         let personal = if e.erased {
@@ -454,6 +474,88 @@ fn check(row: &Row2, expected_seq: i64, prev: &str) -> Option<String> {
     None
 }
 
+type Transaction<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+/// Takes the write lock before the head is read (SQLite: the database's; PostgreSQL: the head
+/// row's), so two writers cannot both continue from the same record.
+async fn lock_chain(tx: &mut Transaction<'_>) -> Result<()> {
+    sqlx::query("UPDATE audit_chain SET last_seq = last_seq WHERE id = 1")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Appends `events` after the chain's head, inside `tx` (which holds [`lock_chain`]).
+async fn append_in(tx: &mut Transaction<'_>, events: &[AuditEvent]) -> Result<()> {
+    let head = sqlx::query("SELECT last_seq, last_sha256 FROM audit_chain WHERE id = 1")
+        .fetch_one(&mut **tx)
+        .await?;
+    let mut seq: i64 = head.try_get("last_seq")?;
+    let mut prev: String = head.try_get("last_sha256")?;
+    for event in events {
+        seq += 1;
+        let salt = hex(&rand::random::<[u8; 16]>());
+        let entry = event.entry(seq);
+        let personal = personal_hash(
+            Some(&salt),
+            entry.subject.as_deref(),
+            entry.source.as_deref(),
+            entry.text.as_deref(),
+        );
+        let content = content_hash(&entry, &personal);
+        let link = link_hash(&prev, seq, entry.at_ms, &entry.kind, &content);
+        sqlx::query(&format!(
+            "INSERT INTO audit_log ({ENTRY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+             $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, 0, 0)"
+        ))
+        .bind(seq)
+        .bind(entry.at_ms)
+        .bind(&entry.kind)
+        .bind(&entry.request_id)
+        .bind(&entry.tenant)
+        .bind(&entry.method)
+        .bind(&entry.route)
+        .bind(&entry.model)
+        .bind(entry.status)
+        .bind(entry.prompt_tokens)
+        .bind(entry.completion_tokens)
+        .bind(entry.latency_ms)
+        .bind(&entry.detail)
+        .bind(&entry.subject)
+        .bind(&entry.source)
+        .bind(&entry.text)
+        .bind(&salt)
+        .bind(&personal)
+        .bind(&content)
+        .bind(&prev)
+        .bind(&link)
+        .execute(&mut **tx)
+        .await?;
+        prev = link;
+    }
+    sqlx::query("UPDATE audit_chain SET last_seq = $1, last_sha256 = $2 WHERE id = 1")
+        .bind(seq)
+        .bind(&prev)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The anchor a pruning record states (`{"action": "audit.prune", "anchor_seq": …}`).
+fn prune_claim(entry: &AuditEntry) -> Option<(i64, String)> {
+    if entry.kind != "admin" {
+        return None;
+    }
+    let detail: Value = serde_json::from_str(entry.detail.as_deref()?).ok()?;
+    if detail["action"] != "audit.prune" {
+        return None;
+    }
+    Some((
+        detail["anchor_seq"].as_i64()?,
+        detail["anchor_sha256"].as_str()?.to_string(),
+    ))
+}
+
 impl Store {
     /// Appends `events` in one transaction, continuing the chain from its head. Writers on
     /// other connections or replicas queue on the head row's lock, so the chain stays one line.
@@ -462,62 +564,8 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.pool().begin().await?;
-        // Takes the write lock before reading the head (SQLite: the database's; PostgreSQL:
-        // the row's), so two writers cannot both continue from the same record.
-        sqlx::query("UPDATE audit_chain SET last_seq = last_seq WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
-        let head = sqlx::query("SELECT last_seq, last_sha256 FROM audit_chain WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await?;
-        let mut seq: i64 = head.try_get("last_seq")?;
-        let mut prev: String = head.try_get("last_sha256")?;
-        for event in events {
-            seq += 1;
-            let salt = hex(&rand::random::<[u8; 16]>());
-            let entry = event.entry(seq);
-            let personal = personal_hash(
-                Some(&salt),
-                entry.subject.as_deref(),
-                entry.source.as_deref(),
-                entry.text.as_deref(),
-            );
-            let content = content_hash(&entry, &personal);
-            let link = link_hash(&prev, seq, entry.at_ms, &entry.kind, &content);
-            sqlx::query(&format!(
-                "INSERT INTO audit_log ({ENTRY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-                 $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, 0, 0)"
-            ))
-            .bind(seq)
-            .bind(entry.at_ms)
-            .bind(&entry.kind)
-            .bind(&entry.request_id)
-            .bind(&entry.tenant)
-            .bind(&entry.method)
-            .bind(&entry.route)
-            .bind(&entry.model)
-            .bind(entry.status)
-            .bind(entry.prompt_tokens)
-            .bind(entry.completion_tokens)
-            .bind(entry.latency_ms)
-            .bind(&entry.detail)
-            .bind(&entry.subject)
-            .bind(&entry.source)
-            .bind(&entry.text)
-            .bind(&salt)
-            .bind(&personal)
-            .bind(&content)
-            .bind(&prev)
-            .bind(&link)
-            .execute(&mut *tx)
-            .await?;
-            prev = link;
-        }
-        sqlx::query("UPDATE audit_chain SET last_seq = $1, last_sha256 = $2 WHERE id = 1")
-            .bind(seq)
-            .bind(&prev)
-            .execute(&mut *tx)
-            .await?;
+        lock_chain(&mut tx).await?;
+        append_in(&mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -532,8 +580,11 @@ impl Store {
         .await?;
         let head_seq: i64 = chain.try_get("last_seq")?;
         let head_sha256: String = chain.try_get("last_sha256")?;
-        let mut expected_seq: i64 = chain.try_get::<i64, _>("anchor_seq")? + 1;
-        let mut prev: String = chain.try_get("anchor_sha256")?;
+        let anchor_seq: i64 = chain.try_get("anchor_seq")?;
+        let anchor_sha256: String = chain.try_get("anchor_sha256")?;
+        let mut expected_seq = anchor_seq + 1;
+        let mut prev = anchor_sha256.clone();
+        let mut claim: Option<(i64, String)> = None;
         let mut report = AuditVerification {
             records: 0,
             pruned: 0,
@@ -573,6 +624,9 @@ impl Store {
                     });
                     return Ok(report);
                 }
+                if let Some(c) = prune_claim(&row.entry) {
+                    claim = Some(c);
+                }
                 report.records += 1;
                 report.pruned += u64::from(row.entry.pruned);
                 report.erased += u64::from(row.entry.erased);
@@ -582,6 +636,16 @@ impl Store {
             if (page as i64) < VERIFY_PAGE {
                 break;
             }
+        }
+        // The anchor only moves by pruning, which records where it put it.
+        if anchor_seq > 0 && claim.as_ref() != Some(&(anchor_seq, anchor_sha256.clone())) {
+            report.problem = Some(AuditProblem {
+                seq: anchor_seq + 1,
+                reason: format!(
+                    "the log starts after record {anchor_seq}, but no pruning recorded that: records before it were deleted"
+                ),
+            });
+            return Ok(report);
         }
         if expected_seq - 1 != head_seq || prev != head_sha256 {
             report.problem = Some(AuditProblem {
@@ -624,11 +688,17 @@ impl Store {
     /// Removes the content of API and security records older than `before_ms` and of admin
     /// records older than `admin_before_ms`, then deletes the fully pruned records at the
     /// start of the log, moving the chain's anchor past them.
-    pub async fn prune_audit(&self, before_ms: i64, admin_before_ms: i64) -> Result<PruneReport> {
+    /// The pruning itself is appended as an admin record stating the new anchor, so `verify`
+    /// can tell pruning from deletion.
+    pub async fn prune_audit(
+        &self,
+        before_ms: i64,
+        admin_before_ms: i64,
+        now_ms: i64,
+        by: &str,
+    ) -> Result<PruneReport> {
         let mut tx = self.pool().begin().await?;
-        sqlx::query("UPDATE audit_chain SET last_seq = last_seq WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
+        lock_chain(&mut tx).await?;
         let pruned = sqlx::query(
             "UPDATE audit_log SET request_id = NULL, tenant = NULL, method = NULL, route = NULL, \
              model = NULL, status = NULL, prompt_tokens = NULL, completion_tokens = NULL, \
@@ -673,6 +743,32 @@ impl Store {
                 .bind(&anchor)
                 .execute(&mut *tx)
                 .await?;
+        }
+        if pruned > 0 || deleted > 0 {
+            let chain =
+                sqlx::query("SELECT anchor_seq, anchor_sha256 FROM audit_chain WHERE id = 1")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let anchor_seq: i64 = chain.try_get("anchor_seq")?;
+            let anchor_sha256: String = chain.try_get("anchor_sha256")?;
+            let detail = json!({
+                "action": "audit.prune",
+                "anchor_seq": anchor_seq,
+                "anchor_sha256": anchor_sha256,
+                "pruned": pruned,
+                "deleted": deleted,
+                "before_ms": before_ms,
+                "admin_before_ms": admin_before_ms,
+            });
+            let event = AuditEvent {
+                at_ms: now_ms,
+                kind: AuditKind::Admin,
+                subject: by.to_string(),
+                route: "audit.prune".into(),
+                detail: detail.to_string(),
+                ..AuditEvent::default()
+            };
+            append_in(&mut tx, &[event]).await?;
         }
         tx.commit().await?;
         Ok(PruneReport { pruned, deleted })

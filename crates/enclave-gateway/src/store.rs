@@ -246,6 +246,15 @@ impl Store {
                 "a role's description is at most 256 characters, without control characters",
             ));
         }
+        // Keys left holding this name (from a role deleted while they were expired, or one the
+        // configuration dropped) would otherwise wake up with the new role's permissions.
+        let holders = self.role_holders(name, None).await?;
+        if holders > 0 {
+            return Err(GatewayError::invalid(
+                "name",
+                format!("{holders} unrevoked key(s) still name role `{name}`; revoke them or pick another name"),
+            ));
+        }
         let stored: Vec<&str> = parsed.iter().map(|p| p.name()).collect();
         let inserted = sqlx::query(
             "INSERT INTO roles (name, permissions, description, created_at) \
@@ -266,29 +275,39 @@ impl Store {
     /// Deletes stored role `name`; refused while a key that is neither revoked nor expired
     /// holds it (revoke those first), so no working key silently loses its permissions.
     pub async fn delete_role(&self, name: &str, now: i64) -> Result<()> {
-        let holders: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM api_keys WHERE role = $1 AND revoked_at IS NULL \
-             AND (expires_at IS NULL OR expires_at > $2)",
+        // One statement, so no key can be given the role between the check and the delete.
+        let deleted = sqlx::query(
+            "DELETE FROM roles WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM api_keys \
+             WHERE role = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2))",
         )
         .bind(name)
         .bind(now)
-        .fetch_one(&self.pool)
-        .await?
-        .try_get("n")?;
+        .execute(&self.pool)
+        .await?;
+        if deleted.rows_affected() == 1 {
+            return Ok(());
+        }
+        let holders = self.role_holders(name, Some(now)).await?;
         if holders > 0 {
             return Err(GatewayError::invalid(
                 "role",
                 format!("{holders} active key(s) hold role `{name}`; revoke them first"),
             ));
         }
-        let deleted = sqlx::query("DELETE FROM roles WHERE name = $1")
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        if deleted.rows_affected() == 0 {
-            return Err(GatewayError::NotFound(format!("role `{name}`")));
-        }
-        Ok(())
+        Err(GatewayError::NotFound(format!("role `{name}`")))
+    }
+
+    /// Unrevoked keys naming `role` (only those not expired at `now`, when given).
+    async fn role_holders(&self, role: &str, now: Option<i64>) -> Result<i64> {
+        Ok(sqlx::query(
+            "SELECT COUNT(*) AS n FROM api_keys WHERE role = $1 AND revoked_at IS NULL \
+             AND ($2 < 0 OR expires_at IS NULL OR expires_at > $2)",
+        )
+        .bind(role)
+        .bind(now.unwrap_or(-1))
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?)
     }
 
     /// `configured` (built-in and configured roles) with the roles stored in the database.

@@ -288,7 +288,8 @@ fn built_in() -> Vec<Detector> {
     let specs = [
         d(
             Category::PrivateKey,
-            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
+            // An unterminated block (a reply cut off by `max_tokens`) runs to the end of the text.
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[\s\S]*\z)",
             false,
             Edge::None,
             accept,
@@ -316,21 +317,21 @@ fn built_in() -> Vec<Detector> {
         ),
         d(
             Category::IdCard,
-            r"[1-9]\d{5}(?:18|19|20|21)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]",
+            r"[1-9][0-9]{5}(?:18|19|20|21)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])[0-9]{3}[0-9Xx]",
             false,
             Edge::Alphanumeric,
             id_card,
         ),
         d(
             Category::SocialCreditCode,
-            r"[0-9A-HJ-NPQRTUWXY]{2}\d{6}[0-9A-HJ-NPQRTUWXY]{10}",
+            r"[0-9A-HJ-NPQRTUWXY]{2}[0-9]{6}[0-9A-HJ-NPQRTUWXY]{10}",
             false,
             Edge::Alphanumeric,
             social_credit_code,
         ),
         d(
             Category::Iban,
-            r"[A-Z]{2}\d{2}(?:(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?|[A-Z0-9]{11,30})",
+            r"[A-Z]{2}[0-9]{2}(?:(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?|[A-Z0-9]{11,30})",
             false,
             Edge::Alphanumeric,
             iban,
@@ -344,77 +345,77 @@ fn built_in() -> Vec<Detector> {
         ),
         d(
             Category::BankCard,
-            r"\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,3})?|\d{13,19}",
+            r"[0-9]{4}(?:[ -][0-9]{4}){2,3}(?:[ -][0-9]{1,3})?|[0-9]{13,19}",
             false,
             Edge::Alphanumeric,
             bank_card,
         ),
         d(
             Category::HongKongId,
-            r"[A-Z]{1,2}\d{6}(?:\([0-9A]\)|[0-9A])",
+            r"[A-Z]{1,2}[0-9]{6}(?:\([0-9A]\)|[0-9A])",
             false,
             Edge::Alphanumeric,
             hong_kong_id,
         ),
         d(
             Category::TaiwanId,
-            r"[A-Z][12]\d{8}",
+            r"[A-Z][12][0-9]{8}",
             false,
             Edge::Alphanumeric,
             taiwan_id,
         ),
         d(
             Category::UsSsn,
-            r"\d{3}-\d{2}-\d{4}|\d{3} \d{2} \d{4}",
+            r"[0-9]{3}-[0-9]{2}-[0-9]{4}|[0-9]{3} [0-9]{2} [0-9]{4}",
             false,
             Edge::Alphanumeric,
             us_ssn,
         ),
         d(
             Category::Passport,
-            r"[EG]\d{8}|E[A-HJ-NP-Z]\d{7}|[DPS]E?\d{7}",
+            r"[EG][0-9]{8}|E[A-HJ-NP-Z][0-9]{7}|[DPS]E?[0-9]{7}",
             false,
             Edge::Alphanumeric,
             accept,
         ),
         d(
             Category::LicensePlate,
-            r"[京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼][A-HJ-NP-Z][·•\s]?(?:[DF][A-HJ-NP-Z0-9]\d{4}|\d{5}[DF]|[A-HJ-NP-Z0-9]{4}[挂学警港澳]|[A-HJ-NP-Z0-9]{5})",
+            r"[京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼][A-HJ-NP-Z][·•\s]?(?:[DF][A-HJ-NP-Z0-9][0-9]{4}|[0-9]{5}[DF]|[A-HJ-NP-Z0-9]{4}[挂学警港澳]|[A-HJ-NP-Z0-9]{5})",
             false,
             Edge::Alphanumeric,
             accept,
         ),
         d(
             Category::BirthDate,
-            r"(?i:出生日期|出生年月日|出生于|出生|生日|生于|date of birth|birth ?date|birthday|born on|born|d\.o\.b\.?|dob)\s*[:：是为]?\s*(\d{4}\s*[-/.年]\s*\d{1,2}\s*[-/.月]\s*\d{1,2}\s*日?|\d{1,2}[-/.]\d{1,2}[-/.]\d{4})",
+            r"(?i:出生日期|出生年月日|出生于|出生|生日|生于|date of birth|birth ?date|birthday|born on|born|d\.o\.b\.?|dob)\s*[:：是为]?\s*([0-9]{4}\s*[-/.年]\s*[0-9]{1,2}\s*[-/.月]\s*[0-9]{1,2}\s*日?|[0-9]{1,2}[-/.][0-9]{1,2}[-/.][0-9]{4})",
             true,
             Edge::Digit,
             birth_date,
         ),
         d(
             Category::Ipv6,
-            r"(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|\d{1,3}(?:\.\d{1,3}){3})?",
+            r"(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|[0-9]{1,3}(?:\.[0-9]{1,3}){3})?",
             false,
             Edge::Alphanumeric,
             ipv6,
         ),
         d(
             Category::Ipv4,
-            r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}",
+            r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}",
             false,
             Edge::DottedDigits,
             ipv4,
         ),
         d(
             Category::Mobile,
-            r"(?:\+86[ -]?|0086[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}",
+            r"(?:\+86[ -]?|0086[ -]?)?1[3-9][0-9](?:[ -]?[0-9]{4}){2}",
             false,
             Edge::Alphanumeric,
             mobile,
         ),
         d(
             Category::Landline,
-            r"(?:\(0\d{2,3}\) ?|0\d{2,3}-)[2-9]\d{6,7}",
+            r"(?:\(0[0-9]{2,3}\) ?|0[0-9]{2,3}-)[2-9][0-9]{6,7}",
             false,
             Edge::Alphanumeric,
             accept,
@@ -622,7 +623,7 @@ fn replace(text: &str, findings: &[Finding]) -> String {
 
 /// Bytes of text held back at the end of a stream (longer than any fixed-length value with its
 /// separators and context words), so a value split across chunks is seen whole.
-const HOLD: usize = 96;
+const HOLD: usize = 256;
 /// Most bytes held for an unfinished private-key block or token before they are released.
 const MAX_HOLD: usize = 64 << 10;
 
@@ -701,7 +702,7 @@ impl StreamRedactor {
     fn safe_cut(&self, text: &str, offset: usize, found: &[Finding]) -> usize {
         let len = text.len();
         let mut cut = len.saturating_sub(HOLD);
-        let token_char = |c: char| c.is_ascii_alphanumeric() || "._~+/=-".contains(c);
+        let token_char = |c: char| c.is_ascii_alphanumeric() || "._~+/=-@%".contains(c);
         let run_start = text
             .char_indices()
             .rev()

@@ -28,7 +28,7 @@ fn number(s: &str) -> Option<u32> {
 /// 7064 MOD 11-2 check character (`0`–`9` or `X`).
 pub(crate) fn resident_id(id: &str) -> bool {
     let bytes = id.as_bytes();
-    if bytes.len() != 18 {
+    if bytes.len() != 18 || !id.is_ascii() {
         return false;
     }
     let Some(body) = digits(&id[..17]) else {
@@ -81,7 +81,7 @@ pub(crate) fn social_credit_code(code: &str) -> bool {
         1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
     ];
     let bytes = code.as_bytes();
-    if bytes.len() != 18 {
+    if bytes.len() != 18 || !code.is_ascii() {
         return false;
     }
     let value = |b: u8| ALPHABET.iter().position(|&a| a == b);
@@ -139,7 +139,7 @@ pub(crate) fn vin(vin: &str) -> bool {
 pub(crate) fn hong_kong_id(candidate: &str) -> bool {
     let bytes = candidate.as_bytes();
     let letters = bytes.iter().take_while(|b| b.is_ascii_uppercase()).count();
-    if !(1..=2).contains(&letters) || bytes.len() != letters + 7 {
+    if !(1..=2).contains(&letters) || bytes.len() != letters + 7 || !candidate.is_ascii() {
         return false;
     }
     let Some(body) = digits(&candidate[letters..letters + 6]) else {
@@ -167,7 +167,7 @@ pub(crate) fn hong_kong_id(candidate: &str) -> bool {
 /// modulo 10.
 pub(crate) fn taiwan_id(id: &str) -> bool {
     let bytes = id.as_bytes();
-    if bytes.len() != 10 || !matches!(bytes[1], b'1' | b'2') {
+    if bytes.len() != 10 || !id.is_ascii() || !matches!(bytes[1], b'1' | b'2') {
         return false;
     }
     // The letters' codes, A..Z (I, O, W, X, Y, Z out of order: they were added later).
@@ -201,7 +201,7 @@ pub(crate) fn us_ssn(area: &str, group: &str, serial: &str) -> bool {
 
 /// IBAN (ISO 13616): country, two check digits, the account; the whole modulo 97 is 1.
 pub(crate) fn iban(compact: &str) -> bool {
-    if !(15..=34).contains(&compact.len()) {
+    if !(15..=34).contains(&compact.len()) || !compact.is_ascii() {
         return false;
     }
     let (head, tail) = compact.split_at(4);

@@ -264,3 +264,33 @@ proptest! {
         prop_assert_eq!(out, redactor.redact(&text).text);
     }
 }
+
+#[test]
+fn non_ascii_digits_are_not_numbers_and_never_panic() {
+    let redactor = Redactor::default();
+    // Full-width digits look like an IBAN, an ID or a phone number to a Unicode `\d`.
+    for text in [
+        "GB８２WEST12345698765432",
+        "身份证１１０１０５１９４９１２３１００２X",
+        "手机１３８１２３４５６７８",
+        "card ４１１１ １１１１ １１１１ １１１１",
+    ] {
+        assert_eq!(redactor.redact(text).text, text, "{text}");
+    }
+}
+
+#[test]
+fn a_private_key_cut_off_before_its_end_is_redacted_to_the_end() {
+    let redactor = Arc::new(Redactor::default());
+    let text =
+        "here:\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ";
+    assert_eq!(redactor.redact(text).text, "here:\n[PRIVATE_KEY]");
+    let mut stream = redactor.stream();
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(7) {
+        out.push_str(&stream.push(std::str::from_utf8(chunk).unwrap()));
+        assert!(!out.contains("b3Blbn"), "{out}");
+    }
+    out.push_str(&stream.finish());
+    assert_eq!(out, "here:\n[PRIVATE_KEY]");
+}

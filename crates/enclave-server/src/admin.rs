@@ -211,7 +211,12 @@ pub(crate) async fn create_key(
 ) -> Result<Response, ApiError> {
     let authenticator = authenticator(&state)?;
     let tenant = tenant_for(&caller, body.tenant.as_deref())?;
-    let roles = authenticator.roles().await.map_err(gateway_error)?;
+    // Read now, not from the cache: a role deleted a moment ago must not be given.
+    let roles = authenticator
+        .store()
+        .roles(authenticator.configured_roles())
+        .await
+        .map_err(gateway_error)?;
     let granted = roles.require(&body.role).map_err(gateway_error)?;
     if let Some(missing) = granted.iter().find(|p| !caller.can(*p)) {
         return Err(ApiError::denied(format!(

@@ -21,6 +21,10 @@ struct Identified {
     completion_texts: Vec<String>,
 }
 
+/// How long an admin action waits for its record's commit before answering anyway (the record
+/// stays queued and is written when the database answers).
+const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One request's audit record in the making; queued when the last reference goes.
 pub(crate) struct AuditTrail {
     log: AuditLog,
@@ -143,8 +147,15 @@ impl AuditTrail {
     /// Commits the record now (admin actions: the change is not answered unaudited).
     pub async fn commit(&self) {
         if let Some(event) = self.take_event() {
-            if let Err(e) = self.log.record_and_wait(event).await {
-                tracing::error!(error = %e, request_id = %self.request_id, "cannot commit an admin action's audit record");
+            let committed = tokio::time::timeout(COMMIT_WAIT, self.log.record_and_wait(event));
+            match committed.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, request_id = %self.request_id, "cannot commit an admin action's audit record");
+                }
+                Err(_) => {
+                    tracing::error!(request_id = %self.request_id, "an admin action's audit record is not committed yet (the database is slow or away); it stays queued");
+                }
             }
         }
     }

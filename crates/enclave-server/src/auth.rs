@@ -113,10 +113,15 @@ pub(crate) async fn authorize(
         } else if status == StatusCode::TOO_MANY_REQUESTS {
             metrics.rate_limited();
         }
+        // Methods and unmatched paths a client makes up share one label each, so no client can
+        // grow the label set.
+        let method_label = match method.as_str() {
+            "GET" | "POST" | "DELETE" | "PUT" | "PATCH" | "HEAD" | "OPTIONS" => method.as_str(),
+            _ => "other",
+        };
         metrics.observe(
             listener,
-            &method,
-            // Unmatched paths share one label, so scanners cannot grow the label set.
+            method_label,
             route.as_deref().unwrap_or("unmatched"),
             status,
             started.elapsed(),
@@ -194,19 +199,28 @@ async fn authorize_and_run(
             // request without credentials is no login attempt and counts for nothing.
             let attempted = request.headers().contains_key(header::AUTHORIZATION)
                 || matches!(presented, Presented::Certificate(_));
-            let mut offenders = vec![Offender::Source(source.to_string())];
-            if let Presented::Key(Ok(key)) = &presented {
-                if let Some(id) = enclave_gateway::key_id(key) {
-                    offenders.push(Offender::Key(id.to_string()));
+            let address = [Offender::Source(source.to_string())];
+            let key = match &presented {
+                Presented::Key(Ok(key)) => {
+                    enclave_gateway::key_id(key).map(|id| Offender::Key(id.to_string()))
                 }
-            }
-            if let Some(remaining) = state.abuse.blocked(&offenders, Instant::now()) {
+                _ => None,
+            };
+            // A blocked address is refused before any credential is checked.
+            if let Some(remaining) = state.abuse.blocked(&address, Instant::now()) {
                 return ApiError::blocked(remaining).into_response();
             }
             match authenticate(authenticator, presented).await {
                 Ok(principal) => principal,
                 Err(error) => {
                     if attempted && error.status == StatusCode::UNAUTHORIZED {
+                        // A blocked key id refuses wrong secrets only: its owner, with the
+                        // right one, is never locked out by someone who knows the id.
+                        let key = key.as_slice();
+                        if let Some(remaining) = state.abuse.blocked(key, Instant::now()) {
+                            return ApiError::blocked(remaining).into_response();
+                        }
+                        let offenders: Vec<Offender> = address.iter().chain(key).cloned().collect();
                         for block in state.abuse.failed(&offenders, Instant::now()) {
                             blocked(state, &block, source, trail.as_deref());
                         }

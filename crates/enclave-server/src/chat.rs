@@ -99,13 +99,17 @@ pub(crate) async fn create(
     }
     .params(engine)?;
     let output = {
-        let mut texts: Vec<&mut String> = messages
-            .iter_mut()
-            .filter_map(|m| match m.get_mut("content") {
-                Some(Value::String(text)) => Some(text),
-                _ => None,
-            })
-            .collect();
+        // Every text a template may render: contents, names, tool-call arguments, reasoning.
+        let mut texts: Vec<&mut String> = Vec::new();
+        for message in messages.iter_mut() {
+            if let Value::Object(fields) = message {
+                for (key, value) in fields.iter_mut() {
+                    if key != "role" {
+                        redaction::strings_in(value, &mut texts);
+                    }
+                }
+            }
+        }
         redaction::apply(
             state.config.redaction.as_deref(),
             &caller.tenant,

@@ -228,6 +228,10 @@ impl ChoiceStream {
         if let Some(meter) = &self.meter {
             meter.note(serde_json::json!({"sensitive": {"completion": [first.category.name()], "action": "block"}}));
         }
+        if let Some(output) = &self.output {
+            // Logged (when the policy keeps text) as the client got it.
+            output.finish(self.released.clone(), &self.meter);
+        }
         self.inner.cancel();
         self.ended = true;
         let finished = Event::Finished {

@@ -214,18 +214,30 @@ pub(crate) fn apply(
     Ok((output.mask || output.block || output.store).then_some(output))
 }
 
+/// Every string inside `value`, for checking in place.
+pub(crate) fn strings_in<'a>(value: &'a mut Value, out: &mut Vec<&'a mut String>) {
+    match value {
+        Value::String(text) => out.push(text),
+        Value::Array(items) => items.iter_mut().for_each(|v| strings_in(v, out)),
+        Value::Object(fields) => fields.values_mut().for_each(|v| strings_in(v, out)),
+        _ => {}
+    }
+}
+
 /// A token-id prompt cannot be checked: refused under a policy that would check it.
 pub(crate) fn refuse_unchecked(
     policies: Option<&RedactionPolicies>,
     tenant: &str,
 ) -> Result<(), ApiError> {
-    match policies.map(|p| p.policy(tenant).prompt) {
-        Some(PromptAction::Mask | PromptAction::Block) => Err(ApiError::invalid(
+    let policy = policies.map(|p| p.policy(tenant));
+    let checks = policy.is_some_and(|p| p.prompt != PromptAction::Off || p.store_text);
+    if checks {
+        return Err(ApiError::invalid(
             Some("prompt".into()),
-            "token-id prompts cannot be checked for sensitive data, which this tenant's policy requires; send text",
-        )),
-        _ => Ok(()),
+            "token-id prompts cannot be checked (or logged redacted) as this tenant's policy requires; send text",
+        ));
     }
+    Ok(())
 }
 
 /// The audit record's text: the redacted prompt and completion.

@@ -174,15 +174,17 @@ pub fn audit(settings: &Settings, command: AuditCommand) -> Result<ExitCode> {
             AuditCommand::Prune(args) => {
                 let (days, admin_days) = settings.audit.retention()?;
                 let now = enclave_gateway::unix_time().saturating_mul(1000);
+                // The pruning records itself (with the new anchor) in the chain.
                 let report = store
                     .prune_audit(
                         now - i64::from(days) * 86_400_000,
                         now - i64::from(admin_days) * 86_400_000,
+                        now,
+                        &format!("cli:{}", os_user()),
                     )
                     .await?;
                 let summary = json!({"pruned": report.pruned, "deleted": report.deleted,
                     "retention_days": days, "admin_retention_days": admin_days});
-                record_cli_action(&store, "audit.prune", summary.clone()).await?;
                 if args.json {
                     println!("{summary}");
                 } else {
@@ -261,9 +263,7 @@ pub async fn record_cli_action(store: &Store, action: &str, mut detail: Value) -
     if let Some(object) = detail.as_object_mut() {
         object.insert("action".into(), json!(action));
     }
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
+    let user = os_user();
     let at_ms = enclave_gateway::unix_time().saturating_mul(1000);
     store
         .append_audit(&[AuditEvent {
@@ -285,4 +285,11 @@ pub async fn record_cli_action(store: &Store, action: &str, mut detail: Value) -
         }])
         .await
         .context("cannot write the audit record of this change")
+}
+
+/// Who runs this command, as the audit log names them (`cli:<user>`).
+fn os_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
 }

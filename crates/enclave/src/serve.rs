@@ -272,6 +272,8 @@ async fn serve(
                     .prune_audit(
                         now - i64::from(retention_days) * 86_400_000,
                         now - i64::from(admin_retention_days) * 86_400_000,
+                        now,
+                        "system",
                     )
                     .await
                 {

@@ -160,6 +160,22 @@ async fn every_kind_of_tampering_is_detected_and_named() {
             "erased",
         ),
         (
+            "the oldest records deleted and the anchor moved past them",
+            &[
+                "UPDATE audit_chain SET anchor_seq = 3, anchor_sha256 = \
+                 (SELECT sha256 FROM audit_log WHERE seq = 3) WHERE id = 1",
+                "DELETE FROM audit_log WHERE seq <= 3",
+            ],
+            4,
+            "no pruning recorded",
+        ),
+        (
+            "a record marked pruned that keeps its (changed) content",
+            &["UPDATE audit_log SET pruned = 1, status = 201 WHERE seq = 5"],
+            5,
+            "pruned",
+        ),
+        (
             "a record inserted before the anchor",
             &[
                 "INSERT INTO audit_log SELECT 0, at_ms, kind, request_id, tenant, method, route, \
@@ -206,7 +222,7 @@ async fn pruning_and_erasure_keep_the_chain_verifying() {
         let newest = 1_800_000_000_000;
         // API records older than 5 days go; admin records older than 9 days.
         let report = store
-            .prune_audit(newest - 5 * DAY_MS, newest - 9 * DAY_MS)
+            .prune_audit(newest - 5 * DAY_MS, newest - 9 * DAY_MS, newest, "test")
             .await
             .unwrap();
         // Records 1..=6 are older than 5 days; of them 4 is admin and only 8 days old: kept.
@@ -214,7 +230,7 @@ async fn pruning_and_erasure_keep_the_chain_verifying() {
         assert_eq!(report.deleted, 3, "the leading run 1..=3 is deleted");
         let verified = store.verify_audit().await.unwrap();
         assert_eq!(verified.problem, None, "{url}");
-        assert_eq!(verified.records, 9);
+        assert_eq!(verified.records, 10, "4..=12 and the pruning's own record");
         assert_eq!(verified.pruned, 2, "5 and 6 stay as pruned links after 4");
         let entries = store
             .audit_entries(&AuditQuery {
@@ -258,21 +274,26 @@ async fn pruning_and_erasure_keep_the_chain_verifying() {
             .await
             .unwrap();
         assert_eq!(store.verify_audit().await.unwrap().problem, None);
+        let later = newest + 2 * DAY_MS;
         let all = store
-            .prune_audit(newest + 2 * DAY_MS, newest + 2 * DAY_MS)
+            .prune_audit(later, later, later, "test")
             .await
             .unwrap();
-        assert_eq!(all.deleted, 10);
+        assert_eq!(
+            all.deleted, 11,
+            "4..=14, the first pruning's record included"
+        );
         let empty = store.verify_audit().await.unwrap();
         assert_eq!(
             (empty.problem, empty.records, empty.head_seq),
-            (None, 0, 13)
+            (None, 1, 15),
+            "only the last pruning's record is left"
         );
-        log.record_and_wait(event(14, newest + 3 * DAY_MS, AuditKind::Api))
+        log.record_and_wait(event(16, newest + 3 * DAY_MS, AuditKind::Api))
             .await
             .unwrap();
         let verified = store.verify_audit().await.unwrap();
-        assert_eq!((verified.problem, verified.records), (None, 1));
+        assert_eq!((verified.problem, verified.records), (None, 2));
     }
 }
 

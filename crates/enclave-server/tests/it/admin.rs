@@ -342,15 +342,6 @@ async fn roles_created_over_http() {
     }
 
     // Creating roles needs config:manage; and no one defines a role stronger than themselves.
-    let key = |role: &str| NewKey {
-        tenant: "default".into(),
-        role: role.into(),
-        models: vec!["*".into()],
-        name: String::new(),
-        expires_at: None,
-        limits: Limits::default(),
-    };
-    let roles = Roles::default();
     let (_, manager) = admin
         .call(
             "POST",
@@ -360,11 +351,8 @@ async fn roles_created_over_http() {
         )
         .await;
     let manager = manager["key"].as_str().unwrap().to_string();
-    let operator = admin
-        .store
-        .create_key(key("operator"), &roles, unix_time())
+    let operator = crate::new_key(&admin.store, "default", "operator")
         .await
-        .unwrap()
         .key;
     let (status, _) = admin
         .call(
@@ -508,23 +496,7 @@ async fn the_admin_authorization_matrix_holds() {
     );
     let admin = start().await;
     for (role, permissions, _) in enclave_gateway::BUILT_IN_ROLES {
-        let key = admin
-            .store
-            .create_key(
-                NewKey {
-                    tenant: "default".into(),
-                    role: role.into(),
-                    models: vec!["*".into()],
-                    name: String::new(),
-                    expires_at: None,
-                    limits: Limits::default(),
-                },
-                &Roles::default(),
-                unix_time(),
-            )
-            .await
-            .unwrap()
-            .key;
+        let key = crate::new_key(&admin.store, "default", role).await.key;
         for (method, path, needs) in EXPECTED_ADMIN {
             let path = path
                 .replace("{id}", "0123456789abcdef")
@@ -626,22 +598,8 @@ async fn metrics_count_requests_refusals_and_tokens() {
     assert!(text.contains("enclave_http_request_duration_seconds_bucket"));
 
     // Without metrics:read (a developer key): 403.
-    let developer = admin
-        .store
-        .create_key(
-            NewKey {
-                tenant: "default".into(),
-                role: "developer".into(),
-                models: vec!["*".into()],
-                name: String::new(),
-                expires_at: None,
-                limits: Limits::default(),
-            },
-            &Roles::default(),
-            unix_time(),
-        )
+    let developer = crate::new_key(&admin.store, "default", "developer")
         .await
-        .unwrap()
         .key;
     let (status, _) = admin.call("GET", "/metrics", Some(&developer), None).await;
     assert_eq!(status, 403);

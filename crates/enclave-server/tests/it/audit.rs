@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use enclave_gateway::{unix_time, AuditEntry, AuditQuery, Limits, NewKey, Roles};
+use enclave_gateway::{AuditEntry, AuditQuery, Roles};
 use serde_json::{json, Value};
 
 use crate::admin::{start, Admin};
@@ -24,22 +24,7 @@ async fn records(admin: &Admin) -> Vec<AuditEntry> {
 }
 
 async fn key(admin: &Admin, tenant: &str, role: &str) -> (String, String) {
-    let created = admin
-        .store
-        .create_key(
-            NewKey {
-                tenant: tenant.into(),
-                role: role.into(),
-                models: vec!["*".into()],
-                name: String::new(),
-                expires_at: None,
-                limits: Limits::default(),
-            },
-            &Roles::default(),
-            unix_time(),
-        )
-        .await
-        .unwrap();
+    let created = crate::new_key(&admin.store, tenant, role).await;
     (created.info.id, created.key)
 }
 
@@ -356,22 +341,7 @@ async fn failed_logins_block_the_address_for_a_while() {
         ))),
     )
     .await;
-    let good = store
-        .create_key(
-            NewKey {
-                tenant: "default".into(),
-                role: "viewer".into(),
-                models: vec!["*".into()],
-                name: String::new(),
-                expires_at: None,
-                limits: Limits::default(),
-            },
-            &Roles::default(),
-            unix_time(),
-        )
-        .await
-        .unwrap()
-        .key;
+    let good = crate::new_key(&store, "default", "viewer").await.key;
     let models = |key: String| {
         server
             .client

@@ -79,6 +79,29 @@ pub async fn test_store(dir: &Path) -> enclave_gateway::Store {
         .unwrap_or_else(|e| panic!("cannot open the test database: {e}"))
 }
 
+/// A key of a built-in `role` in `tenant` (which must exist), for every model, unlimited.
+pub async fn new_key(
+    store: &enclave_gateway::Store,
+    tenant: &str,
+    role: &str,
+) -> enclave_gateway::CreatedKey {
+    store
+        .create_key(
+            enclave_gateway::NewKey {
+                tenant: tenant.into(),
+                role: role.into(),
+                models: vec!["*".into()],
+                name: String::new(),
+                expires_at: None,
+                limits: enclave_gateway::Limits::default(),
+            },
+            &enclave_gateway::Roles::default(),
+            enclave_gateway::unix_time(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot create a {role} key in {tenant}: {e}"))
+}
+
 /// A new, empty database on the server at `admin` (whose path names an existing database).
 async fn fresh_postgres(admin: &str) -> String {
     use sqlx::Connection;

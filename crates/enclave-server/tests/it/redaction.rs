@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use enclave_gateway::{unix_time, AuditQuery, Authenticator, Limits, NewKey, Roles, Store};
+use enclave_gateway::{unix_time, AuditQuery, Authenticator, Limits, Roles, Store};
 use enclave_redact::Redactor;
 use enclave_server::redaction::{CompletionAction, PromptAction, RedactionPolicies, TenantPolicy};
 use enclave_server::Access;
@@ -23,22 +23,7 @@ async fn key(store: &Store, tenant: &str) -> String {
             .await
             .unwrap();
     }
-    store
-        .create_key(
-            NewKey {
-                tenant: tenant.into(),
-                role: "developer".into(),
-                models: vec!["*".into()],
-                name: String::new(),
-                expires_at: None,
-                limits: Limits::default(),
-            },
-            &Roles::default(),
-            unix_time(),
-        )
-        .await
-        .unwrap()
-        .key
+    crate::new_key(store, tenant, "developer").await.key
 }
 
 async fn server(store: &Store, redaction: Option<RedactionPolicies>) -> TestServer {
