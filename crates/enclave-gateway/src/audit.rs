@@ -27,7 +27,8 @@ use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{GatewayError, Result};
-use crate::store::Store;
+use crate::keys::to_hex;
+use crate::store::{to_i64, Store};
 
 /// Records verified per database round trip.
 const VERIFY_PAGE: i64 = 5_000;
@@ -282,12 +283,8 @@ impl Hasher {
     }
 
     fn finish(self) -> String {
-        hex(&self.0.finalize())
+        to_hex(&self.0.finalize())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn personal_hash(
@@ -325,10 +322,6 @@ fn link_hash(prev: &str, seq: i64, at_ms: i64, kind: &str, content: &str) -> Str
         .text(Some(kind))
         .text(Some(content));
     h.finish()
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl AuditEvent {
@@ -494,7 +487,7 @@ async fn append_in(tx: &mut Transaction<'_>, events: &[AuditEvent]) -> Result<()
     let mut prev: String = head.try_get("last_sha256")?;
     for event in events {
         seq += 1;
-        let salt = hex(&rand::random::<[u8; 16]>());
+        let salt = to_hex(&rand::random::<[u8; 16]>());
         let entry = event.entry(seq);
         let personal = personal_hash(
             Some(&salt),

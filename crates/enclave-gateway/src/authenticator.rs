@@ -314,6 +314,13 @@ impl Authenticator {
     }
 }
 
+/// Milliseconds since the Unix epoch (audit record times).
+pub fn unix_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_time() -> i64 {
     SystemTime::now()

@@ -57,7 +57,7 @@ fn sha256_hex(key: &str) -> String {
     to_hex(&Sha256::digest(key.as_bytes()))
 }
 
-fn to_hex(bytes: &[u8]) -> String {
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -28,7 +28,7 @@ pub use audit::{
     parse_since, rfc3339, AuditEntry, AuditEvent, AuditKind, AuditLog, AuditProblem, AuditQuery,
     AuditVerification, PruneReport,
 };
-pub use authenticator::{unix_time, Authenticator, CertificateBinding, CACHE_TTL};
+pub use authenticator::{unix_millis, unix_time, Authenticator, CertificateBinding, CACHE_TTL};
 pub use error::{GatewayError, Result};
 pub use keys::{key_id, KEY_PREFIX};
 pub use limits::{Admission, Limits, Quota, Quotas, RateLimiter, Refusal, Subject};

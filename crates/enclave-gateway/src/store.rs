@@ -469,7 +469,7 @@ impl Store {
 const TENANT_COLUMNS: &str =
     "name, models, created_at, requests_per_minute, tokens_per_minute, concurrent_requests";
 
-fn to_i64(value: u64) -> i64 {
+pub(crate) fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 

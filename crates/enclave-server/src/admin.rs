@@ -413,7 +413,7 @@ pub(crate) async fn audit_records(
     let since_ms = params
         .since
         .as_deref()
-        .map(|s| enclave_gateway::parse_since(s, crate::audit::unix_millis()))
+        .map(|s| enclave_gateway::parse_since(s, enclave_gateway::unix_millis()))
         .transpose()
         .map_err(gateway_error)?;
     let entries = authenticator(&state)?

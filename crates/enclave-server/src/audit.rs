@@ -54,7 +54,7 @@ impl AuditTrail {
         Self {
             log,
             started: Instant::now(),
-            at_ms: unix_millis(),
+            at_ms: enclave_gateway::unix_millis(),
             kind,
             request_id,
             source,
@@ -176,10 +176,4 @@ impl Drop for AuditTrail {
             self.log.record(event);
         }
     }
-}
-
-pub(crate) fn unix_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -273,7 +273,7 @@ fn blocked(state: &AppState, block: &BlockStarted, source: &str, trail: Option<&
     tracing::warn!(offender = %block.offender.describe(), failures = block.failures, seconds = block.duration.as_secs(), "blocked after repeated authentication failures");
     if let Some(log) = &state.audit {
         log.record(AuditEvent {
-            at_ms: crate::audit::unix_millis(),
+            at_ms: enclave_gateway::unix_millis(),
             kind: AuditKind::Security,
             request_id: trail.map(AuditTrail::request_id).unwrap_or_default(),
             subject,

@@ -149,7 +149,7 @@ pub fn audit(settings: &Settings, command: AuditCommand) -> Result<ExitCode> {
                 }
             }
             AuditCommand::Export(args) => {
-                let now = enclave_gateway::unix_time().saturating_mul(1000);
+                let now = enclave_gateway::unix_millis();
                 let since_ms = parse_since(&args.since, now).context("--since")?;
                 let ExportFormat::Jsonl = args.format;
                 let mut after = None;
@@ -173,7 +173,7 @@ pub fn audit(settings: &Settings, command: AuditCommand) -> Result<ExitCode> {
             }
             AuditCommand::Prune(args) => {
                 let (days, admin_days) = settings.audit.retention()?;
-                let now = enclave_gateway::unix_time().saturating_mul(1000);
+                let now = enclave_gateway::unix_millis();
                 // The pruning records itself (with the new anchor) in the chain.
                 let report = store
                     .prune_audit(
@@ -264,7 +264,7 @@ pub async fn record_cli_action(store: &Store, action: &str, mut detail: Value) -
         object.insert("action".into(), json!(action));
     }
     let user = os_user();
-    let at_ms = enclave_gateway::unix_time().saturating_mul(1000);
+    let at_ms = enclave_gateway::unix_millis();
     store
         .append_audit(&[AuditEvent {
             at_ms,

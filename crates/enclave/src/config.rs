@@ -178,7 +178,8 @@ impl RedactionSettings {
         }))
     }
 
-    fn detector(
+    /// A detector of `categories` (default: all) and the custom patterns; errors say `at`.
+    pub fn detector(
         &self,
         categories: Option<&Vec<String>>,
         at: &str,
@@ -192,15 +193,9 @@ impl RedactionSettings {
             .map_err(|e| anyhow::anyhow!("{at}: {e}"))
     }
 
-    /// The detector these settings describe.
+    /// The detector these settings describe (`[redaction] categories`).
     pub fn redactor(&self) -> Result<enclave_redact::Redactor> {
-        let custom: Vec<(String, String)> = self
-            .custom
-            .iter()
-            .map(|c| (c.name.clone(), c.pattern.clone()))
-            .collect();
-        enclave_redact::Redactor::new(self.categories.as_deref(), &custom)
-            .map_err(|e| anyhow::anyhow!("redaction: {e}"))
+        self.detector(self.categories.as_ref(), "redaction")
     }
 }
 

@@ -24,17 +24,12 @@ pub struct RedactArgs {
 }
 
 pub fn run(settings: &Settings, args: RedactArgs) -> Result<()> {
-    let mut redaction = settings.redaction.redactor()?;
-    if let Some(categories) = &args.categories {
-        let custom: Vec<(String, String)> = settings
+    let redaction = match &args.categories {
+        Some(categories) => settings
             .redaction
-            .custom
-            .iter()
-            .map(|c| (c.name.clone(), c.pattern.clone()))
-            .collect();
-        redaction = enclave_redact::Redactor::new(Some(categories), &custom)
-            .map_err(|e| anyhow::anyhow!("--categories: {e}"))?;
-    }
+            .detector(Some(categories), "--categories")?,
+        None => settings.redaction.redactor()?,
+    };
     if args.list {
         for category in redaction.categories() {
             println!("{:<20}  {}", category.name(), category.placeholder());

@@ -267,7 +267,7 @@ async fn serve(
             let mut tick = tokio::time::interval(AUDIT_PRUNE_INTERVAL);
             loop {
                 tick.tick().await;
-                let now = enclave_gateway::unix_time().saturating_mul(1000);
+                let now = enclave_gateway::unix_millis();
                 match store
                     .prune_audit(
                         now - i64::from(retention_days) * 86_400_000,
