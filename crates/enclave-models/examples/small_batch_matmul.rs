@@ -6,8 +6,9 @@
 //! Prints the median of 7 runs per shape for our kernel (`vdpbf16ps` on inputs rounded to bf16
 //! where the CPU has AVX512-BF16), for the f32-FMA kernel on the same weights (`matmul_rows`),
 //! for candle's GEMM (weights widened to f32 first), and for the packed tiles of sixteen features
-//! (`layers/bf16_tiles.rs`, AVX512-BF16 only), and the GFLOP/s they mean. The weights of each
-//! shape are held in enough copies to overflow the caches, taken in turn.
+//! (`layers/bf16_tiles.rs`: `vdpbf16ps` on AVX512-BF16, f32 FMAs on AVX2), and the GFLOP/s they
+//! mean. The weights of each shape are held in enough copies to overflow the caches, taken in
+//! turn.
 
 use std::time::Instant;
 

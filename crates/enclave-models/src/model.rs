@@ -276,8 +276,8 @@ impl Model {
         Ok(())
     }
 
-    /// Repacks every bf16 projection matrix for this CPU's bf16 dot products (AVX512-BF16:
-    /// `layers/bf16_tiles.rs`), in place of its dense copy; a no-op elsewhere. Call after
+    /// Repacks every bf16 projection matrix into `layers/bf16_tiles.rs`'s tiles (CPUs with
+    /// AVX512-BF16, or AVX2 and FMA), in place of its dense copy; a no-op elsewhere. Call after
     /// [`Model::quantize`], which needs the dense weights (and refuses packed ones).
     pub fn pack_for_cpu(&mut self) -> Result<()> {
         if !self.device.is_cpu() {

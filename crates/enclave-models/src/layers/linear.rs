@@ -107,8 +107,9 @@ impl Linear {
             .then_some(&self.weight)
     }
 
-    /// Repacks a bf16 weight on a CPU with AVX512-BF16 into tiles of sixteen features
-    /// (`layers/bf16_tiles.rs`), dropping the dense copy; other weights are left as they are.
+    /// Repacks a bf16 weight on a CPU with AVX512-BF16, or AVX2 and FMA, into tiles of sixteen
+    /// features (`layers/bf16_tiles.rs`), dropping the dense copy; other weights are left as
+    /// they are.
     /// Quantize first: a packed layer has no dense weight to quantize.
     pub fn pack_bf16(&mut self) -> Result<()> {
         if self.dense_weight().is_none()
@@ -857,7 +858,7 @@ mod tests {
         }
     }
 
-    /// A bf16 layer packed into tiles (AVX512-BF16 CPUs) computes the unpacked layer's product
+    /// A bf16 layer packed into tiles (AVX512-BF16 or AVX2 CPUs) computes the unpacked layer's product
     /// up to f32 summation order, with its bias, whatever the batch; elsewhere packing leaves it
     /// as it is.
     #[test]
