@@ -1,7 +1,8 @@
 //! bf16 weights repacked once into tiles of sixteen output features, for products of any number
-//! of rows on AVX512-BF16 (and AVX2, below). A tile holds, for each pair of input positions, the two bf16 weights
-//! of each of the sixteen features (64 bytes): one `vdpbf16ps` multiplies an input pair,
-//! broadcast, by the pairs of all sixteen features, and the sums land in the features' lanes.
+//! of rows on AVX512-BF16 (and AVX2, below). A tile holds, for each pair of input positions, the
+//! two bf16 weights of each of the sixteen features (64 bytes): one `vdpbf16ps` multiplies an
+//! input pair, broadcast, by the pairs of all sixteen features, and the sums land in the
+//! features' lanes.
 //! Each weight load then feeds up to 16 rows, and no horizontal sums remain; the row-major
 //! kernel (`layers/bf16_matmul.rs`) reads a weight and an input vector per 4 × 4 tile of products
 //! and reduces every (row, feature) sum at the end, which bound a 16-sequence decoding step at
@@ -402,9 +403,10 @@ mod avx2 {
     /// Features per 256-bit vector: half a line.
     const HALF: usize = FEATURES / 2;
     /// Most rows a register tile takes: 2 halves × 5 rows of accumulators, four widened half
-    /// lines and two broadcasts fill the 16 registers (the high-half mask is a memory operand). Each accumulator takes two dependent FMAs
-    /// per pair (8 cycles on Zen 3), so ten of them keep both FMA pipes busy with room to spare
-    /// (eight ran 10 % slower at 512 rows: `examples/small_batch_matmul.rs`).
+    /// lines and two broadcasts fill the 16 registers (the high-half mask is a memory operand).
+    /// Each accumulator takes two dependent FMAs per pair (8 cycles on Zen 3), so ten of them
+    /// keep both FMA pipes busy with room to spare (eight ran 10 % slower at 512 rows:
+    /// `examples/small_batch_matmul.rs`).
     const ROW_TILE: usize = 5;
 
     /// Every row of the pass against the tiles of groups `first .. first + count`, a block of

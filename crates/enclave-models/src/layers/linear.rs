@@ -858,9 +858,9 @@ mod tests {
         }
     }
 
-    /// A bf16 layer packed into tiles (AVX512-BF16 or AVX2 CPUs) computes the unpacked layer's product
-    /// up to f32 summation order, with its bias, whatever the batch; elsewhere packing leaves it
-    /// as it is.
+    /// A bf16 layer packed into tiles (AVX512-BF16 or AVX2 CPUs) computes the unpacked layer's
+    /// product up to f32 summation order, with its bias, whatever the batch; elsewhere packing
+    /// leaves it as it is.
     #[test]
     fn packed_bf16_layers_give_the_unpacked_products() {
         let dev = Device::Cpu;
