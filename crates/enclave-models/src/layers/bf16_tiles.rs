@@ -485,15 +485,22 @@ mod avx2 {
                     .get()
                     .wrapping_add((row + r) * n + group * FEATURES + h * HALF)
             };
+            // Plain loads and stores where the group lies inside `n`: `vmaskmovps` stores are
+            // slow on AMD (plain ones gave 5-8 % more GFLOP/s on Zen 3, BENCHMARKS.md).
+            let whole = group * FEATURES + FEATURES <= n;
             let mut acc = [[_mm256_setzero_ps(); R]; 2];
             if block.start > 0 {
                 for h in 0..2 {
                     for r in 0..R {
-                        acc[h][r] = _mm256_maskload_ps(out(h, r), masks[h]);
+                        acc[h][r] = if whole {
+                            _mm256_loadu_ps(out(h, r))
+                        } else {
+                            _mm256_maskload_ps(out(h, r), masks[h])
+                        };
                     }
                 }
             }
-            for i in block {
+            let step = |i: usize, acc: &mut [[__m256; R]; 2]| {
                 let mut firsts = [_mm256_setzero_ps(); 2];
                 let mut seconds = [_mm256_setzero_ps(); 2];
                 for h in 0..2 {
@@ -509,10 +516,27 @@ mod avx2 {
                         acc[h][r] = _mm256_fmadd_ps(seconds[h], x1, acc[h][r]);
                     }
                 }
+            };
+            // Each pair's line of the next block is fetched ahead, so that the next block's
+            // first row tile, the one that brings its lines from memory, does not wait on
+            // memory while the other tiles of this block compute (16 rows: 4 tiles, the first
+            // of them memory-bound without it).
+            let ahead = block.len();
+            let fetched = pairs.saturating_sub(ahead).clamp(block.start, block.end);
+            for i in block.start..fetched {
+                _mm_prefetch::<_MM_HINT_T0>(lines.add((i + ahead) * FEATURES).cast());
+                step(i, &mut acc);
+            }
+            for i in fetched..block.end {
+                step(i, &mut acc);
             }
             for h in 0..2 {
                 for r in 0..R {
-                    _mm256_maskstore_ps(out(h, r), masks[h], acc[h][r]);
+                    if whole {
+                        _mm256_storeu_ps(out(h, r), acc[h][r]);
+                    } else {
+                        _mm256_maskstore_ps(out(h, r), masks[h], acc[h][r]);
+                    }
                 }
             }
         }
