@@ -498,8 +498,8 @@ impl Engine {
                 * block_size
                 * self.model.kv_layout().bytes_per_token(),
             max_num_seqs: 1,
-            // The whole prompt in one forward.
-            max_num_batched_tokens: request.prompt_ids.len(),
+            // Prompt chunks as the server takes them (faster than the whole prompt at once).
+            max_num_batched_tokens: crate::serving::DEFAULT_MAX_NUM_BATCHED_TOKENS,
             prefix_caching: false,
             max_waiting_requests: 0,
         };

@@ -28,6 +28,6 @@ pub use generation_config::GenerationConfig;
 pub use sampler::{Sampler, SamplingParams};
 pub use serving::{
     EngineHandle, Event, PromptLogprob, RequestStream, ServingConfig, ServingCore, ServingStats,
-    Usage,
+    Usage, DEFAULT_MAX_NUM_BATCHED_TOKENS,
 };
 pub use tokenizer::{SpecialTokens, Tokenizer};

@@ -30,6 +30,7 @@ pub struct ServingConfig {
     /// Bytes of KV cache (all layers); the number of blocks is what fits.
     pub kv_cache_bytes: usize,
     pub max_num_seqs: usize,
+    /// Most tokens in one forward pass (decode tokens first, then prompt chunks).
     pub max_num_batched_tokens: usize,
     pub prefix_caching: bool,
     /// Requests [`EngineHandle::submit`] accepts beyond `max_num_seqs` before it refuses with
@@ -37,13 +38,21 @@ pub struct ServingConfig {
     pub max_waiting_requests: usize,
 }
 
+/// The token budget of one forward pass on a CPU. A step's rows cost the same whether they are
+/// prompt or decode tokens (~24 ms each for a 1.5B model on two cores), so the budget bounds
+/// how long running streams wait while prompts prefill: 256 rows are ~6 s there, 2048 were
+/// ~50 s. The matmul kernels run at their full rate from ~64 rows, and a 1024-token prompt
+/// prefilled faster in chunks of 256 than in one pass (23 s against 31 s: a chunk's
+/// activations stay in cache; BENCHMARKS.md, "The token budget").
+pub const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 256;
+
 impl Default for ServingConfig {
     fn default() -> Self {
         Self {
             block_size: 16,
             kv_cache_bytes: 1 << 30,
             max_num_seqs: 256,
-            max_num_batched_tokens: 2048,
+            max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
             prefix_caching: true,
             max_waiting_requests: 1024,
         }

@@ -86,7 +86,9 @@ pub struct ServingArgs {
     pub max_num_seqs: usize,
 
     /// Most tokens in one forward pass; longer prompts are prefilled in chunks of this size.
-    #[arg(long, value_name = "TOKENS", default_value_t = 2048)]
+    /// It bounds how long running streams wait while prompts prefill (on a CPU each token of a
+    /// step costs about as much as a decode step's token).
+    #[arg(long, value_name = "TOKENS", default_value_t = enclave_engine::DEFAULT_MAX_NUM_BATCHED_TOKENS)]
     pub max_num_batched_tokens: usize,
 
     /// Turn off reuse of cached prompt prefixes across requests.
