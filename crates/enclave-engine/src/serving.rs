@@ -39,11 +39,11 @@ pub struct ServingConfig {
 }
 
 /// The token budget of one forward pass on a CPU. A step's rows cost the same whether they are
-/// prompt or decode tokens (~24 ms each for a 1.5B model on two cores), so the budget bounds
-/// how long running streams wait while prompts prefill: 256 rows are ~6 s there, 2048 were
-/// ~50 s. The matmul kernels run at their full rate from ~64 rows, and a 1024-token prompt
-/// prefilled faster in chunks of 256 than in one pass (23 s against 31 s: a chunk's
-/// activations stay in cache; BENCHMARKS.md, "The token budget").
+/// prompt or decode tokens (~24 ms each for a 1.5B bf16 model on two Zen 3 cores), so the
+/// budget bounds how long running streams wait while prompts prefill: 256 rows are ~6 s there,
+/// 2048 were ~48 s. The bf16 tiles run at their full rate from ~64 rows, and a 1024-token
+/// prompt prefilled faster in chunks of 256 than in one pass there (23-25 s against 31 s: a
+/// chunk's activations stay in cache; BENCHMARKS.md, "The token budget").
 pub const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 256;
 
 impl Default for ServingConfig {

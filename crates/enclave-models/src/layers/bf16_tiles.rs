@@ -464,8 +464,9 @@ mod avx2 {
         block: std::ops::Range<usize>,
     ) {
         // SAFETY: rows `row .. row + R` exist in the pass, each `2 · pairs` f32 inputs long;
-        // the group's `pairs` lines are inside `lines` and `block` inside `0..pairs`; the
-        // outputs read and written are this group's features (masked to `n`) of these rows.
+        // the group's `pairs` lines are inside `lines` and `block` inside `0..pairs` (the lines
+        // fetched ahead too: `i + ahead < pairs` below `fetched`); the outputs read and written
+        // are this group's features (masked to `n`, or all of them when `whole`) of these rows.
         unsafe {
             let (n, k) = s.tiles.shape();
             let pairs = k.div_ceil(2);
@@ -486,7 +487,8 @@ mod avx2 {
                     .wrapping_add((row + r) * n + group * FEATURES + h * HALF)
             };
             // Plain loads and stores where the group lies inside `n`: `vmaskmovps` stores are
-            // slow on AMD (plain ones gave 5-8 % more GFLOP/s on Zen 3, BENCHMARKS.md).
+            // slow on AMD (plain ones gave ~6 % more GFLOP/s on average on a noisy Zen 3,
+            // BENCHMARKS.md).
             let whole = group * FEATURES + FEATURES <= n;
             let mut acc = [[_mm256_setzero_ps(); R]; 2];
             if block.start > 0 {
