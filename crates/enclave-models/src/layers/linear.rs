@@ -258,9 +258,10 @@ pub const QUANTIZED_GEMV_ROWS: usize = 16;
 /// the integer kernel up to [`SMALL_BATCH_ROWS`] rows instead.
 const DEQUANTIZE_LIMIT: usize = 1 << 24;
 
-/// Q8_0 matrices smaller than this (elements) are dequantised for prompts: on Gemma 3 270M's
-/// 640-wide layers candle's multi-row Q8_0 product runs at a fraction of the f32 GEMM's speed,
-/// while on a 1.5B model's 1536 × 8960 layers it is 1.5× faster than dequantising.
+/// Where our Q8_0 kernel does not run in SIMD (no AVX2), Q8_0 matrices smaller than this
+/// (elements) are dequantised for prompts: on Gemma 3 270M's 640-wide layers candle's multi-row
+/// Q8_0 product runs at a fraction of the f32 GEMM's speed, while on a 1.5B model's 1536 × 8960
+/// layers it was 1.5× faster than dequantising (measured with candle's AVX2 code on a Zen 4).
 const SMALL_Q8_0_ELEMENTS: usize = 1 << 22;
 
 /// Q5_0 products of at most this many rows take the one-row kernel (`layers/quantized.rs`);
@@ -293,17 +294,18 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 /// VNNI never come here: they take their tiles, see [`forward_tiles`]):
 /// - our one-row kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
 ///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 (up to
-///   [`QUANTIZED_GEMV_ROWS`] without AVX-512 VNNI) and up to [`SMALL_BATCH_ROWS`] of a Q8_0
-///   matrix too large to dequantise (an output head; `layers/quantized.rs`): they stream the
-///   file's blocks at up to the memory bandwidth;
+///   [`QUANTIZED_GEMV_ROWS`] without AVX-512 VNNI) and of Q8_0 up to [`SMALL_BATCH_ROWS`] rows
+///   on AVX2 (every row of an output head; without AVX2 only a head's, up to
+///   [`SMALL_BATCH_ROWS`]; `layers/quantized.rs`): they stream the file's blocks at up to the
+///   memory bandwidth;
 /// - our tiled kernel built per work unit (`layers/q8_tiles.rs`, AVX-512 VNNI) for more rows of
 ///   Q5_0: eight weight rows interleaved so each block's integer sums cover eight features;
 /// - candle's product for the other rows of the types it has SIMD code for: it quantizes the
 ///   activations per block as llama.cpp does and reads each weight block once for a tile of
-///   rows (Q4_K, Q6_K past 4 rows; Q8_0 layers);
+///   rows (Q4_K, Q6_K past 4 rows; Q8_0 layers without AVX2);
 /// - the GEMM on the dequantised weight for more than [`QUANTIZED_GEMV_ROWS`] rows of the types
-///   candle computes in scalar code (Q4_1, Q5_1, and Q5_0 without AVX-512 VNNI) and of small
-///   Q8_0 matrices.
+///   candle computes in scalar code (Q4_1, Q5_1, and Q5_0 without AVX-512 VNNI), of small Q8_0
+///   matrices, and of Q8_0 layers past [`SMALL_BATCH_ROWS`] rows on AVX2.
 ///
 /// Within a route a row's bits do not depend on the other rows of the batch.
 fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
@@ -332,11 +334,15 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let q5_0_tiles = q8_format
         .filter(|&format| format == Q8Weights::Q5_0)
         .filter(|_| rows > Q5_0_ROW_KERNEL_ROWS && q8_tiles::available());
+    // Q8_0 comes here only without AVX-512 VNNI (no tiles). With AVX2 our kernel beats
+    // candle's product 1.7x at one row and 3-5x at 16 to 128 on a Zen 3 (candle widens two f16
+    // scales per block through a call, `examples/kquant_matmul.rs`), and the GEMM on the
+    // dequantised weight only past a few hundred rows. Without AVX2 only an output head takes
+    // ours (1.3-3x faster than candle's scalar product).
+    let simd_q8_0 = quantized::has_simd_kernel();
     let q8_rows = q8_format.filter(|&format| match format {
         Q8Weights::Q5_0 => rows <= QUANTIZED_GEMV_ROWS,
-        // Up to 16 rows a layer's matrices stay on candle's repacked tiles: ours is 4-34 %
-        // faster on them alone (`examples/kquant_matmul.rs`) but decoding the Qwen-1.5B
-        // shape end to end was 5-8 % slower with it. An output head is 1.3-3x faster on ours.
+        Q8Weights::Q8_0 if simd_q8_0 => head || rows <= SMALL_BATCH_ROWS,
         Q8Weights::Q8_0 => head && rows <= SMALL_BATCH_ROWS,
     });
     let y = if let Some(kind) = k_quant {
@@ -355,7 +361,7 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     } else if !cpu
         || rows <= QUANTIZED_GEMV_ROWS
         || (candle_has_simd(dtype_q)
-            && (dtype_q != GgmlDType::Q8_0 || n * k >= SMALL_Q8_0_ELEMENTS))
+            && (dtype_q != GgmlDType::Q8_0 || (n * k >= SMALL_Q8_0_ELEMENTS && !simd_q8_0)))
     {
         weight.forward(&x)?
     } else {
@@ -921,10 +927,10 @@ mod tests {
         }
     }
 
-    /// Every route a quantized product takes (one row, 2–16 rows, a long chunk; Q8_0, a k-quant
-    /// and Q5_0, which candle computes in scalar code) gives the product of the dequantised
-    /// weight up to activation rounding; within a route a row's bits do not depend on the
-    /// batch.
+    /// Every route a quantized product takes (one row, 2–16 rows, a chunk, a chunk past
+    /// `SMALL_BATCH_ROWS`; Q8_0, a k-quant and Q5_0, which candle computes in scalar code) gives
+    /// the product of the dequantised weight up to activation rounding; within a route a row's
+    /// bits do not depend on the batch.
     #[test]
     fn quantized_products_agree_across_row_counts_and_types() {
         let dev = Device::Cpu;
@@ -936,7 +942,8 @@ mod tests {
             let mut layer = Linear::new(dense.clone(), None);
             layer.set_quantized(q).unwrap();
             assert_eq!(layer.quantized_dtype(), Some(dtype));
-            let x = Tensor::randn(0f32, 1.0, (1, 20, k), &dev).unwrap();
+            let long = SMALL_BATCH_ROWS + 4;
+            let x = Tensor::randn(0f32, 1.0, (1, long, k), &dev).unwrap();
             let exact = reference(&x, &dequantised);
             let alone: Vec<f32> = (0..20)
                 .flat_map(|r| {
@@ -950,7 +957,7 @@ mod tests {
                 })
                 .collect();
             let mut tiled: Option<Vec<f32>> = None;
-            for rows in [1, BLOCK_GEMV_ROWS, 5, 9, QUANTIZED_GEMV_ROWS, 17, 20] {
+            for rows in [1, BLOCK_GEMV_ROWS, 5, 9, QUANTIZED_GEMV_ROWS, 17, 20, long] {
                 let part = x.narrow(1, 0, rows).unwrap();
                 let got: Vec<f32> = layer
                     .forward(&part)
@@ -961,13 +968,17 @@ mod tests {
                     .unwrap();
                 assert_eq!(got.len(), rows * n);
                 // Routes: Q4_K ours up to 4 rows, candle's past; Q5_0 ours up to 8 and tiles
-                // past (up to 16 without AVX-512 VNNI); this small Q8_0 matrix candle's up to
-                // 16 and tiles past.
+                // past (up to 16 without AVX-512 VNNI); Q8_0 the load-time tiles with AVX-512
+                // VNNI, ours up to 256 rows with AVX2 alone (the dequantised weight past),
+                // candle's up to 16 rows without AVX2.
                 let tiles = q8_tiles::available();
                 let (one_row_route, tiles_route) = match dtype {
                     GgmlDType::Q4K => (rows <= BLOCK_GEMV_ROWS, false),
                     GgmlDType::Q5_0 if tiles => {
                         (rows <= Q5_0_ROW_KERNEL_ROWS, rows > Q5_0_ROW_KERNEL_ROWS)
+                    }
+                    GgmlDType::Q8_0 if !tiles && quantized::has_simd_kernel() => {
+                        (rows <= SMALL_BATCH_ROWS, false)
                     }
                     GgmlDType::Q8_0 => (
                         rows <= QUANTIZED_GEMV_ROWS,
