@@ -1,5 +1,5 @@
 //! Q4_K, Q6_K and Q8_0 weights repacked at load into tiles of eight output features, for
-//! products of any number of rows on AVX-512 VNNI. A tile block holds one block (Q8_0: two) of
+//! products of any number of rows on AVX-512 VNNI (Q8_0 also on AVX2, at the end). A tile block holds one block (Q8_0: two) of
 //! each of eight weight rows: their quants interleaved four bytes at a time, so one `vpdpbusd`
 //! multiplies four activation bytes (broadcast) by four weights of each of the eight features
 //! and the sums land in the features' lanes; the sub-block scales (and Q4_K's mins) unpacked to
@@ -140,13 +140,23 @@ pub fn available() -> bool {
     super::q8_tiles::available()
 }
 
+/// Whether this CPU runs `format`'s tiles: every format on AVX-512 VNNI, Q8_0 also on AVX2
+/// (`q8_0_rows_avx2`).
+pub fn available_for(format: TileFormat) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if format == TileFormat::Q8_0 && super::quantized::avx2() {
+        return true;
+    }
+    available()
+}
+
 impl BlockTiles {
-    /// Repacks `w`, the file's `n` rows of `format` blocks; `None` when the CPU lacks AVX-512
-    /// VNNI or the shape does not fit (`k` not a positive multiple of the block size, `w` not
-    /// `n` rows).
+    /// Repacks `w`, the file's `n` rows of `format` blocks; `None` when the CPU does not run
+    /// them (see [`available_for`]) or the shape does not fit (`k` not a positive multiple of the
+    /// block size, `w` not `n` rows).
     pub fn new(format: TileFormat, w: &[u8], n: usize, k: usize) -> Option<Self> {
         let (block_bytes, block_values) = format.file_block();
-        if !available()
+        if !available_for(format)
             || k == 0
             || !k.is_multiple_of(block_values)
             || w.len() != n * (k / block_values) * block_bytes
@@ -237,12 +247,19 @@ impl BlockTiles {
                 rows: pass,
                 out: OutPtr(out[first_row * n..].as_mut_ptr()),
             };
+            let vnni = available();
             candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(FEATURES), |groups| {
                 #[cfg(target_arch = "x86_64")]
                 for group in groups {
-                    // SAFETY: the tiles exist only where `available` saw the features; each
-                    // group writes only its own features' outputs.
-                    unsafe { group_vnni(&shared, group) };
+                    // SAFETY: the tiles exist only where `available_for` saw the features (AVX2
+                    // alone only for Q8_0); each group writes only its own features' outputs.
+                    unsafe {
+                        if vnni {
+                            group_vnni(&shared, group)
+                        } else {
+                            group_avx2(&shared, group)
+                        }
+                    };
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (groups, &shared);
@@ -444,6 +461,30 @@ unsafe fn group_vnni(s: &Shared, group: usize) {
     }
 }
 
+/// Every activation row of the pass against the Q8_0 tiles of group `group`, without VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_avx2(s: &Shared, group: usize) {
+    // SAFETY: the caller checked the features; rows are below `s.rows`.
+    unsafe {
+        let Inputs::Q8_0(x) = s.x else {
+            unreachable!("only Q8_0 tiles are built without AVX-512 VNNI");
+        };
+        let mut row = 0;
+        while row < s.rows {
+            let tile_rows = (s.rows - row).min(ROW_TILE);
+            let acc = match tile_rows {
+                1 => widen(q8_0_rows_avx2::<1>(s, x, group, row)),
+                2 => widen(q8_0_rows_avx2::<2>(s, x, group, row)),
+                3 => widen(q8_0_rows_avx2::<3>(s, x, group, row)),
+                _ => q8_0_rows_avx2::<4>(s, x, group, row),
+            };
+            store(s, group, row, &acc[..tile_rows]);
+            row += tile_rows;
+        }
+    }
+}
+
 /// `R` rows of sums padded to a full row tile.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -460,7 +501,7 @@ fn widen<const R: usize>(acc: [__m256; R]) -> [__m256; ROW_TILE] {
 
 /// Writes the sums of activation rows `row ..` for group `group`'s features.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2")]
 unsafe fn store(s: &Shared, group: usize, row: usize, acc: &[__m256]) {
     // SAFETY: the caller's rows exist in this pass and the group's features below `n` are
     // this unit's alone.
@@ -722,6 +763,59 @@ unsafe fn q8_0_rows_vnni<const R: usize>(
     }
 }
 
+/// [`q8_0_rows_vnni`] on AVX2: the stored quants go back to signed (`^ 0x80`) and each
+/// four-byte product takes llama.cpp's AVX2 sequence, `|w|` by `x·sign(w)` (`vpmaddubsw`, pairs
+/// at most 2·128·127, inside i16) then pairs of pairs (`vpmaddwd`), so the sums start at zero and
+/// are the same integers as `vpdpbusd`'s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_rows_avx2<const R: usize>(
+    s: &Shared,
+    x: &Q8_0Inputs,
+    group: usize,
+    row: usize,
+) -> [__m256; R] {
+    // SAFETY: as in `q8_0_rows_vnni`.
+    unsafe {
+        use q8_0::*;
+        let blocks = 2 * s.tiles.blocks;
+        let tiles = s
+            .tiles
+            .lines
+            .as_ptr()
+            .add(group * s.tiles.blocks * LINES)
+            .cast::<u8>();
+        let offset = _mm256_set1_epi8(0x80u8 as i8);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let tile = tiles.add(b / 2 * LINES * 32);
+            let half = b % 2;
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(D + 16 * half).cast()));
+            let mut sums = [_mm256_setzero_si256(); R];
+            for i in 0..8 {
+                let stored = _mm256_load_si256(tile.add(QS + (8 * half + i) * 32).cast());
+                let weights = _mm256_xor_si256(stored, offset);
+                let magnitudes = _mm256_abs_epi8(weights);
+                for (r, sum) in sums.iter_mut().enumerate() {
+                    let at = x
+                        .quants
+                        .as_ptr()
+                        .add((row + r) * blocks * QK8_0 + b * QK8_0 + 4 * i);
+                    let four = _mm256_set1_epi32((at as *const i32).read_unaligned());
+                    let pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(four, weights));
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            for (r, sum) in sums.iter().enumerate() {
+                let dx = _mm256_set1_ps(*x.scales.get_unchecked((row + r) * blocks + b));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sum), _mm256_mul_ps(d, dx), acc[r]);
+            }
+        }
+        acc
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -752,10 +846,6 @@ mod tests {
 
     #[test]
     fn tiles_give_the_one_row_kernels_products() {
-        if !available() {
-            eprintln!("SKIPPED: this CPU lacks AVX-512 VNNI");
-            return;
-        }
         // 21 features: two whole tiles and a partial one; rows past one row tile and a tail;
         // for Q8_0 also an odd number of blocks (a padded tile block).
         for (dtype, format, k) in FORMATS
@@ -763,6 +853,10 @@ mod tests {
             .map(|&(dtype, format)| (dtype, format, 512))
             .chain([(GgmlDType::Q8_0, TileFormat::Q8_0, 160)])
         {
+            if !available_for(format) {
+                eprintln!("SKIPPED: this CPU runs no {format:?} tiles");
+                continue;
+            }
             let n = 21;
             let (w, _, _) = test_weights(n, k, dtype, 3);
             let Some(tiles) = BlockTiles::new(format, &w, n, k) else {
@@ -821,13 +915,39 @@ mod tests {
         assert_eq!(tiles.matmul(&x, 1)[0], exact as f32);
     }
 
+    /// Q8_0 weights -128 and 127 against activations ±127 (after quantization): the integer
+    /// sums stay exact on every kernel (the AVX2 one's 16-bit pairs reach 2·128·127).
     #[test]
-    fn a_rows_result_does_not_depend_on_the_batch() {
-        if !available() {
+    fn extreme_q8_0_values_keep_exact_integer_sums() {
+        if !available_for(TileFormat::Q8_0) {
+            eprintln!("SKIPPED: this CPU runs no Q8_0 tiles");
             return;
         }
+        let k = 2 * QK8_0;
+        let weight = |i: usize| if i % 4 < 2 { -128i8 } else { 127 };
+        let activation = |i: usize| if i % 8 < 5 { -127.0f32 } else { 127.0 };
+        let mut w = Vec::new();
+        for b in 0..k / QK8_0 {
+            w.extend(half::f16::from_f32(1.0).to_bits().to_le_bytes());
+            w.extend((0..QK8_0).map(|i| weight(b * QK8_0 + i) as u8));
+        }
+        let Some(tiles) = BlockTiles::new(TileFormat::Q8_0, &w, 1, k) else {
+            panic!("no tiles");
+        };
+        let x: Vec<f32> = (0..k).map(activation).collect();
+        let exact: i64 = (0..k)
+            .map(|i| i64::from(weight(i)) * activation(i) as i64)
+            .sum();
+        assert_eq!(tiles.matmul(&x, 1)[0], exact as f32);
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_batch() {
         let (n, k) = (13, 256);
         for (dtype, format) in FORMATS {
+            if !available_for(format) {
+                continue;
+            }
             let (w, _, _) = test_weights(n, k, dtype, 5);
             let Some(tiles) = BlockTiles::new(format, &w, n, k) else {
                 panic!("no tiles");

@@ -40,8 +40,9 @@ pub struct Linear {
     /// `forward_quantized`'s routes, which quantize the activations per block as llama.cpp does.
     quantized: Option<QMatMul>,
     /// A Q4_K, Q6_K or Q8_0 weight repacked into tiles of eight features
-    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI: then they are the layer's only copy
-    /// of the weight (`quantized` is `None`) and every product takes them.
+    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI (Q8_0 also with AVX2 alone): then
+    /// they are the layer's only copy of the weight (`quantized` is `None`) and every product
+    /// takes them.
     tiles: Option<Arc<BlockTiles>>,
     /// A bf16 weight repacked into tiles of sixteen features (`layers/bf16_tiles.rs`) by
     /// [`Linear::pack_bf16`]: then `weight` is an empty placeholder and every product takes them.
@@ -258,10 +259,9 @@ pub const QUANTIZED_GEMV_ROWS: usize = 16;
 /// the integer kernel up to [`SMALL_BATCH_ROWS`] rows instead.
 const DEQUANTIZE_LIMIT: usize = 1 << 24;
 
-/// Where our Q8_0 kernel does not run in SIMD (no AVX2), Q8_0 matrices smaller than this
-/// (elements) are dequantised for prompts: on Gemma 3 270M's 640-wide layers candle's multi-row
-/// Q8_0 product runs at a fraction of the f32 GEMM's speed, while on a 1.5B model's 1536 × 8960
-/// layers it was 1.5× faster than dequantising (measured with candle's AVX2 code on a Zen 4).
+/// Q8_0 matrices smaller than this (elements) are dequantised for prompts: on Gemma 3 270M's
+/// 640-wide layers candle's multi-row Q8_0 product runs at a fraction of the f32 GEMM's speed,
+/// while on a 1.5B model's 1536 × 8960 layers it is 1.5× faster than dequantising.
 const SMALL_Q8_0_ELEMENTS: usize = 1 << 22;
 
 /// Q5_0 products of at most this many rows take the one-row kernel (`layers/quantized.rs`);
@@ -291,21 +291,20 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 }
 
 /// `x Wᵀ` for block-quantized `W`, by route (Q4_K, Q6_K and Q8_0 weights on a CPU with AVX-512
-/// VNNI never come here: they take their tiles, see [`forward_tiles`]):
+/// VNNI, and Q8_0 with AVX2, never come here: they take their tiles, see [`forward_tiles`]):
 /// - our one-row kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
 ///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 (up to
-///   [`QUANTIZED_GEMV_ROWS`] without AVX-512 VNNI) and of Q8_0 up to [`SMALL_BATCH_ROWS`] rows
-///   on AVX2 (every row of an output head; without AVX2 only a head's, up to
-///   [`SMALL_BATCH_ROWS`]; `layers/quantized.rs`): they stream the file's blocks at up to the
-///   memory bandwidth;
+///   [`QUANTIZED_GEMV_ROWS`] without AVX-512 VNNI) and up to [`SMALL_BATCH_ROWS`] of a Q8_0
+///   matrix too large to dequantise (an output head; `layers/quantized.rs`): they stream the
+///   file's blocks at up to the memory bandwidth;
 /// - our tiled kernel built per work unit (`layers/q8_tiles.rs`, AVX-512 VNNI) for more rows of
 ///   Q5_0: eight weight rows interleaved so each block's integer sums cover eight features;
 /// - candle's product for the other rows of the types it has SIMD code for: it quantizes the
 ///   activations per block as llama.cpp does and reads each weight block once for a tile of
-///   rows (Q4_K, Q6_K past 4 rows; Q8_0 layers without AVX2);
+///   rows (Q4_K, Q6_K past 4 rows; Q8_0 layers);
 /// - the GEMM on the dequantised weight for more than [`QUANTIZED_GEMV_ROWS`] rows of the types
-///   candle computes in scalar code (Q4_1, Q5_1, and Q5_0 without AVX-512 VNNI), of small Q8_0
-///   matrices, and of Q8_0 layers past [`SMALL_BATCH_ROWS`] rows on AVX2.
+///   candle computes in scalar code (Q4_1, Q5_1, and Q5_0 without AVX-512 VNNI) and of small
+///   Q8_0 matrices.
 ///
 /// Within a route a row's bits do not depend on the other rows of the batch.
 fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
@@ -334,15 +333,11 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let q5_0_tiles = q8_format
         .filter(|&format| format == Q8Weights::Q5_0)
         .filter(|_| rows > Q5_0_ROW_KERNEL_ROWS && q8_tiles::available());
-    // Q8_0 comes here only without AVX-512 VNNI (no tiles). With AVX2 our kernel beats
-    // candle's product 1.7x at one row and 3-5x at 16 to 128 on a Zen 3 (candle widens two f16
-    // scales per block through a call, `examples/kquant_matmul.rs`), and the GEMM on the
-    // dequantised weight only past a few hundred rows. Without AVX2 only an output head takes
-    // ours (1.3-3x faster than candle's scalar product).
-    let simd_q8_0 = quantized::has_simd_kernel();
     let q8_rows = q8_format.filter(|&format| match format {
         Q8Weights::Q5_0 => rows <= QUANTIZED_GEMV_ROWS,
-        Q8Weights::Q8_0 if simd_q8_0 => head || rows <= SMALL_BATCH_ROWS,
+        // Up to 16 rows a layer's matrices stay on candle's repacked tiles: ours is 4-34 %
+        // faster on them alone (`examples/kquant_matmul.rs`) but decoding the Qwen-1.5B
+        // shape end to end was 5-8 % slower with it. An output head is 1.3-3x faster on ours.
         Q8Weights::Q8_0 => head && rows <= SMALL_BATCH_ROWS,
     });
     let y = if let Some(kind) = k_quant {
@@ -361,7 +356,7 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     } else if !cpu
         || rows <= QUANTIZED_GEMV_ROWS
         || (candle_has_simd(dtype_q)
-            && (dtype_q != GgmlDType::Q8_0 || (n * k >= SMALL_Q8_0_ELEMENTS && !simd_q8_0)))
+            && (dtype_q != GgmlDType::Q8_0 || n * k >= SMALL_Q8_0_ELEMENTS))
     {
         weight.forward(&x)?
     } else {
@@ -933,6 +928,7 @@ mod tests {
     /// bits do not depend on the batch.
     #[test]
     fn quantized_products_agree_across_row_counts_and_types() {
+        use crate::layers::block_tiles::available_for;
         let dev = Device::Cpu;
         let (n, k) = (48, 256);
         let dense = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
@@ -968,22 +964,17 @@ mod tests {
                     .unwrap();
                 assert_eq!(got.len(), rows * n);
                 // Routes: Q4_K ours up to 4 rows, candle's past; Q5_0 ours up to 8 and tiles
-                // past (up to 16 without AVX-512 VNNI); Q8_0 the load-time tiles with AVX-512
-                // VNNI, ours up to 256 rows with AVX2 alone (the dequantised weight past),
-                // candle's up to 16 rows without AVX2.
+                // past (up to 16 without AVX-512 VNNI); Q8_0 the load-time tiles with AVX2 or
+                // AVX-512 VNNI, candle's up to 16 rows without.
                 let tiles = q8_tiles::available();
                 let (one_row_route, tiles_route) = match dtype {
                     GgmlDType::Q4K => (rows <= BLOCK_GEMV_ROWS, false),
                     GgmlDType::Q5_0 if tiles => {
                         (rows <= Q5_0_ROW_KERNEL_ROWS, rows > Q5_0_ROW_KERNEL_ROWS)
                     }
-                    GgmlDType::Q8_0 if !tiles && quantized::has_simd_kernel() => {
+                    GgmlDType::Q8_0 if available_for(TileFormat::Q8_0) => {
                         (rows <= SMALL_BATCH_ROWS, false)
                     }
-                    GgmlDType::Q8_0 => (
-                        rows <= QUANTIZED_GEMV_ROWS,
-                        tiles && rows > QUANTIZED_GEMV_ROWS,
-                    ),
                     _ => (rows <= QUANTIZED_GEMV_ROWS, false),
                 };
                 if one_row_route {

@@ -319,11 +319,6 @@ impl Kernel {
     }
 }
 
-/// Whether the block kernels run in SIMD here (AVX2 or AVX-512 VNNI) rather than scalar code.
-pub(crate) fn has_simd_kernel() -> bool {
-    !matches!(Kernel::detect(), Kernel::Scalar)
-}
-
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx2() -> bool {
     is_x86_feature_detected!("avx2")
