@@ -1,5 +1,6 @@
 //! Q4_K, Q6_K and Q8_0 weights repacked at load into tiles of eight output features, for
-//! products of any number of rows on AVX-512 VNNI (Q8_0 also on AVX2, at the end). A tile block holds one block (Q8_0: two) of
+//! products of any number of rows on AVX-512 VNNI; Q4_K and Q8_0 also on AVX2 (Zen 2 and 3,
+//! Intel before Ice Lake), where each `vpdpbusd` becomes `vpmaddubsw` and `vpmaddwd`. A tile block holds one block (Q8_0: two) of
 //! each of eight weight rows: their quants interleaved four bytes at a time, so one `vpdpbusd`
 //! multiplies four activation bytes (broadcast) by four weights of each of the eight features
 //! and the sums land in the features' lanes; the sub-block scales (and Q4_K's mins) unpacked to
@@ -135,16 +136,16 @@ impl std::fmt::Debug for BlockTiles {
     }
 }
 
-/// Whether this CPU runs the tiles.
+/// Whether this CPU runs the tiles of every format (AVX-512 VNNI).
 pub fn available() -> bool {
     super::q8_tiles::available()
 }
 
-/// Whether this CPU runs `format`'s tiles: every format on AVX-512 VNNI, Q8_0 also on AVX2
-/// (`q8_0_rows_avx2`).
+/// Whether this CPU runs `format`'s tiles: every format on AVX-512 VNNI, Q4_K and Q8_0 also on
+/// AVX2 (`group_avx2`).
 pub fn available_for(format: TileFormat) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if format == TileFormat::Q8_0 && super::quantized::avx2() {
+    if format != TileFormat::Q6K && super::quantized::avx2() {
         return true;
     }
     available()
@@ -252,7 +253,7 @@ impl BlockTiles {
                 #[cfg(target_arch = "x86_64")]
                 for group in groups {
                     // SAFETY: the tiles exist only where `available_for` saw the features (AVX2
-                    // alone only for Q8_0); each group writes only its own features' outputs.
+                    // alone not for Q6_K); each group writes only its own features' outputs.
                     unsafe {
                         if vnni {
                             group_vnni(&shared, group)
@@ -425,65 +426,57 @@ struct Shared<'a> {
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Every activation row of the pass against the tiles of group `group`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn group_vnni(s: &Shared, group: usize) {
-    // SAFETY: the caller checked the features; rows are below `s.rows`.
-    unsafe {
-        let mut row = 0;
-        while row < s.rows {
-            let tile_rows = (s.rows - row).min(ROW_TILE);
-            let acc = match (s.tiles.format, s.x) {
-                (TileFormat::Q4K, Inputs::K(x)) => match tile_rows {
-                    1 => widen(q4k_rows_vnni::<1>(s, x, group, row)),
-                    2 => widen(q4k_rows_vnni::<2>(s, x, group, row)),
-                    3 => widen(q4k_rows_vnni::<3>(s, x, group, row)),
-                    _ => q4k_rows_vnni::<4>(s, x, group, row),
-                },
-                (TileFormat::Q6K, Inputs::K(x)) => match tile_rows {
-                    1 => widen(q6k_rows_vnni::<1>(s, x, group, row)),
-                    2 => widen(q6k_rows_vnni::<2>(s, x, group, row)),
-                    3 => widen(q6k_rows_vnni::<3>(s, x, group, row)),
-                    _ => q6k_rows_vnni::<4>(s, x, group, row),
-                },
-                (TileFormat::Q8_0, Inputs::Q8_0(x)) => match tile_rows {
-                    1 => widen(q8_0_rows_vnni::<1>(s, x, group, row)),
-                    2 => widen(q8_0_rows_vnni::<2>(s, x, group, row)),
-                    3 => widen(q8_0_rows_vnni::<3>(s, x, group, row)),
-                    _ => q8_0_rows_vnni::<4>(s, x, group, row),
-                },
-                _ => unreachable!("inputs are quantized for the tiles' format"),
-            };
-            store(s, group, row, &acc[..tile_rows]);
-            row += tile_rows;
+/// Every activation row of the pass against the tiles of group `group`, with the kernels
+/// `$q4k`, `$q8_0` and (where Q6_K has tiles) `$q6k`.
+macro_rules! group_rows {
+    ($name:ident, $features:literal, $q4k:ident, $q8_0:ident $(, $q6k:ident)?) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(s: &Shared, group: usize) {
+            // SAFETY: the caller checked the features; rows are below `s.rows`.
+            unsafe {
+                let mut row = 0;
+                while row < s.rows {
+                    let tile_rows = (s.rows - row).min(ROW_TILE);
+                    let acc = match (s.tiles.format, s.x) {
+                        (TileFormat::Q4K, Inputs::K(x)) => match tile_rows {
+                            1 => widen($q4k::<1>(s, x, group, row)),
+                            2 => widen($q4k::<2>(s, x, group, row)),
+                            3 => widen($q4k::<3>(s, x, group, row)),
+                            _ => $q4k::<4>(s, x, group, row),
+                        },
+                        $((TileFormat::Q6K, Inputs::K(x)) => match tile_rows {
+                            1 => widen($q6k::<1>(s, x, group, row)),
+                            2 => widen($q6k::<2>(s, x, group, row)),
+                            3 => widen($q6k::<3>(s, x, group, row)),
+                            _ => $q6k::<4>(s, x, group, row),
+                        },)?
+                        (TileFormat::Q8_0, Inputs::Q8_0(x)) => match tile_rows {
+                            1 => widen($q8_0::<1>(s, x, group, row)),
+                            2 => widen($q8_0::<2>(s, x, group, row)),
+                            3 => widen($q8_0::<3>(s, x, group, row)),
+                            _ => $q8_0::<4>(s, x, group, row),
+                        },
+                        _ => unreachable!("tiles only of the kernels' formats, inputs for them"),
+                    };
+                    store(s, group, row, &acc[..tile_rows]);
+                    row += tile_rows;
+                }
+            }
         }
-    }
+    };
 }
 
-/// Every activation row of the pass against the Q8_0 tiles of group `group`, without VNNI.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_avx2(s: &Shared, group: usize) {
-    // SAFETY: the caller checked the features; rows are below `s.rows`.
-    unsafe {
-        let Inputs::Q8_0(x) = s.x else {
-            unreachable!("only Q8_0 tiles are built without AVX-512 VNNI");
-        };
-        let mut row = 0;
-        while row < s.rows {
-            let tile_rows = (s.rows - row).min(ROW_TILE);
-            let acc = match tile_rows {
-                1 => widen(q8_0_rows_avx2::<1>(s, x, group, row)),
-                2 => widen(q8_0_rows_avx2::<2>(s, x, group, row)),
-                3 => widen(q8_0_rows_avx2::<3>(s, x, group, row)),
-                _ => q8_0_rows_avx2::<4>(s, x, group, row),
-            };
-            store(s, group, row, &acc[..tile_rows]);
-            row += tile_rows;
-        }
-    }
-}
+group_rows!(
+    group_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    q4k_rows_vnni,
+    q8_0_rows_vnni,
+    q6k_rows_vnni
+);
+// No Q6_K: its AVX2 tiles ran 7-11 % slower than the one-row kernel at one row and 8-17 % slower
+// than candle's at 128 on a Zen 3, level between (`examples/kquant_matmul.rs`).
+group_rows!(group_avx2, "avx2,fma,f16c", q4k_rows_avx2, q8_0_rows_avx2);
 
 /// `R` rows of sums padded to a full row tile.
 #[cfg(target_arch = "x86_64")]
@@ -526,85 +519,126 @@ unsafe fn store(s: &Shared, group: usize, row: usize, acc: &[__m256]) {
 /// low nibbles hold sub-block `2c` and the high ones `2c + 1`; each sub-block's sums
 /// (`vpdpbusd`, unsigned nibbles by signed activations, at most 32·15·128) are weighted by its
 /// scales (`vpmulld`), the mins by the activations' 32-value sums in 16-bit pairs (`vpdpwssd`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn q4k_rows_vnni<const R: usize>(
-    s: &Shared,
-    x: &Q8KActivations,
-    group: usize,
-    row: usize,
-) -> [__m256; R] {
-    // SAFETY: rows `row .. row + R` exist (the caller's loop), each with `k` quants, `blocks`
-    // scales and `8 blocks` sums; the group's tile blocks are inside `lines`; the outputs
-    // written are this group's features of those rows.
-    unsafe {
-        use q4k::*;
-        let k = s.tiles.k;
-        let blocks = k / QK_K;
-        let low_nibbles = _mm256_set1_epi8(0x0F);
-        let tiles = s
-            .tiles
-            .lines
-            .as_ptr()
-            .add(group * blocks * LINES)
-            .cast::<u8>();
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..blocks {
-            let tile = tiles.add(b * LINES * 32);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(D).cast()));
-            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(DMIN).cast()));
-            let xq: [*const u8; R] =
-                std::array::from_fn(|r| x.qs.as_ptr().add((row + r) * k + b * QK_K).cast());
-            let mut dot = [_mm256_setzero_si256(); R];
-            for c in 0..4 {
-                let mut low = [_mm256_setzero_si256(); R];
-                let mut high = [_mm256_setzero_si256(); R];
-                for i in 0..8 {
-                    let bits = _mm256_load_si256(tile.add(QS + (8 * c + i) * 32).cast());
-                    let w_low = _mm256_and_si256(bits, low_nibbles);
-                    let w_high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low_nibbles);
+/// `$dpbusd` and `$dpwssd` are those instructions or their AVX2 sequences.
+macro_rules! q4k_rows_kernel {
+    ($name:ident, $features:literal, $dpbusd:path, $dpwssd:path) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize>(
+            s: &Shared,
+            x: &Q8KActivations,
+            group: usize,
+            row: usize,
+        ) -> [__m256; R] {
+            // SAFETY: rows `row .. row + R` exist (the caller's loop), each with `k` quants, `blocks`
+            // scales and `8 blocks` sums; the group's tile blocks are inside `lines`; the outputs
+            // written are this group's features of those rows.
+            unsafe {
+                use q4k::*;
+                let k = s.tiles.k;
+                let blocks = k / QK_K;
+                let low_nibbles = _mm256_set1_epi8(0x0F);
+                let tiles = s
+                    .tiles
+                    .lines
+                    .as_ptr()
+                    .add(group * blocks * LINES)
+                    .cast::<u8>();
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..blocks {
+                    let tile = tiles.add(b * LINES * 32);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(D).cast()));
+                    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(DMIN).cast()));
+                    let xq: [*const u8; R] =
+                        std::array::from_fn(|r| x.qs.as_ptr().add((row + r) * k + b * QK_K).cast());
+                    let mut dot = [_mm256_setzero_si256(); R];
+                    for c in 0..4 {
+                        let mut low = [_mm256_setzero_si256(); R];
+                        let mut high = [_mm256_setzero_si256(); R];
+                        for i in 0..8 {
+                            let bits = _mm256_load_si256(tile.add(QS + (8 * c + i) * 32).cast());
+                            let w_low = _mm256_and_si256(bits, low_nibbles);
+                            let w_high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low_nibbles);
+                            for r in 0..R {
+                                let at = xq[r].add(64 * c + 4 * i);
+                                let x_low = _mm256_set1_epi32((at as *const i32).read_unaligned());
+                                let x_high =
+                                    _mm256_set1_epi32((at.add(32) as *const i32).read_unaligned());
+                                low[r] = $dpbusd(low[r], w_low, x_low);
+                                high[r] = $dpbusd(high[r], w_high, x_high);
+                            }
+                        }
+                        let scale_low =
+                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(tile.add(SCALES + 16 * c).cast()));
+                        let scale_high = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            tile.add(SCALES + 16 * c + 8).cast(),
+                        ));
+                        for r in 0..R {
+                            dot[r] = _mm256_add_epi32(
+                                dot[r],
+                                _mm256_add_epi32(
+                                    _mm256_mullo_epi32(low[r], scale_low),
+                                    _mm256_mullo_epi32(high[r], scale_high),
+                                ),
+                            );
+                        }
+                    }
+                    let mins: [__m256i; 4] = std::array::from_fn(|p| {
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(tile.add(MINS + 16 * p).cast()))
+                    });
                     for r in 0..R {
-                        let at = xq[r].add(64 * c + 4 * i);
-                        let x_low = _mm256_set1_epi32((at as *const i32).read_unaligned());
-                        let x_high = _mm256_set1_epi32((at.add(32) as *const i32).read_unaligned());
-                        low[r] = _mm256_dpbusd_epi32(low[r], w_low, x_low);
-                        high[r] = _mm256_dpbusd_epi32(high[r], w_high, x_high);
+                        let at = (row + r) * blocks + b;
+                        let sums = x.sums32.as_ptr().add(at * 8);
+                        let mut min_dot = _mm256_setzero_si256();
+                        for (p, &pair) in mins.iter().enumerate() {
+                            let x_sums =
+                                _mm256_set1_epi32((sums.add(2 * p) as *const i32).read_unaligned());
+                            min_dot = $dpwssd(min_dot, pair, x_sums);
+                        }
+                        let dx = _mm256_set1_ps(*x.d.get_unchecked(at));
+                        acc[r] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(dot[r]),
+                            _mm256_mul_ps(d, dx),
+                            acc[r],
+                        );
+                        acc[r] = _mm256_fnmadd_ps(
+                            _mm256_cvtepi32_ps(min_dot),
+                            _mm256_mul_ps(dmin, dx),
+                            acc[r],
+                        );
                     }
                 }
-                let scale_low =
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(tile.add(SCALES + 16 * c).cast()));
-                let scale_high =
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(tile.add(SCALES + 16 * c + 8).cast()));
-                for r in 0..R {
-                    dot[r] = _mm256_add_epi32(
-                        dot[r],
-                        _mm256_add_epi32(
-                            _mm256_mullo_epi32(low[r], scale_low),
-                            _mm256_mullo_epi32(high[r], scale_high),
-                        ),
-                    );
-                }
-            }
-            let mins: [__m256i; 4] = std::array::from_fn(|p| {
-                _mm256_cvtepu8_epi16(_mm_loadu_si128(tile.add(MINS + 16 * p).cast()))
-            });
-            for r in 0..R {
-                let at = (row + r) * blocks + b;
-                let sums = x.sums32.as_ptr().add(at * 8);
-                let mut min_dot = _mm256_setzero_si256();
-                for (p, &pair) in mins.iter().enumerate() {
-                    let x_sums =
-                        _mm256_set1_epi32((sums.add(2 * p) as *const i32).read_unaligned());
-                    min_dot = _mm256_dpwssd_epi32(min_dot, pair, x_sums);
-                }
-                let dx = _mm256_set1_ps(*x.d.get_unchecked(at));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_mul_ps(d, dx), acc[r]);
-                acc[r] =
-                    _mm256_fnmadd_ps(_mm256_cvtepi32_ps(min_dot), _mm256_mul_ps(dmin, dx), acc[r]);
+                acc
             }
         }
-        acc
-    }
+    };
+}
+
+q4k_rows_kernel!(
+    q4k_rows_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    _mm256_dpbusd_epi32,
+    _mm256_dpwssd_epi32
+);
+q4k_rows_kernel!(q4k_rows_avx2, "avx2,fma,f16c", dpbusd_avx2, dpwssd_avx2);
+
+/// `vpdpbusd` on AVX2: `vpmaddubsw`, then `vpmaddwd` by ones. The same sums only while each
+/// pair of products fits in i16, as with Q4_K's nibbles (at most 15) by signed activations; not
+/// with Q8_0's offset quants (`q8_0_rows_avx2`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dpbusd_avx2(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
+    let pairs = _mm256_maddubs_epi16(unsigned, signed);
+    _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
+
+/// `vpdpwssd` on AVX2: `vpmaddwd`, then an add (the same wrapping sums).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dpwssd_avx2(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 }
 
 /// Q6_K: activation rows `row .. row + R` against the tiles of group `group`. Per half block

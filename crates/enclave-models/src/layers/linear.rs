@@ -40,7 +40,7 @@ pub struct Linear {
     /// `forward_quantized`'s routes, which quantize the activations per block as llama.cpp does.
     quantized: Option<QMatMul>,
     /// A Q4_K, Q6_K or Q8_0 weight repacked into tiles of eight features
-    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI (Q8_0 also with AVX2 alone): then
+    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI (Q4_K and Q8_0 also with AVX2): then
     /// they are the layer's only copy of the weight (`quantized` is `None`) and every product
     /// takes them.
     tiles: Option<Arc<BlockTiles>>,
@@ -291,7 +291,8 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 }
 
 /// `x Wᵀ` for block-quantized `W`, by route (Q4_K, Q6_K and Q8_0 weights on a CPU with AVX-512
-/// VNNI, and Q8_0 with AVX2, never come here: they take their tiles, see [`forward_tiles`]):
+/// VNNI, Q4_K and Q8_0 with AVX2, never come here: they take their tiles, see
+/// [`forward_tiles`]):
 /// - our one-row kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
 ///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 (up to
 ///   [`QUANTIZED_GEMV_ROWS`] without AVX-512 VNNI) and up to [`SMALL_BATCH_ROWS`] of a Q8_0
@@ -929,6 +930,7 @@ mod tests {
     #[test]
     fn quantized_products_agree_across_row_counts_and_types() {
         use crate::layers::block_tiles::available_for;
+        let tiles_for = |dtype| TileFormat::from_ggml(dtype).is_some_and(available_for);
         let dev = Device::Cpu;
         let (n, k) = (48, 256);
         let dense = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
@@ -963,17 +965,17 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 assert_eq!(got.len(), rows * n);
-                // Routes: Q4_K ours up to 4 rows, candle's past; Q5_0 ours up to 8 and tiles
-                // past (up to 16 without AVX-512 VNNI); Q8_0 the load-time tiles with AVX2 or
-                // AVX-512 VNNI, candle's up to 16 rows without.
+                // Routes: Q4_K and Q8_0 the load-time tiles with AVX2 or AVX-512 VNNI, without
+                // them Q4_K ours up to 4 rows and candle's past, Q8_0 candle's; Q5_0 ours up to
+                // 8 and tiles past (up to 16 without AVX-512 VNNI).
                 let tiles = q8_tiles::available();
                 let (one_row_route, tiles_route) = match dtype {
+                    GgmlDType::Q4K | GgmlDType::Q8_0 if tiles_for(dtype) => {
+                        (rows <= SMALL_BATCH_ROWS, false)
+                    }
                     GgmlDType::Q4K => (rows <= BLOCK_GEMV_ROWS, false),
                     GgmlDType::Q5_0 if tiles => {
                         (rows <= Q5_0_ROW_KERNEL_ROWS, rows > Q5_0_ROW_KERNEL_ROWS)
-                    }
-                    GgmlDType::Q8_0 if available_for(TileFormat::Q8_0) => {
-                        (rows <= SMALL_BATCH_ROWS, false)
                     }
                     _ => (rows <= QUANTIZED_GEMV_ROWS, false),
                 };
