@@ -1,6 +1,7 @@
 //! Q4_K, Q6_K and Q8_0 weights repacked at load into tiles of eight output features, for
-//! products of any number of rows on AVX-512 VNNI; Q4_K and Q8_0 also on AVX2 (Zen 2 and 3,
-//! Intel before Ice Lake), where each `vpdpbusd` becomes `vpmaddubsw` and `vpmaddwd`. A tile block holds one block (Q8_0: two) of
+//! products of any number of rows on AVX-512 VNNI; Q4_K and Q8_0 also on CPUs with AVX2 but
+//! not VNNI (Zen 2 and 3, Intel client chips, Xeons before Cascade Lake), at the end of the
+//! file. A tile block holds one block (Q8_0: two) of
 //! each of eight weight rows: their quants interleaved four bytes at a time, so one `vpdpbusd`
 //! multiplies four activation bytes (broadcast) by four weights of each of the eight features
 //! and the sums land in the features' lanes; the sub-block scales (and Q4_K's mins) unpacked to
@@ -148,6 +149,8 @@ pub fn available_for(format: TileFormat) -> bool {
     if format != TileFormat::Q6K && super::quantized::avx2() {
         return true;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = format;
     available()
 }
 
@@ -212,10 +215,13 @@ impl BlockTiles {
 
     /// `x [rows, k] · Wᵀ`, `[rows, n]`. A row's result does not depend on the other rows.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        self.in_passes(x, rows, (PASS_BYTES / self.k.max(1)).max(4 * ROW_TILE))
+        let pass_rows = (PASS_BYTES / self.k.max(1)).max(4 * ROW_TILE);
+        self.in_passes(x, rows, pass_rows, available())
     }
 
-    fn in_passes(&self, x: &[f32], rows: usize, pass_rows: usize) -> Vec<f32> {
+    /// [`BlockTiles::matmul`] in passes of `pass_rows`, on the VNNI kernels or the AVX2 ones
+    /// (`vnni` only where [`available`]; Q6_K only on VNNI).
+    fn in_passes(&self, x: &[f32], rows: usize, pass_rows: usize, vnni: bool) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert!(
             x.len() >= rows * k,
@@ -248,12 +254,12 @@ impl BlockTiles {
                 rows: pass,
                 out: OutPtr(out[first_row * n..].as_mut_ptr()),
             };
-            let vnni = available();
             candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(FEATURES), |groups| {
                 #[cfg(target_arch = "x86_64")]
                 for group in groups {
                     // SAFETY: the tiles exist only where `available_for` saw the features (AVX2
-                    // alone not for Q6_K); each group writes only its own features' outputs.
+                    // alone not for Q6_K), and `vnni` only where `available` saw VNNI; each group
+                    // writes only its own features' outputs.
                     unsafe {
                         if vnni {
                             group_vnni(&shared, group)
@@ -901,7 +907,7 @@ mod tests {
                     .map(|i| ((i * 53 % 127) as f32 - 63.0) / 9.0)
                     .collect();
                 let want = one_row_kernels(format, &x, rows, k, &w, n);
-                let got = tiles.in_passes(&x, rows, pass_rows);
+                let got = tiles.in_passes(&x, rows, pass_rows, available());
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-5 * b.abs().max(1.0),
@@ -959,7 +965,8 @@ mod tests {
         }
         let k = 2 * QK8_0;
         let weight = |i: usize| if i % 4 < 2 { -128i8 } else { 127 };
-        let activation = |i: usize| if i % 8 < 5 { -127.0f32 } else { 127.0 };
+        // Pairs of -128 by -127 (the largest) and of -128 by 127 (the smallest).
+        let activation = |i: usize| if i % 16 < 5 { -127.0f32 } else { 127.0 };
         let mut w = Vec::new();
         for b in 0..k / QK8_0 {
             w.extend(half::f16::from_f32(1.0).to_bits().to_le_bytes());
@@ -994,6 +1001,36 @@ mod tests {
                 let alone = tiles.matmul(&x[r * k..(r + 1) * k], 1);
                 assert_eq!(&all[r * n..(r + 1) * n], &alone[..], "{format:?} row {r}");
             }
+        }
+    }
+
+    /// Where both run, the AVX2 kernels give the VNNI ones' bits: the same integer sums, scaled
+    /// and summed in the same order. Without VNNI the AVX2 kernels are the ones the other tests
+    /// check against the one-row kernels.
+    #[test]
+    fn avx2_kernels_give_the_vnni_kernels_bits() {
+        if !available() {
+            eprintln!("SKIPPED: this CPU lacks AVX-512 VNNI");
+            return;
+        }
+        let (n, k) = (21, 512);
+        for (dtype, format) in [
+            (GgmlDType::Q4K, TileFormat::Q4K),
+            (GgmlDType::Q8_0, TileFormat::Q8_0),
+        ] {
+            let (w, _, _) = test_weights(n, k, dtype, 7);
+            let Some(tiles) = BlockTiles::new(format, &w, n, k) else {
+                panic!("no tiles");
+            };
+            let rows = 7;
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 37 % 113) as f32 - 56.0) / 7.0)
+                .collect();
+            assert_eq!(
+                tiles.in_passes(&x, rows, 16, true),
+                tiles.in_passes(&x, rows, 16, false),
+                "{format:?}"
+            );
         }
     }
 

@@ -367,8 +367,10 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
     y.to_dtype(dtype)
 }
 
-/// `x Wᵀ` on load-time tiles: every row count, since they beat our one-row kernels and candle's
-/// product from one row to a whole prompt chunk (`examples/kquant_matmul.rs`).
+/// `x Wᵀ` on load-time tiles: every row count. On AVX-512 VNNI they beat our one-row kernels and
+/// candle's product from one row to a whole prompt chunk; on AVX2 (Q4_K, Q8_0) they match them
+/// at one row (a large Q8_0 output head ran at 0.94×, within noise) and beat them 1.3–7× from
+/// four rows on (`examples/kquant_matmul.rs`, BENCHMARKS.md).
 fn forward_tiles(
     (n, k): (usize, usize),
     x: &Tensor,
@@ -923,10 +925,10 @@ mod tests {
         }
     }
 
-    /// Every route a quantized product takes (one row, 2–16 rows, a chunk, a chunk past
-    /// `SMALL_BATCH_ROWS`; Q8_0, a k-quant and Q5_0, which candle computes in scalar code) gives
-    /// the product of the dequantised weight up to activation rounding; within a route a row's
-    /// bits do not depend on the batch.
+    /// Every route a quantized product takes (one row, 2–16 rows, a chunk, a long chunk; Q8_0,
+    /// a k-quant and Q5_0, which candle computes in scalar code) gives the product of the
+    /// dequantised weight up to activation rounding; within a route a row's bits do not depend
+    /// on the batch.
     #[test]
     fn quantized_products_agree_across_row_counts_and_types() {
         use crate::layers::block_tiles::available_for;
@@ -943,7 +945,8 @@ mod tests {
             let long = SMALL_BATCH_ROWS + 4;
             let x = Tensor::randn(0f32, 1.0, (1, long, k), &dev).unwrap();
             let exact = reference(&x, &dequantised);
-            let alone: Vec<f32> = (0..20)
+            let alone_rows = 20;
+            let alone: Vec<f32> = (0..alone_rows)
                 .flat_map(|r| {
                     layer
                         .forward(&x.narrow(1, r, 1).unwrap())
@@ -955,7 +958,16 @@ mod tests {
                 })
                 .collect();
             let mut tiled: Option<Vec<f32>> = None;
-            for rows in [1, BLOCK_GEMV_ROWS, 5, 9, QUANTIZED_GEMV_ROWS, 17, 20, long] {
+            for rows in [
+                1,
+                BLOCK_GEMV_ROWS,
+                5,
+                9,
+                QUANTIZED_GEMV_ROWS,
+                17,
+                alone_rows,
+                long,
+            ] {
                 let part = x.narrow(1, 0, rows).unwrap();
                 let got: Vec<f32> = layer
                     .forward(&part)
@@ -965,13 +977,14 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 assert_eq!(got.len(), rows * n);
-                // Routes: Q4_K and Q8_0 the load-time tiles with AVX2 or AVX-512 VNNI, without
-                // them Q4_K ours up to 4 rows and candle's past, Q8_0 candle's; Q5_0 ours up to
-                // 8 and tiles past (up to 16 without AVX-512 VNNI).
+                // Routes: Q4_K and Q8_0 the load-time tiles with AVX2 or AVX-512 VNNI (a row's
+                // bits as alone at any count); without them Q4_K ours up to 4 rows and candle's
+                // past, this small Q8_0 matrix candle's up to 16 rows and the dequantised GEMM
+                // past; Q5_0 ours up to 8 and tiles past (up to 16 without AVX-512 VNNI).
                 let tiles = q8_tiles::available();
                 let (one_row_route, tiles_route) = match dtype {
                     GgmlDType::Q4K | GgmlDType::Q8_0 if tiles_for(dtype) => {
-                        (rows <= SMALL_BATCH_ROWS, false)
+                        (rows <= alone_rows, false)
                     }
                     GgmlDType::Q4K => (rows <= BLOCK_GEMV_ROWS, false),
                     GgmlDType::Q5_0 if tiles => {
