@@ -1,7 +1,7 @@
 //! Q4_K, Q6_K and Q8_0 weights repacked at load into tiles of eight output features, for
 //! products of any number of rows on AVX-512 VNNI; Q4_K and Q8_0 also on CPUs with AVX2 but
-//! not VNNI (Zen 2 and 3, Intel client chips, Xeons before Cascade Lake), at the end of the
-//! file. A tile block holds one block (Q8_0: two) of
+//! not VNNI (Zen 2 and 3, Intel client chips, Xeons before Cascade Lake), through `group_avx2`.
+//! A tile block holds one block (Q8_0: two) of
 //! each of eight weight rows: their quants interleaved four bytes at a time, so one `vpdpbusd`
 //! multiplies four activation bytes (broadcast) by four weights of each of the eight features
 //! and the sums land in the features' lanes; the sub-block scales (and Q4_K's mins) unpacked to
@@ -536,9 +536,9 @@ macro_rules! q4k_rows_kernel {
             group: usize,
             row: usize,
         ) -> [__m256; R] {
-            // SAFETY: rows `row .. row + R` exist (the caller's loop), each with `k` quants, `blocks`
-            // scales and `8 blocks` sums; the group's tile blocks are inside `lines`; the outputs
-            // written are this group's features of those rows.
+            // SAFETY: rows `row .. row + R` exist (the caller's loop), each with `k` quants,
+            // `blocks` scales and `8 blocks` sums; the group's tile blocks are inside `lines`; the
+            // outputs written are this group's features of those rows.
             unsafe {
                 use q4k::*;
                 let k = s.tiles.k;
