@@ -2,7 +2,8 @@
 //! products of any number of rows on AVX-512 VNNI; Q4_K and Q8_0 also on CPUs with AVX2 but
 //! not VNNI (Zen 2 and 3, Intel client chips, Xeons before Cascade Lake), through `group_avx2`.
 //! A tile block holds one block (Q8_0: two) of
-//! each of eight weight rows: their quants interleaved four bytes at a time, so one `vpdpbusd`
+//! each of eight weight rows: their quants interleaved four bytes at a time (AVX2 Q8_0 tiles: two
+//! bytes, see `mod q8_0`), so one `vpdpbusd`
 //! multiplies four activation bytes (broadcast) by four weights of each of the eight features
 //! and the sums land in the features' lanes; the sub-block scales (and Q4_K's mins) unpacked to
 //! a byte per sub-block and feature; `d` (and `dmin`) side by side. A Q4_K block then costs
@@ -291,7 +292,8 @@ impl BlockTiles {
     }
 }
 
-/// Activation bytes (one per value) a pass keeps for the tiles to share from cache.
+/// Activation values a pass keeps for the tiles to share from cache (a byte each, two for the
+/// AVX2 Q8_0 kernel).
 const PASS_BYTES: usize = 4 << 20;
 
 /// Activations for Q8_0 tiles: quantized to Q8_0 as llama.cpp does, rows padded with zeros to
@@ -305,6 +307,19 @@ struct Q8_0Inputs {
     quants: Vec<i8>,
     offsets: Vec<i32>,
     wide: Vec<i16>,
+}
+
+thread_local! {
+    /// `Q8_0Inputs::wide` kept from one product to the next: a fresh 4.6 MB buffer per
+    /// 256-row pass of an 8,960-wide input spent 5 % of a sixteen-request q8_0 run clearing new
+    /// pages in the kernel.
+    static WIDE_SCRATCH: std::cell::Cell<Vec<i16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Drop for Q8_0Inputs {
+    fn drop(&mut self) {
+        WIDE_SCRATCH.set(std::mem::take(&mut self.wide));
+    }
 }
 
 impl Q8_0Inputs {
@@ -321,7 +336,9 @@ impl Q8_0Inputs {
         let mut scales = vec![0f32; rows * blocks];
         let mut quants = vec![0i8; vnni_rows * padded];
         let mut offsets = vec![0i32; vnni_rows * blocks];
-        let mut wide = vec![0i16; wide_rows * padded];
+        let mut wide = WIDE_SCRATCH.take();
+        wide.clear();
+        wide.resize(wide_rows * padded, 0);
         let (scales_out, quants_out, offsets_out, wide_out) = (
             OutPtr(scales.as_mut_ptr()),
             OutPtr(quants.as_mut_ptr()),
@@ -681,7 +698,7 @@ q4k_rows_kernel!(q4k_rows_avx2, "avx2,fma,f16c", dpbusd_avx2, dpwssd_avx2);
 
 /// `vpdpbusd` on AVX2: `vpmaddubsw`, then `vpmaddwd` by ones. The same sums only while each
 /// pair of products fits in i16, as with Q4_K's nibbles (at most 15) by signed activations; not
-/// with Q8_0's offset quants (`q8_0_rows_avx2`).
+/// with Q8_0's quants, which `q8_0_rows_avx2` multiplies in 16-bit pairs instead.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -870,7 +887,9 @@ unsafe fn q8_0_rows_avx2<const R: usize>(
     group: usize,
     row: usize,
 ) -> [__m256; R] {
-    // SAFETY: as in `q8_0_rows_vnni`, with `wide` holding the quants of every row.
+    // SAFETY: as in `q8_0_rows_vnni`, with `wide` holding whole row tiles of quants and `row`
+    // the first row of one (the caller steps by `ROW_TILE`).
+    debug_assert_eq!(row % ROW_TILE, 0);
     unsafe {
         use q8_0::*;
         let blocks = 2 * s.tiles.blocks;
@@ -1012,7 +1031,8 @@ mod tests {
     }
 
     /// Q8_0 weights -128 and 127 against activations ±127 (after quantization): the integer
-    /// sums stay exact on every kernel (the AVX2 one's 16-bit pairs reach 2·128·127).
+    /// sums stay exact on every kernel (`vpdpbusd`'s unsigned weights reach 255, the AVX2
+    /// kernel's 16-bit pairs of products 2·128·127).
     #[test]
     fn extreme_q8_0_values_keep_exact_integer_sums() {
         if !available_for(TileFormat::Q8_0) {
@@ -1028,14 +1048,17 @@ mod tests {
             w.extend(half::f16::from_f32(1.0).to_bits().to_le_bytes());
             w.extend((0..QK8_0).map(|i| weight(b * QK8_0 + i) as u8));
         }
-        let Some(tiles) = BlockTiles::new(TileFormat::Q8_0, &w, 1, k) else {
-            panic!("no tiles");
-        };
         let x: Vec<f32> = (0..k).map(activation).collect();
         let exact: i64 = (0..k)
             .map(|i| i64::from(weight(i)) * activation(i) as i64)
             .sum();
-        assert_eq!(tiles.matmul(&x, 1)[0], exact as f32);
+        // Where VNNI exists, the AVX2 packing too.
+        for vnni in [available(), false] {
+            let Some(tiles) = BlockTiles::packed(TileFormat::Q8_0, &w, 1, k, vnni) else {
+                panic!("no tiles");
+            };
+            assert_eq!(tiles.matmul(&x, 1)[0], exact as f32, "vnni {vnni}");
+        }
     }
 
     #[test]
@@ -1069,10 +1092,13 @@ mod tests {
             eprintln!("SKIPPED: this CPU lacks AVX-512 VNNI");
             return;
         }
-        let (n, k) = (21, 512);
-        for (dtype, format) in [
-            (GgmlDType::Q4K, TileFormat::Q4K),
-            (GgmlDType::Q8_0, TileFormat::Q8_0),
+        let n = 21;
+        // For Q8_0 also an odd block count (a padded tile block); passes past one row tile and
+        // of a row count that is not a whole number of tiles.
+        for (dtype, format, k) in [
+            (GgmlDType::Q4K, TileFormat::Q4K, 512),
+            (GgmlDType::Q8_0, TileFormat::Q8_0, 512),
+            (GgmlDType::Q8_0, TileFormat::Q8_0, 160),
         ] {
             let (w, _, _) = test_weights(n, k, dtype, 7);
             let (Some(vnni), Some(avx2)) = (
@@ -1081,15 +1107,16 @@ mod tests {
             ) else {
                 panic!("no tiles");
             };
-            let rows = 7;
-            let x: Vec<f32> = (0..rows * k)
-                .map(|i| ((i * 37 % 113) as f32 - 56.0) / 7.0)
-                .collect();
-            assert_eq!(
-                vnni.in_passes(&x, rows, 16),
-                avx2.in_passes(&x, rows, 16),
-                "{format:?}"
-            );
+            for (rows, pass_rows) in [(7, 16), (33, 8), (33, 6)] {
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|i| ((i * 37 % 113) as f32 - 56.0) / 7.0)
+                    .collect();
+                assert_eq!(
+                    vnni.in_passes(&x, rows, pass_rows),
+                    avx2.in_passes(&x, rows, pass_rows),
+                    "{format:?} k {k} rows {rows} in {pass_rows}"
+                );
+            }
         }
     }
 
