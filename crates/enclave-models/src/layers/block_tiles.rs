@@ -231,7 +231,7 @@ impl BlockTiles {
 
     /// `x [rows, k] · Wᵀ`, `[rows, n]`. A row's result does not depend on the other rows.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let pass_rows = (PASS_BYTES / self.k.max(1)).max(4 * ROW_TILE);
+        let pass_rows = (PASS_VALUES / self.k.max(1)).max(4 * ROW_TILE);
         self.in_passes(x, rows, pass_rows)
     }
 
@@ -294,7 +294,7 @@ impl BlockTiles {
 
 /// Activation values a pass keeps for the tiles to share from cache (a byte each, two for the
 /// AVX2 Q8_0 kernel).
-const PASS_BYTES: usize = 4 << 20;
+const PASS_VALUES: usize = 4 << 20;
 
 /// Activations for Q8_0 tiles: quantized to Q8_0 as llama.cpp does, rows padded with zeros to
 /// whole tile blocks; `scales[r * blocks + b]`; for the VNNI kernel `quants[r * k_padded + i]`
@@ -312,13 +312,15 @@ struct Q8_0Inputs {
 thread_local! {
     /// `Q8_0Inputs::wide` kept from one product to the next: a fresh 4.6 MB buffer per
     /// 256-row pass of an 8,960-wide input spent 5 % of a sixteen-request q8_0 run clearing new
-    /// pages in the kernel.
+    /// pages in the kernel. A thread keeps its largest so far (up to ~8 MB: `PASS_VALUES`
+    /// values of two bytes); only the threads that run AVX2 Q8_0 products hold one.
     static WIDE_SCRATCH: std::cell::Cell<Vec<i16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl Drop for Q8_0Inputs {
     fn drop(&mut self) {
-        WIDE_SCRATCH.set(std::mem::take(&mut self.wide));
+        // Past the thread's teardown the buffer is simply freed.
+        let _ = WIDE_SCRATCH.try_with(|scratch| scratch.set(std::mem::take(&mut self.wide)));
     }
 }
 
@@ -336,7 +338,9 @@ impl Q8_0Inputs {
         let mut scales = vec![0f32; rows * blocks];
         let mut quants = vec![0i8; vnni_rows * padded];
         let mut offsets = vec![0i32; vnni_rows * blocks];
-        let mut wide = WIDE_SCRATCH.take();
+        let mut wide = WIDE_SCRATCH
+            .try_with(std::cell::Cell::take)
+            .unwrap_or_default();
         wide.clear();
         wide.resize(wide_rows * padded, 0);
         let (scales_out, quants_out, offsets_out, wide_out) = (
@@ -593,9 +597,12 @@ unsafe fn store(s: &Shared, group: usize, row: usize, acc: &[__m256]) {
 /// low nibbles hold sub-block `2c` and the high ones `2c + 1`; each sub-block's sums
 /// (`vpdpbusd`, unsigned nibbles by signed activations, at most 32·15·128) are weighted by its
 /// scales (`vpmulld`), the mins by the activations' 32-value sums in 16-bit pairs (`vpdpwssd`).
-/// `$dpbusd` and `$dpwssd` are those instructions or their AVX2 sequences.
+/// `$dot` adds a four-byte group's products to a sub-block's running sums and `$sums` turns
+/// those into 32-bit sums per feature: `vpdpbusd` and nothing on VNNI; on AVX2 `vpmaddubsw` into
+/// 16-bit sums and one `vpmaddwd` by ones per sub-block. `$dpwssd` is that instruction or its
+/// AVX2 sequence.
 macro_rules! q4k_rows_kernel {
-    ($name:ident, $features:literal, $dpbusd:path, $dpwssd:path) => {
+    ($name:ident, $features:literal, $dot:path, $sums:path, $dpwssd:path) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(
@@ -638,9 +645,13 @@ macro_rules! q4k_rows_kernel {
                                 let x_low = _mm256_set1_epi32((at as *const i32).read_unaligned());
                                 let x_high =
                                     _mm256_set1_epi32((at.add(32) as *const i32).read_unaligned());
-                                low[r] = $dpbusd(low[r], w_low, x_low);
-                                high[r] = $dpbusd(high[r], w_high, x_high);
+                                low[r] = $dot(low[r], w_low, x_low);
+                                high[r] = $dot(high[r], w_high, x_high);
                             }
+                        }
+                        for r in 0..R {
+                            low[r] = $sums(low[r]);
+                            high[r] = $sums(high[r]);
                         }
                         let scale_low =
                             _mm256_cvtepu8_epi32(_mm_loadl_epi64(tile.add(SCALES + 16 * c).cast()));
@@ -692,19 +703,41 @@ q4k_rows_kernel!(
     q4k_rows_vnni,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     _mm256_dpbusd_epi32,
+    already_32_bit,
     _mm256_dpwssd_epi32
 );
-q4k_rows_kernel!(q4k_rows_avx2, "avx2,fma,f16c", dpbusd_avx2, dpwssd_avx2);
+q4k_rows_kernel!(
+    q4k_rows_avx2,
+    "avx2,fma,f16c",
+    dot_16_bit_avx2,
+    pairs_to_32_bit_avx2,
+    dpwssd_avx2
+);
 
-/// `vpdpbusd` on AVX2: `vpmaddubsw`, then `vpmaddwd` by ones. The same sums only while each
-/// pair of products fits in i16, as with Q4_K's nibbles (at most 15) by signed activations; not
-/// with Q8_0's quants, which `q8_0_rows_avx2` multiplies in 16-bit pairs instead.
+/// `vpdpbusd`'s sums need no widening.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn already_32_bit(sums: __m256i) -> __m256i {
+    sums
+}
+
+/// A four-byte group's products (unsigned nibbles by signed activations) added to 16-bit sums
+/// of pairs (`vpmaddubsw`, `vpaddw`): exact for Q4_K's eight groups per sub-block, each pair at
+/// most 2·15·127 and eight of them 30,480 (llama.cpp's AVX2 Q4_K kernel sums the same way).
+/// One multiply per group where `vpdpbusd`'s AVX2 sequence takes two.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn dpbusd_avx2(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
-    let pairs = _mm256_maddubs_epi16(unsigned, signed);
-    _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+unsafe fn dot_16_bit_avx2(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
+    _mm256_add_epi16(acc, _mm256_maddubs_epi16(unsigned, signed))
+}
+
+/// Adjacent 16-bit sums into one 32-bit sum per four-byte lane (`vpmaddwd` by ones).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn pairs_to_32_bit_avx2(sums: __m256i) -> __m256i {
+    _mm256_madd_epi16(sums, _mm256_set1_epi16(1))
 }
 
 /// `vpdpwssd` on AVX2: `vpmaddwd`, then an add (the same wrapping sums).
@@ -934,7 +967,7 @@ unsafe fn q8_0_rows_avx2<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::kquants::{matmul_k_quant, KQuant, Q6K_BLOCK_BYTES};
+    use crate::layers::kquants::{matmul_k_quant, KQuant, Q4K_BLOCK_BYTES, Q6K_BLOCK_BYTES};
     use crate::layers::quantized::{matmul_q8_blocks, test_weights, Q8Weights};
 
     const FORMATS: [(GgmlDType, TileFormat); 3] = [
@@ -1028,6 +1061,31 @@ mod tests {
             })
             .sum();
         assert_eq!(tiles.matmul(&x, 1)[0], exact as f32);
+    }
+
+    /// Q4_K nibbles 15 against activations that quantize to -127: each 16-bit sum of the AVX2
+    /// kernel reaches eight groups' pairs, 8·2·15·127 = 30,480, and must stay exact (as on VNNI).
+    #[test]
+    fn extreme_q4_k_values_keep_exact_integer_sums() {
+        if !available_for(TileFormat::Q4K) {
+            eprintln!("SKIPPED: this CPU runs no Q4_K tiles");
+            return;
+        }
+        // One feature, one block: d = 1, every sub-block's scale 1 and min 0, every nibble 15.
+        let mut block = vec![0u8; Q4K_BLOCK_BYTES];
+        block[0..2].copy_from_slice(&half::f16::from_f32(1.0).to_bits().to_le_bytes());
+        block[4..8].fill(1); // scales of sub-blocks 0-3 (their mins, bytes 8-11, stay 0)
+        block[12..16].fill(0x01); // scale 1, min 0 of sub-blocks 4-7
+        block[16..].fill(0xFF);
+        let x = vec![127.0f32; QK_K];
+        let exact = (QK_K * 15 * 127) as f32;
+        // Where VNNI exists, the AVX2 kernel too (the packing is the same).
+        for vnni in [available(), false] {
+            let Some(tiles) = BlockTiles::packed(TileFormat::Q4K, &block, 1, QK_K, vnni) else {
+                panic!("no tiles");
+            };
+            assert_eq!(tiles.matmul(&x, 1)[0], exact, "vnni {vnni}");
+        }
     }
 
     /// Q8_0 weights -128 and 127 against activations ±127 (after quantization): the integer
