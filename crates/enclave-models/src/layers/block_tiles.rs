@@ -723,7 +723,8 @@ fn already_32_bit(sums: __m256i) -> __m256i {
 
 /// A four-byte group's products (unsigned nibbles by signed activations) added to 16-bit sums
 /// of pairs (`vpmaddubsw`, `vpaddw`): exact for Q4_K's eight groups per sub-block, each pair at
-/// most 2·15·127 and eight of them 30,480 (llama.cpp's AVX2 Q4_K kernel sums the same way).
+/// most 2·15·127 and eight of them 30,480 (as llama.cpp's repacked AVX2 Q4_K GEMM,
+/// `ggml_gemm_q4_K_8x8_q8_K`, does).
 /// One multiply per group where `vpdpbusd`'s AVX2 sequence takes two.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
