@@ -1,11 +1,10 @@
 //! Q4_K, Q6_K and Q8_0 weights repacked at load into tiles of eight output features, for
 //! products of any number of rows on AVX-512 VNNI; Q4_K and Q8_0 also on CPUs with AVX2 but
 //! not VNNI (Zen 2 and 3, Intel client chips, Xeons before Cascade Lake), through `group_avx2`.
-//! A tile block holds one block (Q8_0: two) of
-//! each of eight weight rows: their quants interleaved four bytes at a time (AVX2 Q8_0 tiles: two
-//! bytes, see `mod q8_0`), so one `vpdpbusd`
-//! multiplies four activation bytes (broadcast) by four weights of each of the eight features
-//! and the sums land in the features' lanes; the sub-block scales (and Q4_K's mins) unpacked to
+//! A tile block holds one block (Q8_0: two) of each of eight weight rows: their quants
+//! interleaved four bytes at a time (AVX2 Q8_0 tiles: two bytes, see `mod q8_0`), so one
+//! `vpdpbusd` multiplies four activation bytes (broadcast) by four weights of each of the eight
+//! features and the sums land in the features' lanes; the sub-block scales (and Q4_K's mins) unpacked to
 //! a byte per sub-block and feature; `d` (and `dmin`) side by side. A Q4_K block then costs
 //! about 30 instructions per feature and activation row, against about 75 in the one-row kernel
 //! (`layers/kquants.rs`), which is what bound decoding on Q4_K_M files below llama.cpp's speed.
@@ -724,8 +723,8 @@ fn already_32_bit(sums: __m256i) -> __m256i {
 /// A four-byte group's products (unsigned nibbles by signed activations) added to 16-bit sums
 /// of pairs (`vpmaddubsw`, `vpaddw`): exact for Q4_K's eight groups per sub-block, each pair at
 /// most 2·15·127 and eight of them 30,480 (as llama.cpp's repacked AVX2 Q4_K GEMM,
-/// `ggml_gemm_q4_K_8x8_q8_K`, does).
-/// One multiply per group where `vpdpbusd`'s AVX2 sequence takes two.
+/// `ggml_gemm_q4_K_8x8_q8_K`, does). One multiply per group where `vpdpbusd`'s AVX2 sequence
+/// takes two.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
