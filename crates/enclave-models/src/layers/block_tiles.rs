@@ -5,8 +5,8 @@
 //! interleaved four bytes at a time (AVX2 Q8_0 tiles: two bytes, see `mod q8_0`), so one
 //! `vpdpbusd` multiplies four activation bytes (broadcast) by four weights of each of the eight
 //! features and the sums land in the features' lanes; the sub-block scales (and Q4_K's mins)
-//! unpacked to a byte per sub-block and feature; `d` (and `dmin`) side by side. A Q4_K block then costs
-//! about 30 instructions per feature and activation row, against about 75 in the one-row kernel
+//! unpacked to a byte per sub-block and feature; `d` (and `dmin`) side by side. A Q4_K block
+//! then costs about 30 instructions per feature and activation row, against about 75 in the one-row kernel
 //! (`layers/kquants.rs`), which is what bound decoding on Q4_K_M files below llama.cpp's speed.
 //!
 //! The arithmetic is llama.cpp's (and the one-row kernels'): activations quantized to Q8_K (Q8_0
