@@ -87,7 +87,8 @@ fn main() -> candle_core::Result<()> {
             .map(|w| w.data().map(|d| d.to_vec()))
             .collect::<candle_core::Result<_>>()?;
         let weights_q = weights;
-        // Q4_K, Q6_K and Q8_0: also the tiles repacked at load (`layers/block_tiles.rs`).
+        // Q4_K, Q6_K and Q8_0 (and Q5_0 on AVX2 without VNNI): also the tiles repacked at load
+        // (`layers/block_tiles.rs`).
         let load_tiles: Vec<BlockTiles> = TileFormat::from_ggml(dtype)
             .map(|format| {
                 raw.iter()
@@ -135,10 +136,15 @@ fn main() -> candle_core::Result<()> {
                 )
             });
             let extra = if let Ours::Q8(format) = kind {
-                let t_tiles = median(|| {
-                    turn = (turn + 1) % copies;
-                    std::hint::black_box(matmul_q8_tiles(format, &xs, m, k, &raw[turn], n));
-                });
+                // (Without AVX-512 VNNI there are none: NaN.)
+                let t_tiles = if matmul_q8_tiles(format, &xs, m, k, &raw[0], n).is_some() {
+                    median(|| {
+                        turn = (turn + 1) % copies;
+                        std::hint::black_box(matmul_q8_tiles(format, &xs, m, k, &raw[turn], n));
+                    })
+                } else {
+                    f64::NAN
+                };
                 // (Not for heads: the route never dequantises those.)
                 let t_gemm = if n * k < 1 << 24 {
                     median(|| {

@@ -40,9 +40,9 @@ pub struct Linear {
     /// `forward_quantized`'s routes, which quantize the activations per block as llama.cpp does.
     quantized: Option<QMatMul>,
     /// A Q4_K, Q6_K or Q8_0 weight repacked into tiles of eight features
-    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI (Q4_K and Q8_0 also with AVX2): then
-    /// they are the layer's only copy of the weight (`quantized` is `None`) and every product
-    /// takes them.
+    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI (Q4_K and Q8_0 also with AVX2; Q5_0,
+    /// widened to Q8_0, with AVX2 but not VNNI): then they are the layer's only copy of the
+    /// weight (`quantized` is `None`) and every product takes them.
     tiles: Option<Arc<BlockTiles>>,
     /// A bf16 weight repacked into tiles of sixteen features (`layers/bf16_tiles.rs`) by
     /// [`Linear::pack_bf16`]: then `weight` is an empty placeholder and every product takes them.
@@ -264,8 +264,9 @@ const DEQUANTIZE_LIMIT: usize = 1 << 24;
 /// while on a 1.5B model's 1536 × 8960 layers it is 1.5× faster than dequantising.
 const SMALL_Q8_0_ELEMENTS: usize = 1 << 22;
 
-/// Q5_0 products of at most this many rows take the one-row kernel (`layers/quantized.rs`);
-/// more take the tiled one (`layers/q8_tiles.rs`) where the CPU has AVX-512 VNNI.
+/// On a CPU with AVX-512 VNNI, Q5_0 products of at most this many rows take the one-row kernel
+/// (`layers/quantized.rs`), more the tiles built per work unit (`layers/q8_tiles.rs`). (With
+/// AVX2 alone Q5_0 weights are widened into load-time tiles and never come here.)
 pub const Q5_0_ROW_KERNEL_ROWS: usize = 8;
 
 /// Q4_K and Q6_K products of at most this many rows take our kernel on the file's own blocks
@@ -291,11 +292,11 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 }
 
 /// `x Wᵀ` for block-quantized `W`, by route (Q4_K, Q6_K and Q8_0 weights on a CPU with AVX-512
-/// VNNI, Q4_K and Q8_0 with AVX2, never come here: they take their tiles, see
+/// VNNI, Q4_K, Q8_0 and Q5_0 with AVX2 alone, never come here: they take their tiles, see
 /// [`forward_tiles`]):
 /// - our one-row kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
 ///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 (up to
-///   [`QUANTIZED_GEMV_ROWS`] without AVX-512 VNNI) and up to [`SMALL_BATCH_ROWS`] of a Q8_0
+///   [`QUANTIZED_GEMV_ROWS`] without AVX2) and up to [`SMALL_BATCH_ROWS`] of a Q8_0
 ///   matrix too large to dequantise (an output head; `layers/quantized.rs`): they stream the
 ///   file's blocks at up to the memory bandwidth;
 /// - our tiled kernel built per work unit (`layers/q8_tiles.rs`, AVX-512 VNNI) for more rows of
@@ -304,7 +305,7 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 ///   activations per block as llama.cpp does and reads each weight block once for a tile of
 ///   rows (Q4_K, Q6_K past 4 rows; Q8_0 layers);
 /// - the GEMM on the dequantised weight for more than [`QUANTIZED_GEMV_ROWS`] rows of the types
-///   candle computes in scalar code (Q4_1, Q5_1, and Q5_0 without AVX-512 VNNI) and of small
+///   candle computes in scalar code (Q4_1, Q5_1, and Q5_0 without AVX2) and of small
 ///   Q8_0 matrices.
 ///
 /// Within a route a row's bits do not depend on the other rows of the batch.
@@ -370,7 +371,9 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
 /// `x Wᵀ` on load-time tiles: every row count. On AVX-512 VNNI they beat our one-row kernels and
 /// candle's product from one row to a whole prompt chunk; on AVX2 (Q4_K, Q8_0) they match them
 /// at one row (a large Q8_0 output head ran at 0.94×, within noise) and beat them 1.3–7× from
-/// four rows on (`examples/kquant_matmul.rs`, BENCHMARKS.md).
+/// four rows on; Q5_0 widened to Q8_0 runs at 0.9× its one-row kernel at one row (it reads 34
+/// bytes per 32 weights for the file's 22), 1.2× at 4 rows, 1.8× at 16, and 2.5× the
+/// dequantised GEMM at 128 (`examples/kquant_matmul.rs`, BENCHMARKS.md).
 fn forward_tiles(
     (n, k): (usize, usize),
     x: &Tensor,
@@ -977,15 +980,14 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 assert_eq!(got.len(), rows * n);
-                // Routes: Q4_K and Q8_0 the load-time tiles with AVX2 or AVX-512 VNNI (a row's
-                // bits as alone at any count); without them Q4_K ours up to 4 rows and candle's
-                // past, this small Q8_0 matrix candle's up to 16 rows and the dequantised GEMM
-                // past; Q5_0 ours up to 8 and tiles past (up to 16 without AVX-512 VNNI).
+                // Routes: Q4_K and Q8_0 the load-time tiles with AVX2 or AVX-512 VNNI, Q5_0 with
+                // AVX2 but not VNNI (a row's bits as alone at any count); without them Q4_K
+                // ours up to 4 rows and candle's past, this small Q8_0 matrix candle's up to 16
+                // rows and the dequantised GEMM past; Q5_0 with VNNI ours up to 8 and the
+                // per-unit tiles past (without AVX2, ours up to 16).
                 let tiles = q8_tiles::available();
                 let (one_row_route, tiles_route) = match dtype {
-                    GgmlDType::Q4K | GgmlDType::Q8_0 if tiles_for(dtype) => {
-                        (rows <= alone_rows, false)
-                    }
+                    _ if tiles_for(dtype) => (rows <= alone_rows, false),
                     GgmlDType::Q4K => (rows <= BLOCK_GEMV_ROWS, false),
                     GgmlDType::Q5_0 if tiles => {
                         (rows <= Q5_0_ROW_KERNEL_ROWS, rows > Q5_0_ROW_KERNEL_ROWS)
