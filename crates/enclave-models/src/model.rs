@@ -57,7 +57,8 @@ pub enum Quantization {
     /// 8-bit, one f16 scale per 32 weights (8.5 bits per weight).
     Q8_0,
     /// 4-bit k-quants, 256-weight super-blocks (4.5 bits per weight); matrices whose rows are not
-    /// a multiple of 256 take Q5_0 instead, as llama.cpp's quantizer does.
+    /// a multiple of 256 take Q5_0 instead, as llama.cpp's quantizer does (held in memory as
+    /// Q8_0 tiles, 8.5 bits, on AVX2 CPUs without VNNI: `layers/block_tiles.rs`).
     Q4K,
 }
 

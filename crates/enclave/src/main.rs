@@ -147,8 +147,9 @@ pub struct ModelArgs {
     pub threads: Option<usize>,
 
     /// Hold the projection matrices quantized: `q8_0` (8.5 bits per weight) or `q4_k` (4.5;
-    /// rows not a multiple of 256 take q5_0) quantize any model at load; `gguf` keeps a GGUF
-    /// file's own blocks. Products then quantize activations per block, as llama.cpp does.
+    /// rows not a multiple of 256 take q5_0, held as 8.5 on AVX2 CPUs without AVX-512 VNNI)
+    /// quantize any model at load; `gguf` keeps a GGUF file's own blocks. Products then quantize
+    /// activations per block, as llama.cpp does.
     /// Default: dense, in --dtype (a GGUF file is dequantised).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub quantize: Option<QuantizeArg>,
