@@ -186,8 +186,7 @@ pub fn available_for(format: TileFormat) -> bool {
     {
         let avx2 = super::quantized::avx2();
         match format {
-            TileFormat::Q4K | TileFormat::Q8_0 => avx2 || available(),
-            TileFormat::Q6K => available(),
+            TileFormat::Q4K | TileFormat::Q6K | TileFormat::Q8_0 => avx2 || available(),
             TileFormat::Q5_0 => avx2 && !available(),
         }
     }
@@ -610,9 +609,13 @@ group_rows!(
     q8_0_rows_vnni,
     q6k_rows_vnni
 );
-// No Q6_K: its AVX2 tiles ran 7-11 % slower than the one-row kernel at one row and 8-17 % slower
-// than candle's at 128 on a Zen 3, level between (`examples/kquant_matmul.rs`).
-group_rows!(group_avx2, "avx2,fma,f16c", q4k_rows_avx2, q8_0_rows_avx2);
+group_rows!(
+    group_avx2,
+    "avx2,fma,f16c",
+    q4k_rows_avx2,
+    q8_0_rows_avx2,
+    q6k_rows_avx2
+);
 
 /// `R` rows of sums padded to a full row tile.
 #[cfg(target_arch = "x86_64")]
@@ -913,6 +916,113 @@ unsafe fn q6k_rows_vnni<const R: usize>(
     }
 }
 
+/// Quarter `j` of a Q6_K half block's 4-byte group at `line` (its two low-nibble chunks, then its
+/// high bit pairs): eight features' four unsigned 6-bit values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q6k_quarter(line: *const u8, j: usize) -> __m256i {
+    // SAFETY: the caller enabled AVX2; `line` is a tile's 32-byte-aligned group of three lines.
+    unsafe {
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let bits45 = _mm256_set1_epi8(0x30);
+        let low = _mm256_load_si256(line.add(32 * (j % 2)).cast());
+        let high = _mm256_load_si256(line.add(64).cast());
+        let (low, high) = match j {
+            0 => (low, _mm256_slli_epi16(high, 4)),
+            1 => (low, _mm256_slli_epi16(high, 2)),
+            2 => (_mm256_srli_epi16(low, 4), high),
+            _ => (_mm256_srli_epi16(low, 4), _mm256_srli_epi16(high, 2)),
+        };
+        _mm256_or_si256(
+            _mm256_and_si256(low, low_nibbles),
+            _mm256_and_si256(high, bits45),
+        )
+    }
+}
+
+/// Q6_K on AVX2 alone: `q6k_rows_vnni`'s walk, each `vpdpbusd` replaced by `vpmaddubsw` into
+/// 16-bit pair sums over two 4-byte groups (at most 4·63·128 = 32,256) that one `vpmaddwd`
+/// widens and weights by the 16-value group's scale at once, as llama.cpp's AVX2 Q6_K product
+/// does: 1.5 multiplies per group and row where the `vpdpbusd` sequence would take two and a
+/// `vpmulld`. The same integer sums as on VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_rows_avx2<const R: usize>(
+    s: &Shared,
+    x: &Q8KActivations,
+    group: usize,
+    row: usize,
+) -> [__m256; R] {
+    // SAFETY: as for `q6k_rows_vnni`.
+    unsafe {
+        use q6k::*;
+        let k = s.tiles.k;
+        let blocks = k / QK_K;
+        // Per feature's 32-bit lane, its even (low) or odd (high) group's scale in both halves.
+        let even = _mm256_setr_epi8(
+            0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9,
+            12, 13, 12, 13,
+        );
+        let odd = _mm256_add_epi8(even, _mm256_set1_epi8(2));
+        let tiles = s
+            .tiles
+            .lines
+            .as_ptr()
+            .add(group * blocks * LINES)
+            .cast::<u8>();
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let tile = tiles.add(b * LINES * 32);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.add(D).cast()));
+            let xq: [*const u8; R] =
+                std::array::from_fn(|r| x.qs.as_ptr().add((row + r) * k + b * QK_K).cast());
+            let pairs: [__m256i; 8] = std::array::from_fn(|p| {
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(tile.add(SCALES + 16 * p).cast()))
+            });
+            let mut dot = [_mm256_setzero_si256(); R];
+            for h in 0..2 {
+                for half in 0..2 {
+                    for i in (4 * half..4 * half + 4).step_by(2) {
+                        let line = tile.add(QUANTS + (8 * h + i) * 96);
+                        for j in 0..4 {
+                            // Group 8h + 2j + half: the even or odd half of scale pair 4h + j.
+                            let select = if half == 0 { even } else { odd };
+                            let scale = _mm256_shuffle_epi8(pairs[4 * h + j], select);
+                            let u0 = q6k_quarter(line, j);
+                            let u1 = q6k_quarter(line.add(96), j);
+                            for r in 0..R {
+                                let at = xq[r].add(128 * h + 32 * j + 4 * i);
+                                let x0 = _mm256_set1_epi32((at as *const i32).read_unaligned());
+                                let x1 =
+                                    _mm256_set1_epi32((at.add(4) as *const i32).read_unaligned());
+                                let sums = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(u0, x0),
+                                    _mm256_maddubs_epi16(u1, x1),
+                                );
+                                dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(sums, scale));
+                            }
+                        }
+                    }
+                }
+            }
+            for r in 0..R {
+                let at = (row + r) * blocks + b;
+                let bsums = x.bsums.as_ptr().add(at * 16);
+                let mut offset = _mm256_setzero_si256();
+                for (p, &pair) in pairs.iter().enumerate() {
+                    let x_sums =
+                        _mm256_set1_epi32((bsums.add(2 * p) as *const i32).read_unaligned());
+                    offset = _mm256_add_epi32(offset, _mm256_madd_epi16(pair, x_sums));
+                }
+                let dot = _mm256_sub_epi32(dot[r], _mm256_slli_epi32(offset, 5));
+                let dx = _mm256_set1_ps(*x.d.get_unchecked(at));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, dx), acc[r]);
+            }
+        }
+        acc
+    }
+}
+
 /// Q8_0: activation rows `row .. row + R` against the tiles of group `group`. Per block the
 /// sums start at `-128 Σx` (the weights' offset), take eight `vpdpbusd` (weights plus 128 by
 /// signed activations, at most 32·255·127), and are scaled by `d·dx` into the rows' totals.
@@ -1099,7 +1209,8 @@ mod tests {
 
     #[test]
     fn extreme_q6_k_values_keep_exact_integer_sums() {
-        if !available() {
+        if !available_for(TileFormat::Q6K) {
+            eprintln!("SKIPPED: this CPU runs no Q6_K tiles");
             return;
         }
         // One feature, one block: 6-bit values 0 and 63 (-32 and 31), scales ±127 and -128,
@@ -1119,9 +1230,10 @@ mod tests {
         let x: Vec<f32> = (0..QK_K)
             .map(|i| if i % 2 == 0 { 127.0 } else { -127.0 })
             .collect();
-        let Some(tiles) = BlockTiles::new(TileFormat::Q6K, &block, 1, QK_K) else {
-            panic!("no tiles");
-        };
+        // Where VNNI exists, the AVX2 kernel too (the packing is the same).
+        let both = [available(), false].map(|vnni| {
+            BlockTiles::packed(TileFormat::Q6K, &block, 1, QK_K, vnni).expect("one Q6_K block")
+        });
         let exact: i64 = (0..QK_K)
             .map(|i| {
                 let scale = i64::from([127i8, -128, -127, 5][(i / 16) % 4]);
@@ -1129,7 +1241,33 @@ mod tests {
                 scale * (i64::from(u(i)) - 32) * x
             })
             .sum();
-        assert_eq!(tiles.matmul(&x, 1)[0], exact as f32);
+        for tiles in both {
+            assert_eq!(tiles.matmul(&x, 1)[0], exact as f32, "vnni {}", tiles.vnni);
+        }
+    }
+
+    /// Q6_K values 63 against activations of one sign: each 16-bit sum of the AVX2 kernel adds
+    /// four products of 63·128 (32,256) and must stay exact (as on VNNI).
+    #[test]
+    fn q6_k_sixteen_bit_sums_stay_exact() {
+        if !available_for(TileFormat::Q6K) {
+            eprintln!("SKIPPED: this CPU runs no Q6_K tiles");
+            return;
+        }
+        // One feature, one block: every 6-bit value 63 (31 after the offset), every scale 127,
+        // d = 1.
+        let mut block = vec![0u8; Q6K_BLOCK_BYTES];
+        block[..192].fill(0xFF);
+        block[192..208].fill(127);
+        block[208..210].copy_from_slice(&half::f16::from_f32(1.0).to_bits().to_le_bytes());
+        let x = vec![127.0f32; QK_K];
+        let exact = (QK_K * 127 * 31 * 127) as f32;
+        for vnni in [available(), false] {
+            let Some(tiles) = BlockTiles::packed(TileFormat::Q6K, &block, 1, QK_K, vnni) else {
+                panic!("no tiles");
+            };
+            assert_eq!(tiles.matmul(&x, 1)[0], exact, "vnni {vnni}");
+        }
     }
 
     /// Q4_K nibbles 15 against activations that quantize to -127: each 16-bit sum of the AVX2
@@ -1224,6 +1362,7 @@ mod tests {
         // of a row count that is not a whole number of tiles.
         for (dtype, format, k) in [
             (GgmlDType::Q4K, TileFormat::Q4K, 512),
+            (GgmlDType::Q6K, TileFormat::Q6K, 512),
             (GgmlDType::Q8_0, TileFormat::Q8_0, 512),
             (GgmlDType::Q8_0, TileFormat::Q8_0, 160),
             (GgmlDType::Q5_0, TileFormat::Q5_0, 160),
@@ -1278,7 +1417,7 @@ mod tests {
         assert!(BlockTiles::new(TileFormat::Q4K, &w, 9, 256).is_none());
         assert!(BlockTiles::new(TileFormat::Q4K, &w[..w.len() - 1], 8, 256).is_none());
         assert!(BlockTiles::new(TileFormat::Q4K, &w, 8, 128).is_none());
-        assert!(BlockTiles::new(TileFormat::Q6K, &w, 8, 256).is_none());
+        assert!(BlockTiles::packed(TileFormat::Q6K, &w, 8, 256, false).is_none());
         assert!(BlockTiles::new(TileFormat::Q8_0, &w, 8, 250).is_none());
         let (w, _, _) = test_weights(8, 64, GgmlDType::Q5_0, 1);
         #[cfg(target_arch = "x86_64")]
