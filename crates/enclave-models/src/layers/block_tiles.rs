@@ -1,6 +1,6 @@
 //! Q4_K, Q6_K and Q8_0 weights repacked at load into tiles of eight output features, for
-//! products of any number of rows on AVX-512 VNNI; Q4_K and Q8_0 also on CPUs with AVX2 but
-//! not VNNI (Zen 2 and 3, Intel client chips, Xeons before Cascade Lake), through `group_avx2`.
+//! products of any number of rows on AVX-512 VNNI, and on CPUs with AVX2 but not VNNI (Zen 2
+//! and 3, Intel client chips, Xeons before Cascade Lake) through `group_avx2`.
 //! A tile block holds one block (Q8_0: two) of each of eight weight rows: their quants
 //! interleaved four bytes at a time (AVX2 Q8_0 tiles: two bytes, see `mod q8_0`), so one
 //! `vpdpbusd` multiplies four activation bytes (broadcast) by four weights of each of the eight
@@ -178,9 +178,9 @@ pub fn available() -> bool {
     super::q8_tiles::available()
 }
 
-/// Whether this CPU runs `format`'s tiles: Q4_K, Q6_K and Q8_0 on AVX-512 VNNI, Q4_K and Q8_0
-/// also on AVX2 (`group_avx2`), Q5_0 on AVX2 without VNNI: with VNNI its products of many rows
-/// take the tiles built per work unit from the file's blocks (`layers/q8_tiles.rs`).
+/// Whether this CPU runs `format`'s tiles: Q4_K, Q6_K and Q8_0 on AVX-512 VNNI or AVX2
+/// (`group_avx2`), Q5_0 on AVX2 without VNNI: with VNNI its products of many rows take the
+/// tiles built per work unit from the file's blocks (`layers/q8_tiles.rs`).
 pub fn available_for(format: TileFormat) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -306,9 +306,9 @@ impl BlockTiles {
             candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(FEATURES), |groups| {
                 #[cfg(target_arch = "x86_64")]
                 for group in groups {
-                    // SAFETY: the tiles exist only where `available_for` saw the features (AVX2
-                    // alone not for Q6_K), packed for VNNI only where `available` saw it (or a
-                    // test on such a CPU asked); each group writes only its own features' outputs.
+                    // SAFETY: the tiles exist only where `available_for` saw AVX2, packed for
+                    // VNNI only where `available` saw it (or a test on such a CPU asked); each
+                    // group writes only its own features' outputs.
                     unsafe {
                         if vnni {
                             group_vnni(&shared, group)
@@ -562,9 +562,9 @@ struct Shared<'a> {
 use std::arch::x86_64::*;
 
 /// Every activation row of the pass against the tiles of group `group`, with the kernels
-/// `$q4k`, `$q8_0` and (where Q6_K has tiles) `$q6k`.
+/// `$q4k`, `$q8_0` and `$q6k`.
 macro_rules! group_rows {
-    ($name:ident, $features:literal, $q4k:ident, $q8_0:ident $(, $q6k:ident)?) => {
+    ($name:ident, $features:literal, $q4k:ident, $q8_0:ident, $q6k:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $name(s: &Shared, group: usize) {
@@ -580,12 +580,12 @@ macro_rules! group_rows {
                             3 => widen($q4k::<3>(s, x, group, row)),
                             _ => $q4k::<4>(s, x, group, row),
                         },
-                        $((TileFormat::Q6K, Inputs::K(x)) => match tile_rows {
+                        (TileFormat::Q6K, Inputs::K(x)) => match tile_rows {
                             1 => widen($q6k::<1>(s, x, group, row)),
                             2 => widen($q6k::<2>(s, x, group, row)),
                             3 => widen($q6k::<3>(s, x, group, row)),
                             _ => $q6k::<4>(s, x, group, row),
-                        },)?
+                        },
                         (TileFormat::Q8_0, Inputs::Q8_0(x)) => match tile_rows {
                             1 => widen($q8_0::<1>(s, x, group, row)),
                             2 => widen($q8_0::<2>(s, x, group, row)),

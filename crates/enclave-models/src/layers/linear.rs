@@ -40,9 +40,9 @@ pub struct Linear {
     /// `forward_quantized`'s routes, which quantize the activations per block as llama.cpp does.
     quantized: Option<QMatMul>,
     /// A Q4_K, Q6_K or Q8_0 weight repacked into tiles of eight features
-    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI (Q4_K and Q8_0 also with AVX2; Q5_0,
-    /// widened to Q8_0, with AVX2 but not VNNI): then they are the layer's only copy of the
-    /// weight (`quantized` is `None`) and every product takes them.
+    /// (`layers/block_tiles.rs`), on CPUs with AVX-512 VNNI or AVX2 (and a Q5_0 weight, widened
+    /// to Q8_0, with AVX2 but not VNNI): then they are the layer's only copy of the weight
+    /// (`quantized` is `None`) and every product takes them.
     tiles: Option<Arc<BlockTiles>>,
     /// A bf16 weight repacked into tiles of sixteen features (`layers/bf16_tiles.rs`) by
     /// [`Linear::pack_bf16`]: then `weight` is an empty placeholder and every product takes them.
@@ -292,7 +292,7 @@ fn candle_has_simd(dtype: GgmlDType) -> bool {
 }
 
 /// `x Wᵀ` for block-quantized `W`, by route (Q4_K, Q6_K and Q8_0 weights on a CPU with AVX-512
-/// VNNI, Q4_K, Q8_0 and Q5_0 with AVX2 alone, never come here: they take their tiles, see
+/// VNNI or AVX2, and Q5_0 with AVX2 alone, never come here: they take their tiles, see
 /// [`forward_tiles`]):
 /// - our one-row kernels for up to [`BLOCK_GEMV_ROWS`] rows of Q4_K and Q6_K weights
 ///   (`layers/kquants.rs`), up to [`Q5_0_ROW_KERNEL_ROWS`] rows of Q5_0 (up to
@@ -371,7 +371,8 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
 /// `x Wᵀ` on load-time tiles: every row count. On AVX-512 VNNI they beat our one-row kernels and
 /// candle's product from one row to a whole prompt chunk; on AVX2 (Q4_K, Q8_0) they match them
 /// at one row (a large Q8_0 output head ran at 0.94×, within noise) and beat them 1.3–7× from
-/// four rows on; Q5_0 widened to Q8_0 runs at 0.9× its one-row kernel at one row (it reads 34
+/// four rows on; Q6_K runs at 1.0–1.2× our one-row kernel up to 4 rows and 1.1–1.6× candle's
+/// from 16; Q5_0 widened to Q8_0 runs at 0.9× its one-row kernel at one row (it reads 34
 /// bytes per 32 weights for the file's 22), 1.2× at 4 rows, 1.8× at 16, and 2.7× the
 /// dequantised GEMM at 128 (`examples/kquant_matmul.rs`, BENCHMARKS.md).
 fn forward_tiles(
