@@ -918,10 +918,14 @@ unsafe fn q6k_rows_vnni<const R: usize>(
 
 /// Quarter `j` of a Q6_K half block's 4-byte group at `line` (its two low-nibble chunks, then its
 /// high bit pairs): eight features' four unsigned 6-bit values.
+///
+/// # Safety
+/// The CPU has AVX2; `line` is a tile's 32-byte-aligned group of three readable lines.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
+#[target_feature(enable = "avx2")]
+#[inline]
 unsafe fn q6k_quarter(line: *const u8, j: usize) -> __m256i {
-    // SAFETY: the caller enabled AVX2; `line` is a tile's 32-byte-aligned group of three lines.
+    // SAFETY: as the caller promised.
     unsafe {
         let low_nibbles = _mm256_set1_epi8(0x0F);
         let bits45 = _mm256_set1_epi8(0x30);
@@ -941,7 +945,7 @@ unsafe fn q6k_quarter(line: *const u8, j: usize) -> __m256i {
 }
 
 /// Q6_K on AVX2 alone: `q6k_rows_vnni`'s walk, each `vpdpbusd` replaced by `vpmaddubsw` into
-/// 16-bit pair sums over two 4-byte groups (at most 4·63·128 = 32,256) that one `vpmaddwd`
+/// 16-bit pair sums over two 4-byte groups (at most 4·63·127 = 32,004) that one `vpmaddwd`
 /// widens and weights by the 16-value group's scale at once, as llama.cpp's AVX2 Q6_K product
 /// does: 1.5 multiplies per group and row where the `vpdpbusd` sequence would take two and a
 /// `vpmulld`. The same integer sums as on VNNI.
@@ -1246,8 +1250,8 @@ mod tests {
         }
     }
 
-    /// Q6_K values 63 against activations of one sign: each 16-bit sum of the AVX2 kernel adds
-    /// four products of 63·128 (32,256) and must stay exact (as on VNNI).
+    /// Q6_K values 63 against activations of one sign (they quantize to -127): each 16-bit sum
+    /// of the AVX2 kernel adds four products of 63·127 (32,004) and must stay exact (as on VNNI).
     #[test]
     fn q6_k_sixteen_bit_sums_stay_exact() {
         if !available_for(TileFormat::Q6K) {

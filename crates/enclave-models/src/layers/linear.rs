@@ -371,7 +371,7 @@ fn forward_quantized(weight: &QMatMul, x: &Tensor) -> Result<Tensor> {
 /// `x Wᵀ` on load-time tiles: every row count. On AVX-512 VNNI they beat our one-row kernels and
 /// candle's product from one row to a whole prompt chunk; on AVX2 (Q4_K, Q8_0) they match them
 /// at one row (a large Q8_0 output head ran at 0.94×, within noise) and beat them 1.3–7× from
-/// four rows on; Q6_K runs at 1.0–1.2× our one-row kernel up to 4 rows and 1.1–1.6× candle's
+/// four rows on; Q6_K runs at 1.0–1.2× our one-row kernel up to 4 rows and 1.2–1.5× candle's
 /// from 16; Q5_0 widened to Q8_0 runs at 0.9× its one-row kernel at one row (it reads 34
 /// bytes per 32 weights for the file's 22), 1.2× at 4 rows, 1.8× at 16, and 2.7× the
 /// dequantised GEMM at 128 (`examples/kquant_matmul.rs`, BENCHMARKS.md).
