@@ -39,6 +39,22 @@ pub struct BlockStats {
     pub evictions: u64,
 }
 
+/// How far a sequence's full blocks went into the prefix cache: their prefix hashes so far,
+/// and how many of its table's blocks were offered for registration.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixProgress {
+    hashes: Vec<u64>,
+    registered: usize,
+}
+
+impl PrefixProgress {
+    /// The sequence got a new block table (preempted, to be recomputed): its hashes still hold
+    /// (same tokens), but every block must be offered again.
+    pub fn new_table(&mut self) {
+        self.registered = 0;
+    }
+}
+
 /// A prompt's blocks: the table, and how many leading tokens are already in the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptBlocks {
@@ -111,17 +127,27 @@ impl BlockManager {
     /// tenant: blocks are shared only between prompts of the same salt, so no tenant can time
     /// another's cache hits).
     pub fn prefix_hashes(&self, tokens: &[u32], salt: u64) -> Vec<u64> {
-        let mut parent = salt;
-        tokens
+        let mut hashes = Vec::new();
+        self.extend_prefix_hashes(&mut hashes, tokens, salt);
+        hashes
+    }
+
+    /// Appends to `hashes` (the prefix hashes of the first `hashes.len()` full blocks of
+    /// `tokens`) those of the full blocks after them.
+    fn extend_prefix_hashes(&self, hashes: &mut Vec<u64>, tokens: &[u32], salt: u64) {
+        let mut parent = hashes.last().copied().unwrap_or(salt);
+        let done = hashes.len() * self.block_size;
+        for chunk in tokens
+            .get(done..)
+            .unwrap_or(&[])
             .chunks_exact(self.block_size)
-            .map(|chunk| {
-                let mut h = self.hash_keys.build_hasher();
-                parent.hash(&mut h);
-                chunk.hash(&mut h);
-                parent = h.finish();
-                parent
-            })
-            .collect()
+        {
+            let mut h = self.hash_keys.build_hasher();
+            parent.hash(&mut h);
+            chunk.hash(&mut h);
+            parent = h.finish();
+            hashes.push(parent);
+        }
     }
 
     /// Blocks for a new prompt: the cached blocks of its longest cached prefix (never the block
@@ -197,12 +223,24 @@ impl BlockManager {
     }
 
     /// Registers the full blocks of a sequence (whose first `tokens.len()` tokens are now
-    /// computed) in the prefix cache, so later prompts can reuse them.
-    pub fn register_full_blocks(&mut self, table: &[BlockId], tokens: &[u32], salt: u64) {
+    /// computed) in the prefix cache, so later prompts can reuse them. `progress` is the
+    /// sequence's own, kept across calls: each call hashes and registers only the blocks filled
+    /// since the last (re-hashing every token each step would cost O(length²) per sequence).
+    pub fn register_full_blocks(
+        &mut self,
+        table: &[BlockId],
+        tokens: &[u32],
+        salt: u64,
+        progress: &mut PrefixProgress,
+    ) {
         if !self.prefix_caching {
             return;
         }
-        for (hash, &id) in self.prefix_hashes(tokens, salt).into_iter().zip(table) {
+        self.extend_prefix_hashes(&mut progress.hashes, tokens, salt);
+        let from = progress.registered;
+        progress.registered = progress.hashes.len().min(table.len()).max(from);
+        let new_hashes = progress.hashes.get(from..).unwrap_or(&[]);
+        for (&hash, &id) in new_hashes.iter().zip(table.get(from..).unwrap_or(&[])) {
             let block = &mut self.blocks[id as usize];
             if block.hash.is_some() {
                 continue;
@@ -217,8 +255,10 @@ impl BlockManager {
     }
 
     /// Drops a sequence's references; blocks nobody uses become free (or stay cached).
+    /// Last block first: a prefix is found only from its first block on, so its later blocks
+    /// must be the older, evicted before the blocks they depend on (as vLLM frees them).
     pub fn release(&mut self, table: &[BlockId]) {
-        for &id in table {
+        for &id in table.iter().rev() {
             self.clock += 1;
             let block = &mut self.blocks[id as usize];
             if block.refs == 0 {
@@ -308,7 +348,7 @@ mod tests {
         let mut m = BlockManager::new(16, 4, true);
         let prompt = tokens(10, 0);
         let a = m.allocate_prompt(&prompt, true, 7).unwrap();
-        m.register_full_blocks(&a.table, &prompt, 7);
+        m.register_full_blocks(&a.table, &prompt, 7, &mut PrefixProgress::default());
         for salt in [0, 8] {
             assert_eq!(
                 m.allocate_prompt(&prompt, true, salt)
@@ -329,7 +369,7 @@ mod tests {
         let mut m = BlockManager::new(16, 4, true);
         let prompt = tokens(10, 0);
         let a = m.allocate_prompt(&prompt, true, 0).unwrap();
-        m.register_full_blocks(&a.table, &prompt, 0);
+        m.register_full_blocks(&a.table, &prompt, 0, &mut PrefixProgress::default());
         // Same first 8 tokens, then different: reuses 2 blocks.
         let mut other = prompt[..8].to_vec();
         other.extend([1000, 1001, 1002]);
@@ -354,7 +394,7 @@ mod tests {
         let mut m = BlockManager::new(4, 2, true);
         let p1 = tokens(5, 0);
         let a = m.allocate_prompt(&p1, true, 0).unwrap();
-        m.register_full_blocks(&a.table, &p1[..4], 0);
+        m.register_full_blocks(&a.table, &p1[..4], 0, &mut PrefixProgress::default());
         m.release(&a.table);
         assert_eq!(m.stats().cached_free, 2);
         // Reuse after release.
@@ -372,11 +412,67 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_prefix_loses_its_last_blocks_first() {
+        let mut m = BlockManager::new(4, 2, true);
+        let p = tokens(7, 0);
+        let a = m.allocate_prompt(&p, true, 0).unwrap();
+        m.register_full_blocks(&a.table, &p, 0, &mut PrefixProgress::default());
+        m.release(&a.table);
+        assert_eq!((m.stats().cached_free, m.stats().free), (3, 1));
+        // Two blocks for another prompt: the free one and one evicted.
+        let b = m.allocate_prompt(&tokens(4, 900), true, 0).unwrap();
+        assert_eq!(m.stats().evictions, 1);
+        m.release(&b.table);
+        // The evicted block was the prefix's last: its first two blocks are still found.
+        assert_eq!(m.allocate_prompt(&p, true, 0).unwrap().cached_tokens, 4);
+    }
+
+    #[test]
+    fn blocks_registered_step_by_step_are_those_registered_at_once() {
+        let mut m = BlockManager::new(16, 4, true);
+        let p = tokens(23, 1);
+        let a = m.allocate_prompt(&p, true, 0).unwrap();
+        let mut progress = PrefixProgress::default();
+        for computed in [3, 4, 9, 9, 17, 23] {
+            m.register_full_blocks(&a.table, &p[..computed], 0, &mut progress);
+        }
+        assert_eq!(progress.hashes, m.prefix_hashes(&p, 0));
+        assert_eq!(progress.registered, 5);
+        let mut longer = p.clone();
+        longer.push(5);
+        assert_eq!(
+            m.allocate_prompt(&longer, true, 0).unwrap().cached_tokens,
+            20
+        );
+    }
+
+    #[test]
+    fn a_recomputed_sequence_registers_its_new_blocks() {
+        let mut m = BlockManager::new(3, 2, true);
+        let p = tokens(5, 2);
+        let a = m.allocate_prompt(&p, true, 0).unwrap();
+        let mut progress = PrefixProgress::default();
+        m.register_full_blocks(&a.table, &p[..4], 0, &mut progress);
+        m.release(&a.table);
+        // Another prompt takes every block, evicting both cached ones.
+        let b = m.allocate_prompt(&tokens(6, 700), true, 0).unwrap();
+        assert_eq!(m.stats().evictions, 2);
+        m.release(&b.table);
+        // The first sequence comes back (after a preemption) with a new table.
+        let c = m.allocate_prompt(&p, true, 0).unwrap();
+        assert_eq!(c.cached_tokens, 0);
+        progress.new_table();
+        m.register_full_blocks(&c.table, &p[..4], 0, &mut progress);
+        m.release(&c.table);
+        assert_eq!(m.allocate_prompt(&p, true, 0).unwrap().cached_tokens, 4);
+    }
+
+    #[test]
     fn shared_blocks_are_freed_only_when_the_last_user_leaves() {
         let mut m = BlockManager::new(8, 2, true);
         let p = tokens(7, 3);
         let a = m.allocate_prompt(&p, true, 0).unwrap();
-        m.register_full_blocks(&a.table, &p, 0);
+        m.register_full_blocks(&a.table, &p, 0, &mut PrefixProgress::default());
         let b = m.allocate_prompt(&p, true, 0).unwrap();
         assert_eq!(b.cached_tokens, 6);
         assert_eq!(m.stats().used, 5); // 4 of a + 1 fresh of b
@@ -392,7 +488,7 @@ mod tests {
         let mut m = BlockManager::new(8, 2, false);
         let p = tokens(7, 3);
         let a = m.allocate_prompt(&p, true, 0).unwrap();
-        m.register_full_blocks(&a.table, &p, 0);
+        m.register_full_blocks(&a.table, &p, 0, &mut PrefixProgress::default());
         let b = m.allocate_prompt(&p, true, 0).unwrap();
         assert_eq!(b.cached_tokens, 0);
         assert_eq!(m.stats().prefix_queries, 0);

@@ -126,6 +126,13 @@ fn salt_of(salt: &str) -> u64 {
 /// Most alternatives a request may ask for per position (as vLLM and OpenAI's chat API).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// Most stop strings in one request, and most bytes in one: every generated token is matched
+/// against each of them on the engine thread that all requests share, so an unbounded list
+/// would slow everyone's decoding. OpenAI takes 4; lm-evaluation-harness's completions client
+/// sends a task's whole list (rarely over 8).
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 512;
+
 impl GenerateRequest {
     pub fn new(prompt: Prompt) -> Self {
         Self {
@@ -442,10 +449,11 @@ impl Engine {
             Some(n) => n,
             None => self.max_model_len.saturating_sub(prompt).max(1),
         };
-        if prompt + max_new_tokens > self.max_model_len {
+        let requested = prompt.saturating_add(max_new_tokens);
+        if requested > self.max_model_len {
             return Err(EngineError::ContextOverflow {
                 limit: self.max_model_len,
-                requested: prompt + max_new_tokens,
+                requested,
                 prompt,
                 completion: max_new_tokens,
             });
@@ -468,6 +476,23 @@ impl Engine {
                     "`{name}` must be at most {MAX_TOP_LOGPROBS}, got {n}"
                 )));
             }
+        }
+        if request.stop.len() > MAX_STOP_STRINGS {
+            return Err(EngineError::InvalidRequest(format!(
+                "`stop` takes at most {MAX_STOP_STRINGS} strings, got {}",
+                request.stop.len()
+            )));
+        }
+        if let Some((i, long)) = request
+            .stop
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "`stop` strings may be at most {MAX_STOP_BYTES} bytes long; string {i} has {}",
+                long.len()
+            )));
         }
         let stop: Vec<String> = request.stop.into_iter().filter(|s| !s.is_empty()).collect();
         Ok(ValidRequest {

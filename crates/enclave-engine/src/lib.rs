@@ -21,7 +21,7 @@ pub use chat_template::ChatTemplate;
 pub use detokenizer::IncrementalDetokenizer;
 pub use engine::{
     DTypeChoice, Engine, EngineConfig, FinishReason, GenerateRequest, Generation, Prompt,
-    TokenEvent, ValidRequest, WeightFormat, MAX_TOP_LOGPROBS,
+    TokenEvent, ValidRequest, WeightFormat, MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS,
 };
 pub use error::{EngineError, Result};
 pub use generation_config::GenerationConfig;

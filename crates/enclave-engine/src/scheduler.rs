@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 
-use crate::block_manager::{BlockId, BlockManager, BlockStats};
+use crate::block_manager::{BlockId, BlockManager, BlockStats, PrefixProgress};
 
 /// Identifies a sequence for the caller (one per request).
 pub type SeqId = u64;
@@ -37,6 +37,8 @@ struct Seq {
     reuse_prefix: bool,
     /// The prefix-cache partition it shares blocks in (its tenant's).
     cache_salt: u64,
+    /// Its full blocks hashed and offered to the prefix cache so far.
+    prefix: PrefixProgress,
 }
 
 /// Longest prefill chunk of a sequence that computes its whole prompt for prompt
@@ -144,6 +146,7 @@ impl Scheduler {
             table: Vec::new(),
             reuse_prefix,
             cache_salt,
+            prefix: PrefixProgress::default(),
         });
     }
 
@@ -260,6 +263,7 @@ impl Scheduler {
                 &seq.table,
                 &seq.tokens[..seq.computed],
                 seq.cache_salt,
+                &mut seq.prefix,
             );
         }
     }
@@ -287,6 +291,7 @@ impl Scheduler {
         if let Some(mut seq) = self.running.pop() {
             self.blocks.release(&seq.table);
             seq.table.clear();
+            seq.prefix.new_table();
             seq.computed = 0;
             self.preemptions += 1;
             self.waiting.push_front(seq);
@@ -460,6 +465,27 @@ mod tests {
         let plan = s.schedule();
         assert!(plan.seqs.is_empty());
         assert_eq!(plan.dropped, vec![(1, Dropped::OutOfCache)]);
+        assert!(!s.has_work());
+        assert_eq!(s.stats().blocks.used, 0);
+    }
+
+    #[test]
+    fn removing_a_waiting_sequence_takes_it_out_of_the_queue() {
+        let mut s = scheduler(16, 1, 100);
+        for id in 1..=3 {
+            s.add(id, vec![id as u32; 6], true);
+        }
+        let ids = |plan: &Schedule| plan.seqs.iter().map(|q| q.id).collect::<Vec<_>>();
+        let plan = s.schedule();
+        assert_eq!(ids(&plan), [1]);
+        s.remove(2); // never admitted
+        assert_eq!((s.stats().running, s.stats().waiting), (1, 1));
+        run(&mut s, &plan);
+        s.remove(1);
+        let plan = s.schedule();
+        assert_eq!(ids(&plan), [3], "the removed sequence is never scheduled");
+        run(&mut s, &plan);
+        s.remove(3);
         assert!(!s.has_work());
         assert_eq!(s.stats().blocks.used, 0);
     }

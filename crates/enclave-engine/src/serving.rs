@@ -571,6 +571,12 @@ impl EngineHandle {
         })
     }
 
+    /// Most requests accepted at once (running and waiting); past it `submit` is
+    /// [`EngineError::Overloaded`].
+    pub fn max_outstanding(&self) -> usize {
+        self.max_outstanding
+    }
+
     /// Requests accepted whose streams are still held.
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Acquire)
