@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{
-    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, ChoiceStream, Meter,
-    ReplyHeader, SamplingFields, Stop, StreamOptions, TokenLogprob,
+    charge_prompts, check_generations, choices, max_tokens, run_to_end, submit_choices, token_text,
+    usage_json, ChoiceStream, Meter, ReplyHeader, SamplingFields, Stop, StreamOptions,
+    TokenLogprob,
 };
 use crate::reasoning::ReasoningSplitter;
 use crate::redaction;
@@ -127,7 +128,9 @@ pub(crate) async fn create(
     generate.ignore_eos = request.ignore_eos.unwrap_or(false);
     generate.stop = request.stop.map(Stop::into_vec).unwrap_or_default();
     generate.logprobs = top_logprobs;
+    check_generations(served, 1, n, "messages")?;
     let streams = submit_choices(served, generate, n, "messages", &meter, &output)?;
+    charge_prompts(&meter, &streams.iter().collect::<Vec<_>>(), n);
 
     let reply = ChatReply {
         header: ReplyHeader::new("chatcmpl", &state.config.served_model_name),

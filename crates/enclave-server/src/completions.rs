@@ -15,8 +15,9 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{
-    choices, max_tokens, run_to_end, submit_choices, token_text, usage_json, ChoiceStream, Meter,
-    ReplyHeader, SamplingFields, Stop, StreamOptions, TokenLogprob,
+    charge_prompts, check_generations, choices, max_tokens, run_to_end, submit_choices, token_text,
+    usage_json, ChoiceStream, Meter, ReplyHeader, SamplingFields, Stop, StreamOptions,
+    TokenLogprob,
 };
 use crate::redaction;
 use crate::sse::{merge, send, sse_response, EventSender};
@@ -161,6 +162,7 @@ pub(crate) async fn create(
     let max_tokens = max_tokens(request.max_tokens, "max_tokens")?.unwrap_or(DEFAULT_MAX_TOKENS);
     let stop = request.stop.map(Stop::into_vec).unwrap_or_default();
 
+    check_generations(served, prompts.len(), n, "prompt")?;
     let mut choices_in_order = Vec::new();
     for prompt in prompts {
         let echo_text = match (&prompt, echo) {
@@ -186,6 +188,8 @@ pub(crate) async fn create(
             choices_in_order.push((stream, echo_text.clone()));
         }
     }
+    let streams: Vec<&ChoiceStream> = choices_in_order.iter().map(|(s, _)| s).collect();
+    charge_prompts(&meter, &streams, n);
     let reply = CompletionReply {
         header: ReplyHeader::new("cmpl", &state.config.served_model_name),
         logprobs: logprobs.is_some(),
@@ -341,7 +345,10 @@ impl CompletionReply {
                 } => {
                     open -= 1;
                     completion_tokens += usage.completion_tokens;
-                    cached += usage.cached_prompt_tokens;
+                    if index % self.n == 0 {
+                        // A prompt's cached part counts once for its n choices (as unstreamed).
+                        cached += usage.cached_prompt_tokens;
+                    }
                     let tail = text.get(streamed[index]..).unwrap_or("");
                     Some(self.choice(index, tail, None, Some(reason.as_str())))
                 }

@@ -57,6 +57,13 @@ impl SamplingFields {
     pub fn params(&self, engine: &Engine) -> Result<SamplingParams, ApiError> {
         let mut p = engine.generation_config().default_sampling();
         if let Some(t) = self.temperature {
+            // OpenAI's bound (the engine itself takes any temperature >= 0).
+            if t > 2.0 {
+                return Err(ApiError::invalid(
+                    Some("temperature".to_string()),
+                    format!("`temperature` must be between 0 and 2, got {t}"),
+                ));
+            }
             p.temperature = t;
         }
         if let Some(v) = self.top_p {
@@ -264,8 +271,43 @@ impl std::ops::Deref for ChoiceStream {
     }
 }
 
+/// Refuses a request of `prompts × n` generations that the engine could never hold at once
+/// (a 400: waiting for a 503's `Retry-After` would never help).
+pub(crate) fn check_generations(
+    served: &Served,
+    prompts: usize,
+    n: usize,
+    prompt_param: &str,
+) -> Result<(), ApiError> {
+    let most = served.handle.max_outstanding();
+    let asked = prompts.saturating_mul(n);
+    if asked <= most {
+        return Ok(());
+    }
+    let param = if n > most { "n" } else { prompt_param };
+    Err(ApiError::invalid(
+        Some(param.to_string()),
+        format!(
+            "this server runs at most {most} generations at once and this request asks for \
+             {asked} ({prompts} prompts × `n` = {n})"
+        ),
+    ))
+}
+
+/// Charges the prompts of choices submitted `n` per prompt: once per prompt (its choices
+/// share it, computed once through the prefix cache). Called once every prompt is accepted, so
+/// a request refused part-way is not charged.
+pub(crate) fn charge_prompts(meter: &Meter, choices: &[&ChoiceStream], n: usize) {
+    if let Some(meter) = meter {
+        for first in choices.iter().step_by(n.max(1)) {
+            meter.charge_prompt(first.prompt_ids.len());
+        }
+    }
+}
+
 /// Submits `n` copies of `request` (choice `i` seeded `seed + i`, so seeded choices differ
-/// yet reproduce), charging the prompt once. An error for any cancels those already submitted.
+/// yet reproduce); the caller charges the prompt ([`charge_prompts`]). An error for any cancels
+/// those already submitted.
 pub(crate) fn submit_choices(
     served: &Served,
     request: GenerateRequest,
@@ -299,10 +341,6 @@ pub(crate) fn submit_choices(
                 .map_err(|e| ApiError::from_engine(e, prompt_param))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // The choices share one prompt (computed once, through the prefix cache): charged once.
-    if let (Some(first), Some(meter)) = (streams.first(), meter) {
-        meter.charge_prompt(first.prompt_ids.len());
-    }
     Ok(streams)
 }
 

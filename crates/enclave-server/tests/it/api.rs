@@ -284,6 +284,26 @@ async fn completions_take_every_prompt_shape() {
             2 * ids.len()
         );
     }
+    // A prompt of three blocks, asked for twice with n = 4: the second time its first two
+    // blocks come from the prefix cache, counted once (not once per choice), streamed or not.
+    let long: Vec<u32> = ids.iter().copied().cycle().take(40).collect();
+    let mut body = with(json!(long));
+    body["n"] = json!(4);
+    let (status, first) = server.post("/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, unstreamed) = server.post("/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{unstreamed}");
+    assert_eq!(
+        unstreamed["usage"]["prompt_tokens_details"]["cached_tokens"],
+        32
+    );
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (status, sse) = server.post_raw("/v1/completions", body).await;
+    assert_eq!(status, 200, "{sse}");
+    let chunks = sse_chunks(&sse);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage, &unstreamed["usage"], "streamed usage: {sse}");
     // OpenAI's default of 16 tokens when max_tokens is absent.
     let (_, reply) = server
         .post(

@@ -32,6 +32,9 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
     let server = TestServer::qwen2().await;
     let cases = [
         (chat(json!({"temperature": -0.5})), "temperature"),
+        (chat(json!({"temperature": 2.5})), "temperature"),
+        (chat(json!({"stop": vec!["x"; 17]})), "stop"),
+        (chat(json!({"stop": ["ok", "y".repeat(513)]})), "stop"),
         (chat(json!({"top_p": 1.5})), "top_p"),
         (chat(json!({"max_tokens": 0})), "max_tokens"),
         (
@@ -181,6 +184,19 @@ async fn a_full_queue_is_503_with_retry_after() {
     };
     let server =
         TestServer::start(&fixtures().join("models/qwen2"), server_config(), serving).await;
+    // More generations than the server ever holds at once: a 400 (no retry would help),
+    // even while it is idle.
+    for (body, param) in [
+        (json!({"prompt": "b", "max_tokens": 2, "n": 2}), "n"),
+        (json!({"prompt": ["b", "c"], "max_tokens": 2}), "prompt"),
+    ] {
+        let (status, reply) = server.post("/v1/completions", body).await;
+        assert_error(status, &reply, 400, "invalid_request_error", Some(param));
+    }
+    let (status, reply) = server
+        .post("/v1/chat/completions", chat(json!({"n": 2})))
+        .await;
+    assert_error(status, &reply, 400, "invalid_request_error", Some("n"));
     // One long streaming request holds the only place.
     let holder = server
         .client
