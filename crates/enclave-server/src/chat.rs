@@ -19,7 +19,7 @@ use crate::extract::ApiJson;
 use crate::generation::{
     charge_prompts, check_generations, choices, max_tokens, run_to_end, submit_choices, token_text,
     usage_json, ChoiceStream, Meter, ReplyHeader, SamplingFields, Stop, StreamOptions,
-    TokenLogprob,
+    TokenLogprob, UnsupportedFields,
 };
 use crate::reasoning::ReasoningSplitter;
 use crate::redaction;
@@ -53,6 +53,8 @@ pub(crate) struct ChatRequest {
     repetition_penalty: Option<f32>,
     /// vLLM's extension: keep generating past end-of-sequence (benchmarks).
     ignore_eos: Option<bool>,
+    #[serde(flatten)]
+    unsupported: UnsupportedFields,
 }
 
 /// Roles the chat templates understand; `developer` (OpenAI's newer name) becomes `system`.
@@ -67,6 +69,7 @@ pub(crate) async fn create(
     let served = state.model(request.model.as_deref(), &caller)?;
     let engine = served.handle.engine();
     let mut messages = normalize_messages(request.messages)?;
+    request.unsupported.check()?;
     let n = choices(request.n, state.config.max_n)?;
     let top_logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
         (false, Some(k)) if k > 0 => {

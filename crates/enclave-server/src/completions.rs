@@ -17,7 +17,7 @@ use crate::extract::ApiJson;
 use crate::generation::{
     charge_prompts, check_generations, choices, max_tokens, run_to_end, submit_choices, token_text,
     usage_json, ChoiceStream, Meter, ReplyHeader, SamplingFields, Stop, StreamOptions,
-    TokenLogprob,
+    TokenLogprob, UnsupportedFields,
 };
 use crate::redaction;
 use crate::sse::{merge, send, sse_response, EventSender};
@@ -61,6 +61,8 @@ pub(crate) struct CompletionRequest {
     repetition_penalty: Option<f32>,
     /// vLLM's extension: keep generating past end-of-sequence (benchmarks).
     ignore_eos: Option<bool>,
+    #[serde(flatten)]
+    unsupported: UnsupportedFields,
 }
 
 /// The tenant's prompt policy over text prompts (in place); how the output is treated.
@@ -93,6 +95,7 @@ pub(crate) async fn create(
 ) -> Result<Response, ApiError> {
     let served = state.model(request.model.as_deref(), &caller)?;
     let engine = served.handle.engine();
+    request.unsupported.check()?;
     let n = choices(request.n, state.config.max_n)?;
     if let Some(best_of) = request.best_of.filter(|&b| b != n as i64) {
         return Err(ApiError::invalid(

@@ -99,6 +99,68 @@ impl SamplingFields {
     }
 }
 
+/// OpenAI fields this server does not implement: their neutral values (absent, null, empty,
+/// `{"type": "text"}`, a `tool_choice` of "none" or "auto") pass, anything else is a 400 naming
+/// the field. Ignoring them would answer a request for JSON output or tool calls with plain
+/// text, and the client would fail later, far from the cause.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct UnsupportedFields {
+    logit_bias: Option<Value>,
+    response_format: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+}
+
+impl UnsupportedFields {
+    pub fn check(&self) -> Result<(), ApiError> {
+        let empty = |v: &Value| match v {
+            Value::Null => true,
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            _ => false,
+        };
+        let no_choice = |v: &Value| v.is_null() || v == "none" || v == "auto";
+        let text_format = |v: &Value| v.is_null() || v.get("type").is_some_and(|t| t == "text");
+        type Neutral = fn(&Value) -> bool;
+        let fields: [(&str, &Option<Value>, Neutral, &str); 6] = [
+            ("logit_bias", &self.logit_bias, empty, "an empty object"),
+            (
+                "response_format",
+                &self.response_format,
+                text_format,
+                r#"{"type": "text"}"#,
+            ),
+            ("tools", &self.tools, empty, "an empty list"),
+            (
+                "tool_choice",
+                &self.tool_choice,
+                no_choice,
+                r#""none" or "auto""#,
+            ),
+            ("functions", &self.functions, empty, "an empty list"),
+            (
+                "function_call",
+                &self.function_call,
+                no_choice,
+                r#""none" or "auto""#,
+            ),
+        ];
+        for (name, value, neutral, accepted) in fields {
+            if value.as_ref().is_some_and(|v| !neutral(v)) {
+                return Err(ApiError::invalid(
+                    Some(name.to_string()),
+                    format!(
+                        "`{name}` is not supported by this server (it accepts only {accepted})"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `n`: 1 when absent, otherwise within 1..=max.
 pub(crate) fn choices(n: Option<i64>, max: usize) -> Result<usize, ApiError> {
     match n {

@@ -35,6 +35,16 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
         (chat(json!({"temperature": 2.5})), "temperature"),
         (chat(json!({"stop": vec!["x"; 17]})), "stop"),
         (chat(json!({"stop": ["ok", "y".repeat(513)]})), "stop"),
+        (chat(json!({"logit_bias": {"5": 10}})), "logit_bias"),
+        (
+            chat(json!({"response_format": {"type": "json_object"}})),
+            "response_format",
+        ),
+        (
+            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            "tools",
+        ),
+        (chat(json!({"tool_choice": "required"})), "tool_choice"),
         (chat(json!({"top_p": 1.5})), "top_p"),
         (chat(json!({"max_tokens": 0})), "max_tokens"),
         (
@@ -64,6 +74,24 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
         let (status, reply) = server.post("/v1/chat/completions", body).await;
         assert_error(status, &reply, 400, "invalid_request_error", Some(param));
     }
+    // Unsupported fields at their neutral values are accepted, as clients send them.
+    let neutral = json!({"logit_bias": {}, "response_format": {"type": "text"}, "tools": [],
+        "tool_choice": "auto", "functions": null, "function_call": "none"});
+    let (status, reply) = server.post("/v1/chat/completions", chat(neutral)).await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, reply) = server
+        .post(
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": -100}}),
+        )
+        .await;
+    assert_error(
+        status,
+        &reply,
+        400,
+        "invalid_request_error",
+        Some("logit_bias"),
+    );
     let (status, reply) = server
         .post("/v1/completions", json!({"prompt": "hi", "logprobs": 99}))
         .await;
