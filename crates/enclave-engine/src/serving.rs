@@ -552,7 +552,15 @@ impl EngineHandle {
     /// than the context or the whole cache) is an error here; it never enters the queue.
     /// A full queue is [`EngineError::Overloaded`].
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream> {
-        let request = self.engine.validate(request)?;
+        self.submit_valid(self.engine.validate(request)?)
+    }
+
+    /// [`Self::submit`] for a request this handle's engine already validated
+    /// ([`Engine::validate`]): one validation (tokenization, template) serves several copies.
+    pub fn submit_valid(&self, request: ValidRequest) -> Result<RequestStream> {
+        if request.prompt_ids.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
         check_fits(request.prompt_ids.len(), self.capacity_tokens)?;
         let before = self.outstanding.fetch_add(1, Ordering::AcqRel);
         let slot = QueueSlot(self.outstanding.clone());
