@@ -494,6 +494,8 @@ enum Command {
         sink: UnboundedSender<Event>,
     },
     Shutdown,
+    #[cfg(feature = "fault-injection")]
+    Panic,
 }
 
 /// The serving loop on its own thread. Cloning shares it.
@@ -552,15 +554,7 @@ impl EngineHandle {
     /// than the context or the whole cache) is an error here; it never enters the queue.
     /// A full queue is [`EngineError::Overloaded`].
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream> {
-        self.submit_valid(self.engine.validate(request)?)
-    }
-
-    /// [`Self::submit`] for a request this handle's engine already validated
-    /// ([`Engine::validate`]): one validation (tokenization, template) serves several copies.
-    pub fn submit_valid(&self, request: ValidRequest) -> Result<RequestStream> {
-        if request.prompt_ids.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
-        }
+        let request = self.engine.validate(request)?;
         check_fits(request.prompt_ids.len(), self.capacity_tokens)?;
         let before = self.outstanding.fetch_add(1, Ordering::AcqRel);
         let slot = QueueSlot(self.outstanding.clone());
@@ -583,6 +577,21 @@ impl EngineHandle {
     /// [`EngineError::Overloaded`].
     pub fn max_outstanding(&self) -> usize {
         self.max_outstanding
+    }
+
+    /// Makes the engine thread panic at its next turn, as a bug would (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_panic(&self) {
+        let _ = self.commands.send(Command::Panic);
+    }
+
+    /// Whether the engine thread still runs: false after [`Self::shutdown`], or once a step
+    /// failed with an internal error (a panic), after which every request fails.
+    pub fn is_running(&self) -> bool {
+        self.thread
+            .lock()
+            .map(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
+            .unwrap_or(false)
     }
 
     /// Requests accepted whose streams are still held.
@@ -625,38 +634,85 @@ fn serve(
         }
     };
     loop {
-        let command = if core.has_work() {
-            inbox.try_recv().ok()
-        } else {
-            // Idle: block, but wake now and then so a closed channel is noticed.
-            match inbox.recv_timeout(Duration::from_millis(500)) {
-                Ok(c) => Some(c),
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-        };
-        let mut commands: Vec<Command> = command.into_iter().collect();
-        commands.extend(inbox.try_iter());
-        for command in commands {
-            match command {
-                Command::Submit { request, sink } => {
-                    if let Err(e) = core.submit(request, sink.clone()) {
-                        let _ = sink.send(Event::Failed(e.to_string()));
+        // A panic in a step (a bug, never an input) must not leave requests hanging: each gets
+        // `Failed` with the message, and the thread ends, so `is_running` turns false (the
+        // server's health check then reports it). The state it left is not trusted further.
+        let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve_turn(&mut core, inbox, stats)
+        }));
+        match turn {
+            Ok(Turn::Continue) => {}
+            Ok(Turn::Stop) => return,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                let message = format!("internal error in the engine: {message}");
+                core.fail_all(&message);
+                // Requests sent but not yet taken in fail too (those the failed turn had taken
+                // are gone with it: their streams just end, which the server reports as errors).
+                for command in inbox.try_iter() {
+                    if let Command::Submit { sink, .. } = command {
+                        let _ = sink.send(Event::Failed(message.clone()));
                     }
                 }
-                Command::Shutdown => {
-                    core.fail_all("the engine is shutting down");
-                    return;
+                if let Ok(mut s) = stats.lock() {
+                    *s = core.stats();
                 }
+                return;
             }
-        }
-        if core.has_work() {
-            if let Err(e) = core.step() {
-                core.fail_all(&e.to_string());
-            }
-        }
-        if let Ok(mut s) = stats.lock() {
-            *s = core.stats();
         }
     }
+}
+
+enum Turn {
+    Continue,
+    Stop,
+}
+
+/// One turn of the engine loop: new commands, then a step when there is work.
+fn serve_turn(
+    core: &mut ServingCore<'_>,
+    inbox: &Receiver<Command>,
+    stats: &Mutex<ServingStats>,
+) -> Turn {
+    let command = if core.has_work() {
+        inbox.try_recv().ok()
+    } else {
+        // Idle: block, but wake now and then so a closed channel is noticed.
+        match inbox.recv_timeout(Duration::from_millis(500)) {
+            Ok(c) => Some(c),
+            Err(RecvTimeoutError::Timeout) => return Turn::Continue,
+            Err(RecvTimeoutError::Disconnected) => return Turn::Stop,
+        }
+    };
+    let mut commands: Vec<Command> = command.into_iter().collect();
+    commands.extend(inbox.try_iter());
+    for command in commands {
+        match command {
+            Command::Submit { request, sink } => {
+                if let Err(e) = core.submit(request, sink.clone()) {
+                    let _ = sink.send(Event::Failed(e.to_string()));
+                }
+            }
+            Command::Shutdown => {
+                core.fail_all("the engine is shutting down");
+                return Turn::Stop;
+            }
+            #[cfg(feature = "fault-injection")]
+            #[allow(clippy::panic, reason = "the fault tests inject: a bug's panic")]
+            Command::Panic => panic!("injected fault"),
+        }
+    }
+    if core.has_work() {
+        if let Err(e) = core.step() {
+            core.fail_all(&e.to_string());
+        }
+    }
+    if let Ok(mut s) = stats.lock() {
+        *s = core.stats();
+    }
+    Turn::Continue
 }

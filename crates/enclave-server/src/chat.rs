@@ -132,7 +132,7 @@ pub(crate) async fn create(
     generate.stop = request.stop.map(Stop::into_vec).unwrap_or_default();
     generate.logprobs = top_logprobs;
     check_generations(served, 1, n, "messages")?;
-    let streams = submit_choices(served, generate, n, "messages", &meter, &output).await?;
+    let streams = submit_choices(served, generate, n, "messages", &meter, &output)?;
     charge_prompts(&meter, &streams.iter().collect::<Vec<_>>(), n);
 
     let reply = ChatReply {
@@ -328,12 +328,24 @@ impl ChatReply {
         }
         let mut merged = merge(streams);
         let mut open = n;
+        let mut ended = vec![false; n];
         while open > 0 {
             let next = tokio::select! {
                 _ = tx.closed() => return,
                 next = merged.next() => next,
             };
-            let Some((index, event)) = next else { break };
+            let Some((index, event)) = next else {
+                // Streams closed unfinished: the engine stopped. Those choices end in error,
+                // not as if complete.
+                tracing::error!(open, "the engine stopped before every choice finished");
+                for index in (0..n).filter(|&i| !ended[i]) {
+                    let choice = json!([{"index": index, "delta": {}, "logprobs": Value::Null, "finish_reason": "error"}]);
+                    if !send(&tx, &self.chunk(choice, usage_field.clone())).await {
+                        return;
+                    }
+                }
+                break;
+            };
             let mut deltas: Vec<(Map<String, Value>, Option<Value>)> = Vec::new();
             let mut finish = None;
             match event {
@@ -393,6 +405,7 @@ impl ChatReply {
             }
             if let Some(reason) = finish {
                 open -= 1;
+                ended[index] = true;
                 let choice = json!([{"index": index, "delta": {}, "logprobs": Value::Null, "finish_reason": reason}]);
                 if !send(&tx, &self.chunk(choice, usage_field.clone())).await {
                     return;

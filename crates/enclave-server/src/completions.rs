@@ -187,7 +187,7 @@ pub(crate) async fn create(
         generate.ignore_eos = request.ignore_eos.unwrap_or(false);
         generate.logprobs = logprobs;
         generate.prompt_logprobs = if echo { logprobs } else { None };
-        for stream in submit_choices(served, generate, n, "prompt", &meter, &output).await? {
+        for stream in submit_choices(served, generate, n, "prompt", &meter, &output)? {
             choices_in_order.push((stream, echo_text.clone()));
         }
     }
@@ -303,12 +303,24 @@ impl CompletionReply {
         let (mut completion_tokens, mut cached) = (0, 0);
         let mut merged = merge(streams);
         let mut open = n;
+        let mut ended = vec![false; n];
         while open > 0 {
             let next = tokio::select! {
                 _ = tx.closed() => return,
                 next = merged.next() => next,
             };
-            let Some((index, event)) = next else { break };
+            let Some((index, event)) = next else {
+                // Streams closed unfinished: the engine stopped. Those choices end in error,
+                // not as if complete.
+                tracing::error!(open, "the engine stopped before every choice finished");
+                for index in (0..n).filter(|&i| !ended[i]) {
+                    let choice = self.choice(index, "", None, Some("error"));
+                    if !send(&tx, &self.chunk(choice, usage_field.clone())).await {
+                        return;
+                    }
+                }
+                break;
+            };
             let chunk = match event {
                 Event::PromptLogprobs(prompt_logprobs) => {
                     let Some(prompt) = echoes[index].as_ref().filter(|_| self.logprobs) else {
@@ -347,6 +359,7 @@ impl CompletionReply {
                     text,
                 } => {
                     open -= 1;
+                    ended[index] = true;
                     completion_tokens += usage.completion_tokens;
                     if index % self.n == 0 {
                         // A prompt's cached part counts once for its n choices (as unstreamed).
@@ -358,6 +371,7 @@ impl CompletionReply {
                 Event::Failed(message) => {
                     tracing::error!(%message, "generation failed while streaming");
                     open -= 1;
+                    ended[index] = true;
                     Some(self.choice(index, "", None, Some("error")))
                 }
             };

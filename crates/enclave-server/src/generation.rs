@@ -370,7 +370,7 @@ pub(crate) fn charge_prompts(meter: &Meter, choices: &[&ChoiceStream], n: usize)
 /// Submits `n` copies of `request` (choice `i` seeded `seed + i`, so seeded choices differ
 /// yet reproduce); the caller charges the prompt ([`charge_prompts`]). An error for any cancels
 /// those already submitted.
-pub(crate) async fn submit_choices(
+pub(crate) fn submit_choices(
     served: &Served,
     request: GenerateRequest,
     n: usize,
@@ -381,21 +381,15 @@ pub(crate) async fn submit_choices(
     if let Some(meter) = meter {
         meter.set_model(&served.name);
     }
-    // Validated once for the n choices, on a blocking thread: tokenizing a long prompt (and
-    // rendering a chat template) would otherwise hold one of the few async workers that serve
-    // every connection, n times over.
-    let handle = served.handle.clone();
-    let valid = tokio::task::spawn_blocking(move || handle.engine().validate(request))
-        .await
-        .map_err(|e| ApiError::internal(format!("validating the request stopped: {e}")))?
-        .map_err(|e| ApiError::from_engine(e, prompt_param))?;
     let streams = (0..n)
         .map(|i| {
-            let mut request = valid.clone();
-            request.sampling.seed = request.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            let mut request = request.clone();
+            if let Some(sampling) = request.sampling.as_mut() {
+                sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            }
             served
                 .handle
-                .submit_valid(request)
+                .submit(request)
                 .map(|inner| ChoiceStream {
                     inner,
                     meter: meter.clone(),

@@ -116,12 +116,19 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// 200 once the model is loaded and warmed up, 503 before.
+/// 200 once the model is loaded and warmed up, 503 before, and 503 again if its engine stopped
+/// (an orchestrator's readiness check then takes this replica out of service).
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.is_ready() {
-        StatusCode::OK.into_response()
-    } else {
+    if !state.is_ready() {
         ApiError::unavailable("model_loading", "the model is still loading").into_response()
+    } else if state.engine_stopped() {
+        ApiError::unavailable(
+            "engine_stopped",
+            "the inference engine has stopped; restart the server",
+        )
+        .into_response()
+    } else {
+        StatusCode::OK.into_response()
     }
 }
 

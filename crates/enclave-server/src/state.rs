@@ -148,6 +148,11 @@ impl AppState {
         self.served.get().is_some()
     }
 
+    /// Whether the model's engine stopped after it was ready (shutdown, or an internal error).
+    pub fn engine_stopped(&self) -> bool {
+        self.served.get().is_some_and(|s| !s.handle.is_running())
+    }
+
     /// The engine handle, once ready (for shutdown and introspection).
     pub fn engine(&self) -> Option<&EngineHandle> {
         self.served.get().map(|s| &s.handle)

@@ -43,7 +43,7 @@ async fn health_is_503_until_the_model_is_warm() {
 /// A client that goes away mid-stream cancels its generation: the requests leave the engine
 /// and their KV blocks return (no leak). One sequence runs at a time, so the requests under
 /// test are still queued behind a long one when their clients leave; the long one's client
-/// leaves too, mid-generation. The long one is sixteen choices of 480 tokens, run one after
+/// leaves too, mid-generation. The long one is sixty-four choices of 480 tokens, run one after
 /// another: the tiny model makes 480 tokens in milliseconds, and a single choice could end
 /// (letting the queued ones run to their end) while a loaded machine delays the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,15 +52,15 @@ async fn a_disconnect_cancels_the_generation_and_frees_its_blocks() {
         max_num_seqs: 1,
         ..serving_config()
     };
-    let server = TestServer::start(
-        &fixtures().join("models/qwen2"),
-        crate::server_config(),
-        serving,
-    )
-    .await;
+    // (Sixteen were not always enough beside other tests: 1 run in 40 found it ended.)
+    let config = enclave_server::ServerConfig {
+        max_n: 64,
+        ..crate::server_config()
+    };
+    let server = TestServer::start(&fixtures().join("models/qwen2"), config, serving).await;
     let baseline = settled(&server.state).await;
     let long =
-        json!({"prompt": "Once", "max_tokens": 480, "ignore_eos": true, "stream": true, "n": 16});
+        json!({"prompt": "Once", "max_tokens": 480, "ignore_eos": true, "stream": true, "n": 64});
     let mut holder = server
         .client
         .post(server.url("/v1/completions"))
@@ -103,7 +103,7 @@ async fn a_disconnect_cancels_the_generation_and_frees_its_blocks() {
     );
     assert_eq!(after.scheduler.blocks.used, baseline.scheduler.blocks.used);
     assert!(
-        after.scheduler.tokens_computed < baseline.scheduler.tokens_computed + 16 * 480,
+        after.scheduler.tokens_computed < baseline.scheduler.tokens_computed + 64 * 480,
         "cancelled before the end"
     );
     server.shutdown().await.unwrap();
@@ -136,4 +136,62 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
     server.wait().await.unwrap();
     // No longer accepting.
     assert!(reqwest::get(format!("{base}/livez")).await.is_err());
+}
+
+/// A bug that panics the engine thread: the streams in flight end in `finish_reason: "error"`
+/// (not as if complete), `/health` turns 503 so an orchestrator takes the replica out of
+/// service, new requests get an error at once instead of hanging, and the process stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_engine_fails_its_requests_and_its_health_check() {
+    // One sequence at a time and sixty-four long choices (as in the disconnect test above),
+    // so the fault comes while most of them are still to run.
+    let serving = enclave_engine::ServingConfig {
+        max_num_seqs: 1,
+        ..serving_config()
+    };
+    let config = enclave_server::ServerConfig {
+        max_n: 64,
+        ..server_config()
+    };
+    let server = TestServer::start(&fixtures().join("models/qwen2"), config, serving).await;
+    assert_eq!(server.get("/health").await.0, 200);
+    let long =
+        json!({"prompt": "Once", "max_tokens": 480, "ignore_eos": true, "stream": true, "n": 64});
+    let mut stream = server
+        .client
+        .post(server.url("/v1/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let mut body = stream.chunk().await.unwrap().unwrap().to_vec();
+    server.state.engine().unwrap().inject_panic();
+    while let Some(chunk) = stream.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    // Every choice ends with a finish reason, and those the fault cut short with "error".
+    let chunks = sse_chunks(&String::from_utf8(body).unwrap());
+    let finishes: Vec<(u64, String)> = chunks
+        .iter()
+        .filter_map(|c| {
+            let choice = &c["choices"][0];
+            let reason = choice["finish_reason"].as_str()?;
+            Some((choice["index"].as_u64()?, reason.to_string()))
+        })
+        .collect();
+    let mut indices: Vec<u64> = finishes.iter().map(|(i, _)| *i).collect();
+    indices.sort_unstable();
+    assert_eq!(indices, (0..64).collect::<Vec<u64>>(), "{finishes:?}");
+    assert!(finishes.iter().any(|(_, r)| r == "error"), "{finishes:?}");
+
+    let (status, reply) = server.get("/health").await;
+    assert_eq!(status, 503);
+    assert_eq!(reply["error"]["code"], "engine_stopped");
+    assert_eq!(server.get("/livez").await.0, 200);
+    let (status, reply) = server
+        .post("/v1/completions", json!({"prompt": "hi", "max_tokens": 2}))
+        .await;
+    assert_eq!(status, 500, "{reply}");
+    assert!(reply["error"]["message"].is_string());
+    server.shutdown().await.unwrap();
 }
