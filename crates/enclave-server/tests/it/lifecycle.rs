@@ -40,6 +40,21 @@ async fn health_is_503_until_the_model_is_warm() {
     server.shutdown().await.unwrap();
 }
 
+/// A server that runs one sequence at a time and takes up to 64 choices per request, so that
+/// requests under test queue behind a long one (the tiny model makes 480 tokens in
+/// milliseconds: a long request must be many choices).
+async fn one_sequence_at_a_time() -> TestServer {
+    let serving = enclave_engine::ServingConfig {
+        max_num_seqs: 1,
+        ..serving_config()
+    };
+    let config = enclave_server::ServerConfig {
+        max_n: 64,
+        ..server_config()
+    };
+    TestServer::start(&fixtures().join("models/qwen2"), config, serving).await
+}
+
 /// A client that goes away mid-stream cancels its generation: the requests leave the engine
 /// and their KV blocks return (no leak). One sequence runs at a time, so the requests under
 /// test are still queued behind a long one when their clients leave; the long one's client
@@ -48,16 +63,7 @@ async fn health_is_503_until_the_model_is_warm() {
 /// (letting the queued ones run to their end) while a loaded machine delays the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnect_cancels_the_generation_and_frees_its_blocks() {
-    let serving = enclave_engine::ServingConfig {
-        max_num_seqs: 1,
-        ..serving_config()
-    };
-    // (Sixteen were not always enough beside other tests: 1 run in 40 found it ended.)
-    let config = enclave_server::ServerConfig {
-        max_n: 64,
-        ..crate::server_config()
-    };
-    let server = TestServer::start(&fixtures().join("models/qwen2"), config, serving).await;
+    let server = one_sequence_at_a_time().await;
     let baseline = settled(&server.state).await;
     let long =
         json!({"prompt": "Once", "max_tokens": 480, "ignore_eos": true, "stream": true, "n": 64});
@@ -143,17 +149,8 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
 /// service, new requests get an error at once instead of hanging, and the process stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_engine_fails_its_requests_and_its_health_check() {
-    // One sequence at a time and sixty-four long choices (as in the disconnect test above),
-    // so the fault comes while most of them are still to run.
-    let serving = enclave_engine::ServingConfig {
-        max_num_seqs: 1,
-        ..serving_config()
-    };
-    let config = enclave_server::ServerConfig {
-        max_n: 64,
-        ..server_config()
-    };
-    let server = TestServer::start(&fixtures().join("models/qwen2"), config, serving).await;
+    // Sixty-four long choices, one at a time: the fault comes while most are still to run.
+    let server = one_sequence_at_a_time().await;
     assert_eq!(server.get("/health").await.0, 200);
     let long =
         json!({"prompt": "Once", "max_tokens": 480, "ignore_eos": true, "stream": true, "n": 64});
