@@ -237,10 +237,17 @@ impl BlockManager {
             return;
         }
         self.extend_prefix_hashes(&mut progress.hashes, tokens, salt);
+        // Only blocks full of computed tokens: after a preemption the hashes still cover blocks
+        // computed before it, whose new blocks hold nothing yet.
+        let full = (tokens.len() / self.block_size)
+            .min(progress.hashes.len())
+            .min(table.len());
         let from = progress.registered;
-        progress.registered = progress.hashes.len().min(table.len()).max(from);
-        let new_hashes = progress.hashes.get(from..).unwrap_or(&[]);
-        for (&hash, &id) in new_hashes.iter().zip(table.get(from..).unwrap_or(&[])) {
+        if full <= from {
+            return;
+        }
+        progress.registered = full;
+        for (&hash, &id) in progress.hashes[from..full].iter().zip(&table[from..full]) {
             let block = &mut self.blocks[id as usize];
             if block.hash.is_some() {
                 continue;
@@ -447,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn a_recomputed_sequence_registers_its_new_blocks() {
+    fn a_recomputed_sequence_offers_only_the_blocks_it_computed_again() {
         let mut m = BlockManager::new(3, 2, true);
         let p = tokens(5, 2);
         let a = m.allocate_prompt(&p, true, 0).unwrap();
@@ -458,13 +465,14 @@ mod tests {
         let b = m.allocate_prompt(&tokens(6, 700), true, 0).unwrap();
         assert_eq!(m.stats().evictions, 2);
         m.release(&b.table);
-        // The first sequence comes back (after a preemption) with a new table.
+        // The first sequence comes back (after a preemption) with a new table, and has computed
+        // its first block again: that block is offered, not the second (whose KV is not there).
         let c = m.allocate_prompt(&p, true, 0).unwrap();
         assert_eq!(c.cached_tokens, 0);
         progress.new_table();
-        m.register_full_blocks(&c.table, &p[..4], 0, &mut progress);
+        m.register_full_blocks(&c.table, &p[..3], 0, &mut progress);
         m.release(&c.table);
-        assert_eq!(m.allocate_prompt(&p, true, 0).unwrap().cached_tokens, 4);
+        assert_eq!(m.allocate_prompt(&p, true, 0).unwrap().cached_tokens, 2);
     }
 
     #[test]

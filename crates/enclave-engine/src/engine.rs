@@ -131,6 +131,7 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 /// would slow everyone's decoding. OpenAI takes 4; lm-evaluation-harness's completions client
 /// sends a task's whole list (rarely over 8).
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Most bytes in one stop string (see [`MAX_STOP_STRINGS`]).
 pub const MAX_STOP_BYTES: usize = 512;
 
 impl GenerateRequest {

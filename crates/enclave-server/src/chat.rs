@@ -68,8 +68,9 @@ pub(crate) async fn create(
 ) -> Result<Response, ApiError> {
     let served = state.model(request.model.as_deref(), &caller)?;
     let engine = served.handle.engine();
-    let mut messages = normalize_messages(request.messages)?;
+    // First: a request with tools may carry tool messages that would fail as messages.
     request.unsupported.check()?;
+    let mut messages = normalize_messages(request.messages)?;
     let n = choices(request.n, state.config.max_n)?;
     let top_logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
         (false, Some(k)) if k > 0 => {

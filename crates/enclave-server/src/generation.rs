@@ -347,11 +347,16 @@ pub(crate) fn check_generations(
         return Ok(());
     }
     let param = if n > most { "n" } else { prompt_param };
+    let why = if prompts == 1 {
+        format!("`n` = {n}")
+    } else {
+        format!("{prompts} prompts × `n` = {n}")
+    };
     Err(ApiError::invalid(
         Some(param.to_string()),
         format!(
             "this server runs at most {most} generations at once and this request asks for \
-             {asked} ({prompts} prompts × `n` = {n})"
+             {asked} ({why})"
         ),
     ))
 }

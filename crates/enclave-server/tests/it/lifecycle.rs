@@ -162,7 +162,27 @@ async fn a_panicking_engine_fails_its_requests_and_its_health_check() {
         .await
         .unwrap();
     let mut body = stream.chunk().await.unwrap().unwrap().to_vec();
-    server.state.engine().unwrap().inject_panic();
+    // An unstreamed request queued behind it (accepted once 65 requests are outstanding).
+    let queued = {
+        let (client, url) = (server.client.clone(), server.url("/v1/completions"));
+        tokio::spawn(async move {
+            let response = client
+                .post(url)
+                .json(&json!({"prompt": "hi", "max_tokens": 2}))
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        })
+    };
+    let engine = server.state.engine().unwrap();
+    while engine.outstanding() < 65 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    engine.inject_panic();
     while let Some(chunk) = stream.chunk().await.unwrap() {
         body.extend_from_slice(&chunk);
     }
@@ -180,6 +200,11 @@ async fn a_panicking_engine_fails_its_requests_and_its_health_check() {
     indices.sort_unstable();
     assert_eq!(indices, (0..64).collect::<Vec<u64>>(), "{finishes:?}");
     assert!(finishes.iter().any(|(_, r)| r == "error"), "{finishes:?}");
+    // The queued request is told why (the engine caught the panic and failed it).
+    let (status, reply) = queued.await.unwrap();
+    assert_eq!(status, 500, "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("injected fault"), "{message}");
 
     let (status, reply) = server.get("/health").await;
     assert_eq!(status, 503);
