@@ -527,24 +527,43 @@ impl Redactor {
     }
 
     /// Findings that start at or after `from` (the text before is context only).
+    ///
+    /// Detectors run in priority order and a candidate is kept only if it overlaps nothing
+    /// kept before it. Kept spans never overlap, so ordered by start they are ordered by end
+    /// too; one detector's candidates come in order and never overlap each other. So each
+    /// detector is one sweep over its candidates and the kept spans together, and its keepers
+    /// are merged in: linear per detector, O(detectors × findings) in all.
     fn find_after(&self, text: &str, from: usize) -> Vec<Finding> {
-        let mut picked: Vec<Finding> = Vec::new();
-        for detector in &self.detectors {
+        // (start, end, index of the detector), ordered by start.
+        let mut picked: Vec<(usize, usize, usize)> = Vec::new();
+        for (index, detector) in self.detectors.iter().enumerate() {
+            let mut kept = Vec::new();
+            let mut next = 0;
             for (start, end) in detector.candidates(text) {
                 if start < from {
                     continue;
                 }
-                if picked.iter().all(|f| end <= f.start || start >= f.end) {
-                    picked.push(Finding {
-                        category: detector.category.clone(),
-                        start,
-                        end,
-                    });
+                // Skip the kept spans that end before this candidate starts; the next one is
+                // the only one that could overlap it.
+                while picked.get(next).is_some_and(|&(_, e, _)| e <= start) {
+                    next += 1;
+                }
+                if picked.get(next).is_none_or(|&(s, _, _)| s >= end) {
+                    kept.push((start, end, index));
                 }
             }
+            if !kept.is_empty() {
+                picked = merge_by_start(&picked, &kept);
+            }
         }
-        picked.sort_by_key(|f| f.start);
         picked
+            .into_iter()
+            .map(|(start, end, index)| Finding {
+                category: self.detectors[index].category.clone(),
+                start,
+                end,
+            })
+            .collect()
     }
 
     /// `text` with every finding replaced by its placeholder.
@@ -607,6 +626,27 @@ impl Detector {
         }
         found
     }
+}
+
+/// Two lists of spans ordered by start, as one.
+fn merge_by_start(
+    a: &[(usize, usize, usize)],
+    b: &[(usize, usize, usize)],
+) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i].0 <= b[j].0 {
+            out.push(a[i]);
+            i += 1;
+        } else {
+            out.push(b[j]);
+            j += 1;
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
 }
 
 fn replace(text: &str, findings: &[Finding]) -> String {
