@@ -2,9 +2,11 @@
 //! LRU eviction. Pure bookkeeping: no tensors (the model reads and writes the blocks through
 //! the block tables this hands out).
 //!
-//! A full block is known by a hash of its tokens chained with the hash of the block before it,
-//! so equal hashes mean equal prefixes. A new prompt reuses the cached blocks of its longest
-//! cached prefix. A block whose last user is gone stays cached (and reusable) until a fresh block
+//! A full block is found by a hash of its tokens chained with the hash of the block before it;
+//! a hit is taken only once the block's own tokens, its cache partition and the block before it
+//! (the one just matched, in the same life) are compared equal, so even a 64-bit collision
+//! never hands a prompt another prefix's KV. A new prompt reuses the cached blocks of its
+//! longest cached prefix. A block whose last user is gone stays cached (and reusable) until a fresh block
 //! is needed and none is free; then the least recently used one is evicted.
 
 use std::collections::hash_map::RandomState;
@@ -19,8 +21,21 @@ struct Block {
     refs: u32,
     /// Prefix hash of the block's content, once full and registered.
     hash: Option<u64>,
+    /// What a registered block holds, compared on every hit: its tokens, its cache partition,
+    /// and the block before it (with that block's life, so a block evicted and reused since
+    /// never vouches for it); `None` for the first block of a prompt.
+    content: Option<Box<Registered>>,
+    /// Bumped each time the block is evicted and handed out again.
+    life: u64,
     /// Last time it was released, for LRU among cached free blocks.
     released_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Registered {
+    tokens: Box<[u32]>,
+    salt: u64,
+    parent: Option<(BlockId, u64)>,
 }
 
 /// Counters for metrics and tests.
@@ -164,15 +179,25 @@ impl BlockManager {
         let mut reused = Vec::new();
         if self.prefix_caching && reuse && !tokens.is_empty() {
             let reusable_blocks = (tokens.len() - 1) / self.block_size;
-            for hash in self
+            let mut parent = None;
+            for (hash, chunk) in self
                 .prefix_hashes(tokens, salt)
                 .into_iter()
+                .zip(tokens.chunks_exact(self.block_size))
                 .take(reusable_blocks)
             {
-                match self.cached.get(&hash) {
-                    Some(&id) => reused.push(id),
-                    None => break,
+                let Some(&id) = self.cached.get(&hash) else {
+                    break;
+                };
+                let block = &self.blocks[id as usize];
+                let same = block.content.as_deref().is_some_and(|held| {
+                    *held.tokens == *chunk && held.salt == salt && held.parent == parent
+                });
+                if !same {
+                    break;
                 }
+                reused.push(id);
+                parent = Some((id, block.life));
             }
         }
         // Reused blocks that sit in the evictable set stop being available once taken.
@@ -247,16 +272,36 @@ impl BlockManager {
             return;
         }
         progress.registered = full;
-        for (&hash, &id) in progress.hashes[from..full].iter().zip(&table[from..full]) {
-            let block = &mut self.blocks[id as usize];
-            if block.hash.is_some() {
+        for i in from..full {
+            let (hash, id) = (progress.hashes[i], table[i]);
+            if self.blocks[id as usize].hash.is_some() {
                 continue;
             }
+            // A block is cached only after the one before it, which it names: if that one is
+            // not the cached copy of its prefix (another block computed it concurrently), this
+            // one stays private too.
+            let parent = match i.checked_sub(1) {
+                None => None,
+                Some(before) => {
+                    let prev = table[before];
+                    if self.cached.get(&progress.hashes[before]) != Some(&prev) {
+                        continue;
+                    }
+                    Some((prev, self.blocks[prev as usize].life))
+                }
+            };
             // Another block may already hold this prefix (computed concurrently): keep that one
             // as the cached copy; this block stays private and is freed normally.
             if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
                 e.insert(id);
+                let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
+                let block = &mut self.blocks[id as usize];
                 block.hash = Some(hash);
+                block.content = Some(Box::new(Registered {
+                    tokens: chunk.into(),
+                    salt,
+                    parent,
+                }));
             }
         }
     }
@@ -300,9 +345,12 @@ impl BlockManager {
             None => {
                 let (&(at, id), _) = self.evictable.iter().next()?;
                 self.evictable.remove(&(at, id));
-                if let Some(hash) = self.blocks[id as usize].hash.take() {
+                let block = &mut self.blocks[id as usize];
+                if let Some(hash) = block.hash.take() {
                     self.cached.remove(&hash);
                 }
+                block.content = None;
+                block.life += 1;
                 self.stats.evictions += 1;
                 id
             }
@@ -394,6 +442,43 @@ mod tests {
         let d = m.allocate_prompt(&other, false, 0).unwrap();
         assert_eq!(d.cached_tokens, 0);
         assert!(d.table.iter().all(|id| !a.table.contains(id)));
+    }
+
+    /// A 64-bit hash collision (forged here by pointing a prompt's hash at another prompt's
+    /// block) is no hit: the block's tokens, or the block before it, differ.
+    #[test]
+    fn a_hash_collision_is_never_a_hit() {
+        let mut m = BlockManager::new(16, 2, true);
+        // A = [1 2 | 3 4 | 5], W = [9 9 | 3 4 | 5]: equal second blocks, different first ones.
+        let a_prompt = vec![1, 2, 3, 4, 5];
+        let w_prompt = vec![9, 9, 3, 4, 5];
+        let a = m.allocate_prompt(&a_prompt, true, 0).unwrap();
+        m.register_full_blocks(&a.table, &a_prompt[..4], 0, &mut PrefixProgress::default());
+        let w = m.allocate_prompt(&w_prompt[..3], true, 0).unwrap();
+        m.register_full_blocks(&w.table, &w_prompt[..2], 0, &mut PrefixProgress::default());
+        // Another prompt's first block hashing like A's: its tokens differ.
+        let other = vec![7, 7, 7];
+        let forged = m.prefix_hashes(&other, 0)[0];
+        m.cached.insert(forged, a.table[0]);
+        assert_eq!(m.allocate_prompt(&other, true, 0).unwrap().cached_tokens, 0);
+        // W's second block hashing like A's: same tokens, but A's follows another block.
+        let w_hashes = m.prefix_hashes(&w_prompt, 0);
+        m.cached.insert(w_hashes[1], a.table[1]);
+        let hit = m.allocate_prompt(&w_prompt, true, 0).unwrap();
+        assert_eq!(hit.cached_tokens, 2, "W's own first block only");
+        assert_eq!(hit.table[0], w.table[0]);
+        // And the real prefix still hits in full.
+        assert_eq!(
+            m.allocate_prompt(&a_prompt, true, 0).unwrap().cached_tokens,
+            4
+        );
+        // Another partition's salt never matches, even at the same hash.
+        let salted = m.prefix_hashes(&a_prompt, 5)[0];
+        m.cached.insert(salted, a.table[0]);
+        assert_eq!(
+            m.allocate_prompt(&a_prompt, true, 5).unwrap().cached_tokens,
+            0
+        );
     }
 
     #[test]
