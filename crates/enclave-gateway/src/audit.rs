@@ -14,6 +14,12 @@
 //! the content and keeps `content`; either way the links still verify, and the records'
 //! sequence numbers, times and kinds stay covered. Fully pruned records at the start of the
 //! log are deleted, and the chain's anchor (in `audit_chain`) moves to the last one deleted.
+//!
+//! Blanking is only legitimate when the log says so: every pruned record must be older than
+//! the cutoff of a later `audit.prune` record, and every erased record must be listed by a
+//! later `audit.erase` record (which also holds the subject's salted hash). Both are written
+//! in the transaction that prunes or erases, and are themselves never pruned — only deleted
+//! with the start of the log — so `verify` can hold every blanked record to one.
 //! A writer with full database access can still rewrite the whole chain from some record on;
 //! `verify` prints the newest hash so it can be kept elsewhere and compared later.
 
@@ -34,6 +40,10 @@ use crate::store::{to_i64, Store};
 const VERIFY_PAGE: i64 = 5_000;
 /// Most records one transaction appends.
 const MAX_BATCH: usize = 2_048;
+/// The routes of the records that pruning and erasure append (the chain's own maintenance):
+/// never pruned, since they are what makes blanked records verifiable.
+const PRUNE_ACTION: &str = "audit.prune";
+const ERASE_ACTION: &str = "audit.erase";
 
 /// What a record is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -298,6 +308,14 @@ fn personal_hash(
     h.finish()
 }
 
+/// The hash an `audit.erase` record keeps of the subject it erased, with its `subject_salt`:
+/// whoever knows the subject can show it was erased; the hash alone does not name it.
+pub fn erased_subject_sha256(salt: &str, subject: &str) -> String {
+    let mut h = Hasher::new("enclave-audit-erased-subject-v1");
+    h.text(Some(salt)).text(Some(subject));
+    h.finish()
+}
+
 fn content_hash(entry: &AuditEntry, personal: &str) -> String {
     let mut h = Hasher::new("enclave-audit-content-v1");
     h.text(entry.request_id.as_deref())
@@ -534,19 +552,151 @@ async fn append_in(tx: &mut Transaction<'_>, events: &[AuditEvent]) -> Result<()
     Ok(())
 }
 
-/// The anchor a pruning record states (`{"action": "audit.prune", "anchor_seq": …}`).
-fn prune_claim(entry: &AuditEntry) -> Option<(i64, String)> {
-    if entry.kind != "admin" {
-        return None;
+/// What a maintenance record (`audit.prune`, `audit.erase`) states about the records before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Claim {
+    /// Content older than these cutoffs was removed; the log now starts after the anchor.
+    Prune {
+        anchor_seq: i64,
+        anchor_sha256: String,
+        before_ms: i64,
+        admin_before_ms: i64,
+    },
+    /// These records' personal fields were removed (inclusive ranges of sequence numbers).
+    Erase { ranges: Vec<(i64, i64)> },
+}
+
+/// The claim `entry` makes, if it is a maintenance record; `Err` when it is one whose detail
+/// does not say what it must.
+fn claim(entry: &AuditEntry) -> std::result::Result<Option<Claim>, String> {
+    let action = match entry.route.as_deref() {
+        Some(route @ (PRUNE_ACTION | ERASE_ACTION)) if entry.kind == "admin" => route,
+        _ => return Ok(None),
+    };
+    let detail: Value = entry
+        .detail
+        .as_deref()
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or(Value::Null);
+    let int = |key: &str| {
+        detail[key]
+            .as_i64()
+            .ok_or_else(|| format!("its `{action}` detail has no `{key}`"))
+    };
+    if action == PRUNE_ACTION {
+        let claim = Claim::Prune {
+            anchor_seq: int("anchor_seq")?,
+            anchor_sha256: detail["anchor_sha256"]
+                .as_str()
+                .ok_or("its `audit.prune` detail has no `anchor_sha256`")?
+                .to_string(),
+            before_ms: int("before_ms")?,
+            admin_before_ms: int("admin_before_ms")?,
+        };
+        if let Claim::Prune {
+            before_ms,
+            admin_before_ms,
+            ..
+        } = claim
+        {
+            if before_ms.max(admin_before_ms) > entry.at_ms {
+                return Err("its `audit.prune` cutoff is later than the pruning itself".into());
+            }
+        }
+        return Ok(Some(claim));
     }
-    let detail: Value = serde_json::from_str(entry.detail.as_deref()?).ok()?;
-    if detail["action"] != "audit.prune" {
-        return None;
+    let ranges = detail["seqs"]
+        .as_array()
+        .ok_or("its `audit.erase` detail has no `seqs`")?
+        .iter()
+        .map(|range| match range.as_array().map(Vec::as_slice) {
+            Some([lo, hi]) => match (lo.as_i64(), hi.as_i64()) {
+                (Some(lo), Some(hi)) if lo <= hi && hi < entry.seq => Ok((lo, hi)),
+                _ => Err(()),
+            },
+            _ => Err(()),
+        })
+        .collect::<std::result::Result<Vec<_>, ()>>()
+        .map_err(|()| "its `audit.erase` ranges are not ranges of earlier records".to_string())?;
+    Ok(Some(Claim::Erase { ranges }))
+}
+
+/// Blanked records seen so far that no later maintenance record has accounted for yet.
+#[derive(Default)]
+struct Blanked {
+    /// Per class (API and security records, admin records): the newest time among the pruned
+    /// records not yet covered, and that record's sequence number. A later pruning whose
+    /// cutoff passes that time covers every one of them (each is older); one that does not
+    /// covers none that a still later pruning would not.
+    pruned: [Option<(i64, i64)>; 2],
+    /// Erased records not yet listed by a later erasure.
+    erased: std::collections::BTreeSet<i64>,
+}
+
+impl Blanked {
+    fn see(&mut self, entry: &AuditEntry) {
+        if entry.pruned {
+            let class = &mut self.pruned[usize::from(entry.kind == "admin")];
+            if class.is_none_or(|(at, _)| entry.at_ms >= at) {
+                *class = Some((entry.at_ms, entry.seq));
+            }
+        } else if entry.erased {
+            self.erased.insert(entry.seq);
+        }
     }
-    Some((
-        detail["anchor_seq"].as_i64()?,
-        detail["anchor_sha256"].as_str()?.to_string(),
-    ))
+
+    fn account(&mut self, claim: &Claim) {
+        match claim {
+            Claim::Prune {
+                before_ms,
+                admin_before_ms,
+                ..
+            } => {
+                for (class, cutoff) in self.pruned.iter_mut().zip([before_ms, admin_before_ms]) {
+                    if class.is_some_and(|(at, _)| at < *cutoff) {
+                        *class = None;
+                    }
+                }
+            }
+            Claim::Erase { ranges } => {
+                for &(lo, hi) in ranges {
+                    let listed: Vec<i64> = self.erased.range(lo..=hi).copied().collect();
+                    for seq in listed {
+                        self.erased.remove(&seq);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first blanked record left unaccounted for, and why.
+    fn unaccounted(&self) -> Option<AuditProblem> {
+        let pruned = self.pruned.iter().flatten().map(|&(_, seq)| AuditProblem {
+            seq,
+            reason: "marked pruned, but no later `audit.prune` record's cutoff covers its time \
+                     (its content was blanked)"
+                .into(),
+        });
+        let erased = self.erased.first().map(|&seq| AuditProblem {
+            seq,
+            reason: "marked erased, but no later `audit.erase` record lists it (its subject, \
+                     source or text was blanked)"
+                .into(),
+        });
+        pruned.chain(erased).min_by_key(|p| p.seq)
+    }
+}
+
+/// Sequence numbers as inclusive ranges of consecutive ones (`seqs` ascending).
+fn ranges_of(seqs: &[i64]) -> Vec<(i64, i64)> {
+    let mut ranges: Vec<(i64, i64)> = Vec::new();
+    for &seq in seqs {
+        match ranges.last_mut() {
+            Some((_, hi)) if *hi + 1 == seq => *hi = seq,
+            _ => ranges.push((seq, seq)),
+        }
+    }
+    ranges
 }
 
 impl Store {
@@ -577,7 +727,8 @@ impl Store {
         let anchor_sha256: String = chain.try_get("anchor_sha256")?;
         let mut expected_seq = anchor_seq + 1;
         let mut prev = anchor_sha256.clone();
-        let mut claim: Option<(i64, String)> = None;
+        let mut anchor_claim: Option<(i64, String)> = None;
+        let mut blanked = Blanked::default();
         let mut report = AuditVerification {
             records: 0,
             pruned: 0,
@@ -610,15 +761,32 @@ impl Store {
             let page = rows.len();
             for row in &rows {
                 let row = row_from(row)?;
-                if let Some(reason) = check(&row, expected_seq, &prev) {
-                    report.problem = Some(AuditProblem {
-                        seq: row.entry.seq,
-                        reason,
-                    });
-                    return Ok(report);
-                }
-                if let Some(c) = prune_claim(&row.entry) {
-                    claim = Some(c);
+                let checked = match check(&row, expected_seq, &prev) {
+                    Some(reason) => Err(reason),
+                    None if row.entry.pruned => Ok(None),
+                    None => claim(&row.entry),
+                };
+                let claimed = match checked {
+                    Ok(claimed) => claimed,
+                    Err(reason) => {
+                        report.problem = Some(AuditProblem {
+                            seq: row.entry.seq,
+                            reason,
+                        });
+                        return Ok(report);
+                    }
+                };
+                blanked.see(&row.entry);
+                if let Some(claimed) = claimed {
+                    blanked.account(&claimed);
+                    if let Claim::Prune {
+                        anchor_seq,
+                        anchor_sha256,
+                        ..
+                    } = claimed
+                    {
+                        anchor_claim = Some((anchor_seq, anchor_sha256));
+                    }
                 }
                 report.records += 1;
                 report.pruned += u64::from(row.entry.pruned);
@@ -631,13 +799,17 @@ impl Store {
             }
         }
         // The anchor only moves by pruning, which records where it put it.
-        if anchor_seq > 0 && claim.as_ref() != Some(&(anchor_seq, anchor_sha256.clone())) {
+        if anchor_seq > 0 && anchor_claim.as_ref() != Some(&(anchor_seq, anchor_sha256.clone())) {
             report.problem = Some(AuditProblem {
                 seq: anchor_seq + 1,
                 reason: format!(
                     "the log starts after record {anchor_seq}, but no pruning recorded that: records before it were deleted"
                 ),
             });
+            return Ok(report);
+        }
+        if let Some(problem) = blanked.unaccounted() {
+            report.problem = Some(problem);
             return Ok(report);
         }
         if expected_seq - 1 != head_seq || prev != head_sha256 {
@@ -690,26 +862,45 @@ impl Store {
         now_ms: i64,
         by: &str,
     ) -> Result<PruneReport> {
+        // The pruning's record states its cutoffs, and `verify` holds every pruned record to
+        // one: a cutoff in the future would let it vouch for records not yet old.
+        if before_ms.max(admin_before_ms) > now_ms {
+            return Err(GatewayError::invalid(
+                "retention",
+                "the pruning cutoff is in the future",
+            ));
+        }
         let mut tx = self.pool().begin().await?;
         lock_chain(&mut tx).await?;
+        // Maintenance records keep their content: they account for the blanked records.
         let pruned = sqlx::query(
             "UPDATE audit_log SET request_id = NULL, tenant = NULL, method = NULL, route = NULL, \
              model = NULL, status = NULL, prompt_tokens = NULL, completion_tokens = NULL, \
              latency_ms = NULL, detail = NULL, subject = NULL, source = NULL, text = NULL, \
              salt = NULL, personal_sha256 = NULL, pruned = 1 \
-             WHERE pruned = 0 AND ((kind <> 'admin' AND at_ms < $1) OR (kind = 'admin' AND at_ms < $2))",
+             WHERE pruned = 0 AND ((kind <> 'admin' AND at_ms < $1) OR (kind = 'admin' AND at_ms < $2 \
+             AND COALESCE(route, '') NOT IN ($3, $4)))",
         )
         .bind(before_ms)
         .bind(admin_before_ms)
+        .bind(PRUNE_ACTION)
+        .bind(ERASE_ACTION)
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        // The leading run of pruned records: everything before the oldest kept one.
-        let kept: Option<i64> =
-            sqlx::query("SELECT MIN(seq) AS seq FROM audit_log WHERE pruned = 0")
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("seq")?;
+        // The leading run of pruned records (and of maintenance records past the admin
+        // retention, which only ever vouch for records before them): everything before the
+        // oldest kept one.
+        let kept: Option<i64> = sqlx::query(
+            "SELECT MIN(seq) AS seq FROM audit_log WHERE pruned = 0 AND NOT (kind = 'admin' \
+             AND at_ms < $1 AND COALESCE(route, '') IN ($2, $3))",
+        )
+        .bind(admin_before_ms)
+        .bind(PRUNE_ACTION)
+        .bind(ERASE_ACTION)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("seq")?;
         let last: Option<i64> = sqlx::query("SELECT MAX(seq) AS seq FROM audit_log")
             .fetch_one(&mut *tx)
             .await?
@@ -757,7 +948,7 @@ impl Store {
                 at_ms: now_ms,
                 kind: AuditKind::Admin,
                 subject: by.to_string(),
-                route: "audit.prune".into(),
+                route: PRUNE_ACTION.into(),
                 detail: detail.to_string(),
                 ..AuditEvent::default()
             };
@@ -768,23 +959,64 @@ impl Store {
     }
 
     /// Erases the personal fields (subject, source, text) of every record of `subject`
-    /// (`key:…`, `token:…`, `cert:…`, or the bare id, which matches any of them); returns how
-    /// many records were erased.
-    pub async fn erase_audit_subject(&self, subject: &str) -> Result<u64> {
+    /// (`key:…`, `token:…`, `cert:…`, or the bare id, which matches any of them) and, in the
+    /// same transaction, appends an `audit.erase` record by `by` listing the records erased and
+    /// the subject's salted hash (so the erasure can be shown for that subject later, and
+    /// `verify` can tell it from blanking). Returns how many records were erased.
+    pub async fn erase_audit_subject(&self, subject: &str, now_ms: i64, by: &str) -> Result<u64> {
         if subject.is_empty() {
             return Err(GatewayError::invalid("user", "name the subject to erase"));
+        }
+        let forms = [
+            subject.to_string(),
+            format!("key:{subject}"),
+            format!("token:{subject}"),
+            format!("cert:{subject}"),
+        ];
+        let mut tx = self.pool().begin().await?;
+        lock_chain(&mut tx).await?;
+        let mut seqs = Vec::new();
+        for row in sqlx::query(
+            "SELECT seq FROM audit_log WHERE pruned = 0 AND subject IN ($1, $2, $3, $4) ORDER BY seq",
+        )
+        .bind(&forms[0])
+        .bind(&forms[1])
+        .bind(&forms[2])
+        .bind(&forms[3])
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            seqs.push(row.try_get::<i64, _>("seq")?);
         }
         let erased = sqlx::query(
             "UPDATE audit_log SET subject = NULL, source = NULL, text = NULL, salt = NULL, \
              erased = 1 WHERE pruned = 0 AND subject IN ($1, $2, $3, $4)",
         )
-        .bind(subject)
-        .bind(format!("key:{subject}"))
-        .bind(format!("token:{subject}"))
-        .bind(format!("cert:{subject}"))
-        .execute(self.pool())
+        .bind(&forms[0])
+        .bind(&forms[1])
+        .bind(&forms[2])
+        .bind(&forms[3])
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        let salt = to_hex(&rand::random::<[u8; 16]>());
+        let detail = json!({
+            "action": ERASE_ACTION,
+            "records": erased,
+            "seqs": ranges_of(&seqs).iter().map(|(lo, hi)| json!([lo, hi])).collect::<Vec<_>>(),
+            "subject_salt": salt,
+            "subject_sha256": erased_subject_sha256(&salt, subject),
+        });
+        let event = AuditEvent {
+            at_ms: now_ms,
+            kind: AuditKind::Admin,
+            subject: by.to_string(),
+            route: ERASE_ACTION.into(),
+            detail: detail.to_string(),
+            ..AuditEvent::default()
+        };
+        append_in(&mut tx, &[event]).await?;
+        tx.commit().await?;
         Ok(erased)
     }
 }
@@ -794,51 +1026,317 @@ enum Command {
     Flush(oneshot::Sender<()>),
 }
 
-/// The handle through which the server records events: [`AuditLog::record`] queues one for
-/// the writer task, which appends whatever is queued in one transaction (group commit), so
-/// the database sees one commit per batch, not per request. A record is lost only if the
-/// process dies between queueing it and that commit (normally milliseconds);
-/// [`AuditLog::record_and_wait`] returns after the commit, for admin actions.
+/// What the server does with an authenticated request when the audit queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backpressure {
+    /// Wait for room before serving it (requests slow down to the database's pace).
+    #[default]
+    Block,
+    /// Refuse it (the server answers 503 with `Retry-After`), so no request is served
+    /// without its record and none waits.
+    Reject,
+}
+
+impl Backpressure {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "block" => Some(Self::Block),
+            "reject" => Some(Self::Reject),
+            _ => None,
+        }
+    }
+}
+
+/// How the audit log's queue behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditQueueConfig {
+    /// Records queued for the writer at most; a record's place is reserved before its
+    /// request is served.
+    pub capacity: usize,
+    pub on_backpressure: Backpressure,
+    /// How often refusals before authentication are written as per-source summaries.
+    pub summary_interval: Duration,
+    /// Sources summarised separately at most between two summaries; the rest are counted
+    /// together under source `*`.
+    pub max_summary_sources: usize,
+}
+
+impl Default for AuditQueueConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 65_536,
+            on_backpressure: Backpressure::Block,
+            summary_interval: Duration::from_secs(60),
+            max_summary_sources: 4_096,
+        }
+    }
+}
+
+/// The queue's state, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuditQueueStats {
+    /// Records (and reservations) waiting for the writer now.
+    pub depth: u64,
+    pub capacity: u64,
+    /// Records lost because the queue was full when a caller that had reserved no place
+    /// recorded one (never a served request's record).
+    pub dropped: u64,
+    /// Authenticated requests refused because the queue was full (`reject`).
+    pub rejected: u64,
+    /// Refusals before authentication folded into summaries.
+    pub summarised: u64,
+}
+
+/// Refusals before authentication from one source since the last summary.
+#[derive(Debug, Default)]
+struct RefusedFrom {
+    count: u64,
+    first_ms: i64,
+    last_ms: i64,
+    /// By route and status, at most [`SUMMARY_ROUTES`] distinct (the rest under `other`).
+    routes: std::collections::BTreeMap<String, u64>,
+}
+
+/// Distinct route-and-status keys one summary lists.
+const SUMMARY_ROUTES: usize = 16;
+
+#[derive(Debug, Default)]
+struct Counters {
+    dropped: std::sync::atomic::AtomicU64,
+    rejected: std::sync::atomic::AtomicU64,
+    summarised: std::sync::atomic::AtomicU64,
+}
+
+/// The handle through which the server records events. Each served request first reserves a
+/// place in the bounded queue ([`AuditLog::reserve`]: waiting for room, or refused, as
+/// [`Backpressure`] says) and records into it when it ends, so a served request's record is
+/// never dropped; the writer task appends whatever is queued in one transaction (group
+/// commit). Requests refused before authentication are not one record each but per-source
+/// summaries ([`AuditLog::summarise`]), so a flood without credentials costs a map update,
+/// not a row. [`AuditLog::flush`] (at shutdown) writes the summaries and waits until
+/// everything queued is committed.
 #[derive(Clone, Debug)]
 pub struct AuditLog {
-    tx: mpsc::UnboundedSender<Command>,
+    tx: mpsc::Sender<Command>,
+    config: AuditQueueConfig,
+    counters: std::sync::Arc<Counters>,
+    refused: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, RefusedFrom>>>,
+}
+
+/// A reserved place in the audit queue: [`AuditSlot::record`] cannot fail for want of room.
+/// Dropped unused, the place is given back.
+#[derive(Debug)]
+pub struct AuditSlot(mpsc::OwnedPermit<Command>);
+
+impl AuditSlot {
+    pub fn record(self, event: AuditEvent) {
+        self.0.send(Command::Record(Box::new(event)));
+    }
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Command::Record(_) => "Record",
+            Command::Flush(_) => "Flush",
+        })
+    }
 }
 
 impl AuditLog {
-    /// Starts the writer task on the current Tokio runtime. It retries a failed commit (the
-    /// database away) with backoff, keeping the records, and ends when every handle is gone
-    /// and all is written.
+    /// Starts the writer task on the current Tokio runtime with the default queue.
     pub fn start(store: Store) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(store, rx));
-        Self { tx }
+        Self::start_with(store, AuditQueueConfig::default())
     }
 
-    /// Queues `event` (never blocks).
+    /// Starts the writer task (and the summary task) on the current Tokio runtime. The writer
+    /// retries a failed commit (the database away) with backoff, keeping the records, and
+    /// ends when every handle is gone and all is written.
+    pub fn start_with(store: Store, config: AuditQueueConfig) -> Self {
+        let (tx, rx) = mpsc::channel(config.capacity.max(1));
+        tokio::spawn(write_loop(store, rx));
+        let log = Self {
+            tx,
+            config,
+            counters: std::sync::Arc::default(),
+            refused: std::sync::Arc::default(),
+        };
+        // The summary task holds a weak handle, so it ends with the last real one.
+        let weak = log.tx.downgrade();
+        let refused = log.refused.clone();
+        let counters = log.counters.clone();
+        tokio::spawn(async move {
+            let period = config.summary_interval.max(Duration::from_millis(10));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tick.tick().await;
+                let Some(tx) = weak.upgrade() else { return };
+                let log = Self {
+                    tx,
+                    config,
+                    counters: counters.clone(),
+                    refused: refused.clone(),
+                };
+                log.write_summaries().await;
+            }
+        });
+        log
+    }
+
+    /// Reserves a place for one record, waiting for room or refused as the configuration
+    /// says; `Err` names the queue full (`reject`) or the writer gone.
+    pub async fn reserve(&self) -> Result<AuditSlot> {
+        let permit = match self.config.on_backpressure {
+            Backpressure::Block => self
+                .tx
+                .clone()
+                .reserve_owned()
+                .await
+                .map_err(|_| GatewayError::Stopped("the audit writer"))?,
+            Backpressure::Reject => match self.tx.clone().try_reserve_owned() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.counters
+                        .rejected
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Err(GatewayError::Busy("the audit log's queue is full"));
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(GatewayError::Stopped("the audit writer"))
+                }
+            },
+        };
+        Ok(AuditSlot(permit))
+    }
+
+    /// Queues `event` without a reservation: if the queue is full it is lost, counted and
+    /// logged (callers that must not lose a record reserve first).
     pub fn record(&self, event: AuditEvent) {
-        if self.tx.send(Command::Record(Box::new(event))).is_err() {
-            tracing::error!("the audit writer has stopped; an audit record is lost");
+        match self.tx.try_send(Command::Record(Box::new(event))) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.counters
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!("the audit queue is full; an audit record is lost");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.counters
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!("the audit writer has stopped; an audit record is lost");
+            }
+        }
+    }
+
+    /// Counts a request refused before authentication (no or malformed credentials, a
+    /// blocked source, an unknown route) into `source`'s summary.
+    pub fn summarise(&self, source: &str, route: &str, status: u16, at_ms: i64) {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let key = if refused.contains_key(source) || refused.len() < self.config.max_summary_sources
+        {
+            source
+        } else {
+            "*"
+        };
+        let from = refused
+            .entry(key.to_string())
+            .or_insert_with(|| RefusedFrom {
+                first_ms: at_ms,
+                ..RefusedFrom::default()
+            });
+        from.count += 1;
+        from.last_ms = at_ms;
+        let label = format!("{route} {status}");
+        if from.routes.contains_key(&label) || from.routes.len() < SUMMARY_ROUTES {
+            *from.routes.entry(label).or_default() += 1;
+        } else {
+            *from.routes.entry("other".into()).or_default() += 1;
+        }
+        drop(refused);
+        self.counters
+            .summarised
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Queues one `security` record per source refused since the last summary (waiting for
+    /// room: summaries are never dropped).
+    async fn write_summaries(&self) {
+        let refused = std::mem::take(&mut *self.refused.lock().unwrap_or_else(|p| p.into_inner()));
+        let at_ms = crate::authenticator::unix_millis();
+        for (source, from) in refused {
+            let event = AuditEvent {
+                at_ms,
+                kind: AuditKind::Security,
+                subject: "anonymous".into(),
+                source,
+                route: "refused.summary".into(),
+                detail: json!({
+                    "event": "refused_before_authentication",
+                    "count": from.count,
+                    "first_ms": from.first_ms,
+                    "last_ms": from.last_ms,
+                    "routes": from.routes,
+                })
+                .to_string(),
+                ..AuditEvent::default()
+            };
+            if self
+                .tx
+                .send(Command::Record(Box::new(event)))
+                .await
+                .is_err()
+            {
+                self.counters
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!("the audit writer has stopped; a refusal summary is lost");
+            }
         }
     }
 
     /// Queues `event` and waits until it is committed.
     pub async fn record_and_wait(&self, event: AuditEvent) -> Result<()> {
-        self.record(event);
-        self.flush().await
+        self.tx
+            .send(Command::Record(Box::new(event)))
+            .await
+            .map_err(|_| GatewayError::Stopped("the audit writer"))?;
+        self.flush_queued().await
     }
 
-    /// Waits until everything queued so far is committed.
+    /// Writes the pending summaries and waits until everything queued so far is committed.
     pub async fn flush(&self) -> Result<()> {
+        self.write_summaries().await;
+        self.flush_queued().await
+    }
+
+    /// Waits until everything queued so far (not the summaries still being counted) is
+    /// committed.
+    pub async fn flush_queued(&self) -> Result<()> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Command::Flush(done))
+            .await
             .map_err(|_| GatewayError::Stopped("the audit writer"))?;
         wait.await
             .map_err(|_| GatewayError::Stopped("the audit writer"))
     }
+
+    /// The queue's depth and what it dropped, refused and summarised so far.
+    pub fn stats(&self) -> AuditQueueStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let capacity = self.tx.max_capacity() as u64;
+        AuditQueueStats {
+            depth: capacity.saturating_sub(self.tx.capacity() as u64),
+            capacity,
+            dropped: self.counters.dropped.load(Relaxed),
+            rejected: self.counters.rejected.load(Relaxed),
+            summarised: self.counters.summarised.load(Relaxed),
+        }
+    }
 }
 
-async fn write_loop(store: Store, mut rx: mpsc::UnboundedReceiver<Command>) {
+async fn write_loop(store: Store, mut rx: mpsc::Receiver<Command>) {
     let mut batch = Vec::new();
     let mut waiting = Vec::new();
     while let Some(first) = rx.recv().await {

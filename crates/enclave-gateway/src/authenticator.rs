@@ -125,6 +125,7 @@ impl Authenticator {
                 key_models: ModelScope::all(),
                 tenant_limits: tenant.limits,
                 key_limits: Limits::default(),
+                expires_at: None,
             },
         ))
     }
@@ -172,6 +173,7 @@ impl Authenticator {
                 key_models: binding.models.clone(),
                 tenant_limits: tenant.limits,
                 key_limits: Limits::default(),
+                expires_at: None,
             },
         ))
     }
@@ -276,6 +278,7 @@ impl Authenticator {
                 key_models: info.models.clone(),
                 tenant_limits: record.tenant_limits,
                 key_limits: info.limits,
+                expires_at: info.expires_at,
             },
         ))
     }

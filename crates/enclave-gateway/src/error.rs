@@ -16,10 +16,20 @@ pub enum GatewayError {
     /// The thing to create exists already.
     #[error("{0} exists already")]
     Exists(String),
+    /// The caller may not do this (a key broader than its creator's); `field` names what
+    /// exceeded.
+    #[error("{field}: {message}")]
+    Denied {
+        field: &'static str,
+        message: String,
+    },
     /// The credentials presented identify no one (unknown, malformed, expired or revoked);
     /// the reason is for the log, never for the client.
     #[error("not authenticated: {0}")]
     Unauthenticated(&'static str),
+    /// A bounded resource is full for now (the audit queue under `reject`); retry shortly.
+    #[error("{0}")]
+    Busy(&'static str),
     /// A background task this needs has stopped (the process is shutting down).
     #[error("{0} has stopped")]
     Stopped(&'static str),

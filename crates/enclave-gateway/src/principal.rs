@@ -1,5 +1,6 @@
 //! Who is calling, once authenticated: the identity, its tenant, and what it may do.
 
+use crate::error::{GatewayError, Result};
 use crate::limits::{Limits, Subject};
 use crate::rbac::{ModelScope, Permission, Permissions};
 
@@ -27,6 +28,9 @@ pub struct Principal {
     key_models: ModelScope,
     pub tenant_limits: Limits,
     pub key_limits: Limits,
+    /// When the credential stops working (Unix seconds): an API key's expiry. Tokens and
+    /// certificates are sessions of an identity, not grants, so they set none.
+    pub expires_at: Option<i64>,
 }
 
 /// Where a principal's tenant and key draw their scopes and limits from.
@@ -35,6 +39,7 @@ pub(crate) struct Grants {
     pub key_models: ModelScope,
     pub tenant_limits: Limits,
     pub key_limits: Limits,
+    pub expires_at: Option<i64>,
 }
 
 impl Principal {
@@ -54,6 +59,7 @@ impl Principal {
             key_models: grants.key_models,
             tenant_limits: grants.tenant_limits,
             key_limits: grants.key_limits,
+            expires_at: grants.expires_at,
         }
     }
 
@@ -92,6 +98,7 @@ impl Principal {
                 key_models: ModelScope::all(),
                 tenant_limits: Limits::default(),
                 key_limits: Limits::default(),
+                expires_at: None,
             },
         )
     }
@@ -103,6 +110,69 @@ impl Principal {
     /// Whether both the tenant and the key may use `model`.
     pub fn may_use_model(&self, model: &str) -> bool {
         self.tenant_models.allows(model) && self.key_models.allows(model)
+    }
+
+    /// Refuses a key this caller would create that could do more than the caller: a model
+    /// pattern its own key's patterns do not cover, a limit looser than its own key's (or
+    /// none where it has one), or an expiry later than its own (or none where it has one).
+    pub fn check_delegation(
+        &self,
+        models: &[String],
+        limits: &Limits,
+        expires_at: Option<i64>,
+    ) -> Result<()> {
+        if let Some(pattern) = models.iter().find(|p| !self.key_models.covers(p)) {
+            return Err(GatewayError::Denied {
+                field: "models",
+                message: format!(
+                    "`{}` is not within the creator's own models ({}); a key cannot reach \
+                     further than the key that creates it",
+                    pattern.escape_debug(),
+                    self.key_models.patterns().join(", ")
+                ),
+            });
+        }
+        let own = &self.key_limits;
+        for (name, theirs, mine) in [
+            (
+                "requests_per_minute",
+                limits.requests_per_minute,
+                own.requests_per_minute,
+            ),
+            (
+                "tokens_per_minute",
+                limits.tokens_per_minute,
+                own.tokens_per_minute,
+            ),
+            (
+                "concurrent_requests",
+                limits.concurrent_requests,
+                own.concurrent_requests,
+            ),
+        ] {
+            if let Some(mine) = mine {
+                if theirs.is_none_or(|theirs| theirs > mine) {
+                    return Err(GatewayError::Denied {
+                        field: "limits",
+                        message: format!(
+                            "`{name}` must be at most the creator's own {mine}, got {}",
+                            theirs.map_or("no limit".into(), |t| t.to_string())
+                        ),
+                    });
+                }
+            }
+        }
+        if let Some(mine) = self.expires_at {
+            if expires_at.is_none_or(|theirs| theirs > mine) {
+                return Err(GatewayError::Denied {
+                    field: "expires",
+                    message: format!(
+                        "the key must expire no later than its creator's key (Unix time {mine})"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The identity for logs and audit records (`key:0123abcd…`, `unauthenticated`).

@@ -362,6 +362,84 @@ impl ModelScope {
     pub fn allows(&self, model: &str) -> bool {
         self.set.is_match(model)
     }
+
+    /// Whether every model name `pattern` matches is matched by one of these patterns. Sound,
+    /// not complete: a pattern with character classes or alternatives on this side is only
+    /// taken as covering itself, so the answer errs towards "no".
+    pub fn covers(&self, pattern: &str) -> bool {
+        let wanted = glob_tokens(pattern, true);
+        self.patterns.iter().any(|own| {
+            own == pattern
+                || match glob_tokens(own, false) {
+                    Some(own) if own == [GlobToken::Many] => true,
+                    Some(own) => wanted.as_ref().is_some_and(|w| glob_within(w, &own)),
+                    None => false,
+                }
+        })
+    }
+}
+
+/// A glob as what each position matches, for [`ModelScope::covers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GlobToken {
+    Char(char),
+    /// Any one character (`?`, or a class such as `[0-9]` on the covered side).
+    One,
+    /// Any run of characters (`*`, `**`: `/` is not special in model scopes).
+    Many,
+}
+
+/// `pattern`'s tokens; `None` for what this reading does not model: alternatives (`{a,b}`)
+/// anywhere, and classes except on the covered side (`classes`), where one is at most any one
+/// character.
+fn glob_tokens(pattern: &str, classes: bool) -> Option<Vec<GlobToken>> {
+    let mut tokens = Vec::new();
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        let token = match c {
+            '*' if tokens.last() == Some(&GlobToken::Many) => continue,
+            '*' => GlobToken::Many,
+            '?' => GlobToken::One,
+            '\\' => GlobToken::Char(chars.next()?),
+            '[' if classes => {
+                // A class matches one character; its first `]` may be a member (`[]a]`).
+                let mut first = true;
+                loop {
+                    match chars.next()? {
+                        ']' if !first => break,
+                        _ => first = false,
+                    }
+                }
+                GlobToken::One
+            }
+            '[' | ']' | '{' | '}' => return None,
+            c => GlobToken::Char(c),
+        };
+        tokens.push(token);
+    }
+    Some(tokens)
+}
+
+/// Whether every string `wanted` matches is matched by `own`: `own` must match `wanted` with
+/// each of `wanted`'s wildcards standing for itself (a `?` met by `?` or `*`, a `*` only by
+/// `*`). Dynamic programming over both positions.
+fn glob_within(wanted: &[GlobToken], own: &[GlobToken]) -> bool {
+    let (n, m) = (wanted.len(), own.len());
+    // within[i][j]: wanted[i..] is covered by own[j..].
+    let mut within = vec![vec![false; m + 1]; n + 1];
+    within[n][m] = true;
+    for j in (0..m).rev() {
+        for i in (0..=n).rev() {
+            within[i][j] = match own[j] {
+                GlobToken::Many => within[i][j + 1] || (i < n && within[i + 1][j]),
+                GlobToken::One => i < n && wanted[i] != GlobToken::Many && within[i + 1][j + 1],
+                GlobToken::Char(c) => {
+                    i < n && wanted[i] == GlobToken::Char(c) && within[i + 1][j + 1]
+                }
+            };
+        }
+    }
+    within[0][0]
 }
 
 /// Names of tenants, roles and keys: a letter or digit, then letters, digits, `-`, `_` or `.`,
@@ -403,6 +481,50 @@ mod tests {
         assert!(ModelScope::all().allows("deepseek-ai/DeepSeek-R1"));
         assert!(ModelScope::new(&[]).is_err());
         assert!(ModelScope::new(&["a[".into()]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_scope_covers_only_patterns_within_it() -> Result<()> {
+        let scope = ModelScope::new(&["deepseek-r1-*".into(), "gemma-3-?70m".into()])?;
+        for within in [
+            "deepseek-r1-*",
+            "deepseek-r1-distill-*",
+            "deepseek-r1-distill-qwen-1.5b",
+            "deepseek-r1-*-1.5b",
+            "deepseek-r1-?",
+            "deepseek-r1-[0-9]*",
+            "gemma-3-270m",
+            "gemma-3-?70m",
+            "gemma-3-[23]70m",
+        ] {
+            assert!(scope.covers(within), "{within}");
+        }
+        for beyond in [
+            "*",
+            "**",
+            "deepseek-*",
+            "deepseek-r1*",
+            "*deepseek-r1-*",
+            "?eepseek-r1-x",
+            "gemma-3-*70m",
+            "gemma-3-??70m",
+            "deepseek-r1-{a,b}",
+            "nomatch-x",
+        ] {
+            assert!(!scope.covers(beyond), "{beyond}");
+        }
+        assert!(ModelScope::all().covers("*"));
+        assert!(ModelScope::all().covers("anything/at-all"));
+        assert!(
+            ModelScope::all().covers("a{b,c}"),
+            "equal patterns cover each other"
+        );
+        // Classes on the covering side cover only themselves.
+        let classes = ModelScope::new(&["m[0-9]".into()])?;
+        assert!(classes.covers("m[0-9]"));
+        assert!(!classes.covers("m1"), "sound, not complete");
+        assert!(!classes.covers("m?"));
         Ok(())
     }
 

@@ -41,6 +41,8 @@ pub struct NewKey {
     pub name: String,
     pub expires_at: Option<i64>,
     pub limits: Limits,
+    /// Who creates it, as audit records name them (`key:<id>`, `cli:<user>`).
+    pub created_by: String,
 }
 
 /// A stored key, without its secret.
@@ -56,6 +58,8 @@ pub struct KeyInfo {
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub last_used_at: Option<i64>,
+    /// Who created it (`key:<id>`, `cli:<user>`); empty for keys older than the record.
+    pub created_by: String,
 }
 
 /// A key just created: the one time its full value is known.
@@ -189,8 +193,8 @@ impl Store {
         let secret = keys::generate();
         sqlx::query(
             "INSERT INTO api_keys (id, secret_sha256, tenant, role, models, name, created_at, \
-             expires_at, requests_per_minute, tokens_per_minute, concurrent_requests) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             expires_at, requests_per_minute, tokens_per_minute, concurrent_requests, created_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&secret.id)
         .bind(&secret.sha256)
@@ -203,6 +207,7 @@ impl Store {
         .bind(new.limits.requests_per_minute.map(to_i64))
         .bind(new.limits.tokens_per_minute.map(to_i64))
         .bind(new.limits.concurrent_requests.map(to_i64))
+        .bind(&new.created_by)
         .execute(&self.pool)
         .await?;
         Ok(CreatedKey {
@@ -217,6 +222,7 @@ impl Store {
                 expires_at: new.expires_at,
                 revoked_at: None,
                 last_used_at: None,
+                created_by: new.created_by,
             },
             key: secret.key,
         })
@@ -507,7 +513,7 @@ fn limits_from(row: &AnyRow, [rpm, tpm, concurrent]: [&str; 3]) -> Result<Limits
 // table `api_keys k`.
 const KEY_COLUMNS: &str = "k.id, k.tenant, k.role, k.models, k.name, k.created_at, \
                            k.expires_at, k.revoked_at, k.last_used_at, k.requests_per_minute, \
-                           k.tokens_per_minute, k.concurrent_requests";
+                           k.tokens_per_minute, k.concurrent_requests, k.created_by";
 
 fn tenant_from(row: &AnyRow) -> Result<Tenant> {
     Ok(Tenant {
@@ -544,5 +550,6 @@ fn key_from(row: &AnyRow) -> Result<KeyInfo> {
         expires_at: row.try_get("expires_at")?,
         revoked_at: row.try_get("revoked_at")?,
         last_used_at: row.try_get("last_used_at")?,
+        created_by: row.try_get("created_by")?,
     })
 }

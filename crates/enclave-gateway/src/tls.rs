@@ -108,9 +108,103 @@ impl TlsSettings {
     }
 }
 
-/// The subject of a DER certificate as RFC 4514 text (`CN=app,O=Acme`), the identity a
-/// client certificate stands for.
+/// The subject of a DER certificate as text (`CN=app1, O=Acme`), the identity a client
+/// certificate stands for and what `[[tls.client_identities]]` bindings are compared with.
+/// Each value is escaped as RFC 4514 says (`\,` `\+` `\"` `\\` `\<` `\>` `\;` `\=`, a
+/// leading `#` or space, a trailing space, control characters as `\XX`), so the rendering is
+/// one-to-one: a common name of `batch-jobs, O=Acme` renders as `CN=batch-jobs\, O=Acme` and
+/// can never equal the two-attribute subject `CN=batch-jobs, O=Acme`. Attributes are joined as
+/// the certificate orders them, RDNs by `, ` and multi-valued ones by ` + `; a value that is
+/// no string is `#` and its DER in hex.
 pub fn certificate_subject(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some(cert.subject().to_string())
+    let registry = x509_parser::objects::oid_registry();
+    let mut out = String::new();
+    for (i, rdn) in cert.subject().iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        for (j, attribute) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push_str(" + ");
+            }
+            match x509_parser::objects::oid2abbrev(attribute.attr_type(), registry) {
+                Ok(name) => out.push_str(name),
+                Err(_) => out.push_str(&attribute.attr_type().to_id_string()),
+            }
+            out.push('=');
+            match attribute.as_str() {
+                Ok(value) => escape_rfc4514(value, &mut out),
+                Err(_) => {
+                    out.push('#');
+                    for byte in attribute.attr_value().as_bytes() {
+                        out.push_str(&format!("{byte:02X}"));
+                    }
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Appends `value` escaped as an RFC 4514 attribute value.
+fn escape_rfc4514(value: &str, out: &mut String) {
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' | ' ' if i == 0 => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' ' if i == last => out.push_str("\\ "),
+            c if c.is_control() => {
+                let mut buf = [0u8; 4];
+                for byte in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("\\{byte:02X}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject_of(attributes: &[(rcgen::DnType, &str)]) -> Option<String> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).ok()?;
+        for (kind, value) in attributes {
+            params.distinguished_name.push(kind.clone(), *value);
+        }
+        let key = rcgen::KeyPair::generate().ok()?;
+        let cert = params.self_signed(&key).ok()?;
+        certificate_subject(cert.der())
+    }
+
+    #[test]
+    fn subjects_render_one_to_one() {
+        use rcgen::DnType::{CommonName, OrganizationName};
+        assert_eq!(
+            subject_of(&[(CommonName, "batch-jobs"), (OrganizationName, "Acme")]).as_deref(),
+            Some("CN=batch-jobs, O=Acme")
+        );
+        // One attribute whose value looks like two: escaped, so it is a different subject.
+        assert_eq!(
+            subject_of(&[(CommonName, "batch-jobs, O=Acme")]).as_deref(),
+            Some("CN=batch-jobs\\, O\\=Acme")
+        );
+        assert_eq!(
+            subject_of(&[(CommonName, " #a+b;<c>\"q\"\\ ")]).as_deref(),
+            Some("CN=\\ #a\\+b\\;\\<c\\>\\\"q\\\"\\\\\\ ")
+        );
+        assert_eq!(
+            subject_of(&[(CommonName, "#tag\nline")]).as_deref(),
+            Some("CN=\\#tag\\0Aline")
+        );
+    }
 }

@@ -82,7 +82,12 @@ fn gateway_error(error: GatewayError) -> ApiError {
             status: StatusCode::CONFLICT,
             ..ApiError::invalid(None, e.to_string())
         },
+        GatewayError::Denied { field, message } => ApiError {
+            param: Some(field.to_string()),
+            ..ApiError::denied(message)
+        },
         GatewayError::Unauthenticated(_) => ApiError::unauthenticated("the API key is not valid"),
+        e @ GatewayError::Busy(_) => ApiError::unavailable("busy", e.to_string()),
         e @ (GatewayError::Database(_) | GatewayError::Migration(_) | GatewayError::Stopped(_)) => {
             tracing::error!(error = %e, "admin API: database");
             ApiError::unavailable("database_unavailable", "the database cannot be reached")
@@ -229,16 +234,23 @@ pub(crate) async fn create_key(
     let expires_at = body
         .expires_in
         .map(|s| now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX)));
+    let models = body.models.unwrap_or_else(|| vec!["*".into()]);
+    let limits = LimitsBody::limits(body.limits);
+    // Nor more models, looser limits or a longer life than the creating key has.
+    caller
+        .check_delegation(&models, &limits, expires_at)
+        .map_err(gateway_error)?;
     let created = authenticator
         .store()
         .create_key(
             NewKey {
                 tenant,
                 role: body.role,
-                models: body.models.unwrap_or_else(|| vec!["*".into()]),
+                models,
                 name: body.name.unwrap_or_default(),
                 expires_at,
-                limits: LimitsBody::limits(body.limits),
+                limits,
+                created_by: caller.subject(),
             },
             &roles,
             now,
@@ -464,16 +476,22 @@ pub(crate) struct EraseBody {
     user: String,
 }
 
-/// `POST /admin/v1/audit/erase`: removes a data subject's personal fields from every record;
-/// the action's own record holds the count, not the subject.
+/// `POST /admin/v1/audit/erase`: removes a data subject's personal fields from every record,
+/// with the `audit.erase` record (the records erased, the subject's salted hash) in the same
+/// transaction; the call's own record holds the count, not the subject.
 pub(crate) async fn audit_erase(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Principal>,
     Extension(meter): Extension<Meter>,
     ApiJson(body): ApiJson<EraseBody>,
 ) -> Result<Json<Value>, ApiError> {
     let erased = authenticator(&state)?
         .store()
-        .erase_audit_subject(&body.user)
+        .erase_audit_subject(
+            &body.user,
+            enclave_gateway::unix_millis(),
+            &caller.subject(),
+        )
         .await
         .map_err(gateway_error)?;
     note(&meter, "audit.erase", json!({ "records": erased }));
@@ -543,6 +561,7 @@ pub fn key_json(key: &KeyInfo) -> Value {
         "expires_at": key.expires_at,
         "revoked_at": key.revoked_at,
         "last_used_at": key.last_used_at,
+        "created_by": key.created_by,
     })
 }
 

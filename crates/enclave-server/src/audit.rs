@@ -1,13 +1,16 @@
 //! The audit record of one request, filled in as it goes: who (once authenticated), which
-//! model, how many tokens, what an admin action changed, and the status. It is queued for the
-//! audit log when the response has been sent to the end (streams included) — or, on the admin
-//! listener, committed before the response leaves.
+//! model, how many tokens, what an admin action changed, and the status. Once the caller is
+//! authenticated the record's place in the audit queue is reserved ([`AuditTrail::reserve`]),
+//! before the request is served; it is queued into that place when the response has been sent
+//! to the end (streams included) — or, on the admin listener, committed before the response
+//! leaves. A request refused before authentication holds no place: it is counted into its
+//! source's summary instead.
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use enclave_gateway::{AuditEvent, AuditKind, AuditLog, Principal};
+use enclave_gateway::{AuditEvent, AuditKind, AuditLog, AuditSlot, Principal};
 use serde_json::Value;
 
 #[derive(Default)]
@@ -40,6 +43,8 @@ pub(crate) struct AuditTrail {
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     recorded: AtomicBool,
+    /// The record's reserved place, once the caller is authenticated.
+    slot: Mutex<Option<AuditSlot>>,
 }
 
 impl AuditTrail {
@@ -68,7 +73,20 @@ impl AuditTrail {
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             recorded: AtomicBool::new(false),
+            slot: Mutex::new(None),
         }
+    }
+
+    /// Reserves the record's place in the audit queue (waiting for room, or refused, as the
+    /// backpressure policy says). Call once the caller is known, before serving.
+    pub async fn reserve(&self) -> enclave_gateway::Result<()> {
+        let slot = self.log.reserve().await?;
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot);
+        Ok(())
+    }
+
+    fn take_slot(&self) -> Option<AuditSlot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Identified) -> R) -> R {
@@ -146,8 +164,14 @@ impl AuditTrail {
 
     /// Commits the record now (admin actions: the change is not answered unaudited).
     pub async fn commit(&self) {
+        let Some(slot) = self.take_slot() else {
+            // Refused before authentication: summarised, not committed one by one.
+            self.queue();
+            return;
+        };
         if let Some(event) = self.take_event() {
-            let committed = tokio::time::timeout(COMMIT_WAIT, self.log.record_and_wait(event));
+            slot.record(event);
+            let committed = tokio::time::timeout(COMMIT_WAIT, self.log.flush_queued());
             match committed.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -170,10 +194,25 @@ impl std::fmt::Debug for AuditTrail {
     }
 }
 
+impl AuditTrail {
+    /// Queues the record into its reserved place; without one (refused before
+    /// authentication), counts it into its source's summary.
+    fn queue(&self) {
+        let slot = self.take_slot();
+        let Some(event) = self.take_event() else {
+            return;
+        };
+        match slot {
+            Some(slot) => slot.record(event),
+            None => self
+                .log
+                .summarise(&event.source, &event.route, event.status, event.at_ms),
+        }
+    }
+}
+
 impl Drop for AuditTrail {
     fn drop(&mut self) {
-        if let Some(event) = self.take_event() {
-            self.log.record(event);
-        }
+        self.queue();
     }
 }

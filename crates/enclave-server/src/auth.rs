@@ -206,6 +206,10 @@ async fn authorize_and_run(
                 }
                 _ => None,
             };
+            // A failure with credentials that name someone (a key id, a certificate) is a
+            // login attempt, recorded on its own (the abuse guard bounds how many per source);
+            // everything else refused before authentication goes into its source's summary.
+            let names_someone = key.is_some() || matches!(presented, Presented::Certificate(_));
             // A blocked address is refused before any credential is checked.
             if let Some(remaining) = state.abuse.blocked(&address, Instant::now()) {
                 return ApiError::blocked(remaining).into_response();
@@ -225,6 +229,13 @@ async fn authorize_and_run(
                             blocked(state, &block, source, trail.as_deref());
                         }
                     }
+                    if names_someone {
+                        if let Some(trail) = &trail {
+                            if let Err(e) = trail.reserve().await {
+                                tracing::warn!(error = %e, "audit queue: a failed login is summarised");
+                            }
+                        }
+                    }
                     return error.into_response();
                 }
             }
@@ -232,6 +243,16 @@ async fn authorize_and_run(
     };
     if let Some(trail) = &trail {
         trail.identify(&principal);
+        // The record's place is reserved before anything is served, so no served request
+        // goes unrecorded; under `reject` a full queue refuses the request instead.
+        if let Err(error) = trail.reserve().await {
+            tracing::warn!(error = %error, "audit queue: request refused");
+            return ApiError::unavailable(
+                "audit_unavailable",
+                "the audit log cannot take this request's record right now; retry shortly",
+            )
+            .into_response();
+        }
     }
     match needs {
         // A path with no such method in its table: a method the router does not take (405),

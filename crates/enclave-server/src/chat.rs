@@ -122,7 +122,8 @@ pub(crate) async fn create(
             "messages",
             &meter,
             top_logprobs.is_some(),
-        )?
+        )
+        .await?
     };
     let mut generate = GenerateRequest::new(Prompt::Chat(messages));
     // Cached prompt blocks are shared within the caller's tenant only (CVE-2025-46570).

@@ -66,7 +66,7 @@ pub(crate) struct CompletionRequest {
 }
 
 /// The tenant's prompt policy over text prompts (in place); how the output is treated.
-fn redact_prompts(
+async fn redact_prompts(
     policies: Option<&redaction::RedactionPolicies>,
     caller: &Principal,
     texts: &mut [String],
@@ -82,6 +82,7 @@ fn redact_prompts(
         meter,
         logprobs.is_some(),
     )
+    .await
 }
 
 /// OpenAI's default when `max_tokens` is absent.
@@ -127,21 +128,21 @@ pub(crate) async fn create(
     let (prompts, output): (Vec<Prompt>, _) = match request.prompt {
         PromptInput::Text(t) => {
             let mut texts = vec![t];
-            let output = redact_prompts(policies, &caller, &mut texts, &meter, logprobs)?;
+            let output = redact_prompts(policies, &caller, &mut texts, &meter, logprobs).await?;
             (texts.into_iter().map(Prompt::Text).collect(), output)
         }
         PromptInput::Texts(mut texts) => {
-            let output = redact_prompts(policies, &caller, &mut texts, &meter, logprobs)?;
+            let output = redact_prompts(policies, &caller, &mut texts, &meter, logprobs).await?;
             (texts.into_iter().map(Prompt::Text).collect(), output)
         }
         PromptInput::Ids(ids) => {
             redaction::refuse_unchecked(policies, &caller.tenant)?;
-            let output = redact_prompts(policies, &caller, &mut [], &meter, logprobs)?;
+            let output = redact_prompts(policies, &caller, &mut [], &meter, logprobs).await?;
             (vec![Prompt::TokenIds(ids)], output)
         }
         PromptInput::Batch(batch) => {
             redaction::refuse_unchecked(policies, &caller.tenant)?;
-            let output = redact_prompts(policies, &caller, &mut [], &meter, logprobs)?;
+            let output = redact_prompts(policies, &caller, &mut [], &meter, logprobs).await?;
             (batch.into_iter().map(Prompt::TokenIds).collect(), output)
         }
     };

@@ -176,6 +176,17 @@ impl ApiError {
     pub fn from_json_rejection(rejection: JsonRejection) -> Self {
         let status = rejection.status();
         let message = rejection.body_text();
+        let timed_out = std::iter::successors(
+            Some(&rejection as &(dyn std::error::Error + 'static)),
+            |e| e.source(),
+        )
+        .any(|e| e.is::<crate::conn::BodyTimedOut>());
+        if timed_out {
+            return Self {
+                status: StatusCode::REQUEST_TIMEOUT,
+                ..Self::invalid(None, "the request body did not arrive in time")
+            };
+        }
         match status {
             StatusCode::PAYLOAD_TOO_LARGE => Self {
                 status,

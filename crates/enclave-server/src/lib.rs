@@ -13,8 +13,10 @@
 pub mod admin;
 mod audit;
 mod auth;
+mod blocking;
 mod chat;
 mod completions;
+mod conn;
 mod error;
 mod extract;
 mod generation;
@@ -29,20 +31,19 @@ mod tls;
 mod tokenize;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 pub use admin::ADMIN_ROUTES;
 pub use auth::{Access, RouteTable, ROUTES};
+pub use conn::ConnectionLimits;
 pub use error::ApiError;
 pub use state::{AppState, ServerConfig};
 pub use tls::{TlsConfigHandle, TlsListener, TlsPeer, HANDSHAKE_TIMEOUT};
@@ -59,7 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(health))
-        .route("/livez", get(|| async { StatusCode::OK }))
+        .route("/livez", get(livez))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(
@@ -102,7 +103,7 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
             "/admin/v1/roles/{name}",
             axum::routing::delete(admin::delete_role),
         )
-        .route("/livez", get(|| async { StatusCode::OK }))
+        .route("/livez", get(livez))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(
@@ -116,40 +117,53 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// 200 while the process can serve (loading included), 503 once its engine has stopped: a
+/// dead engine never comes back, so an orchestrator's liveness check should restart the
+/// process.
+async fn livez(State(state): State<Arc<AppState>>) -> Response {
+    if state.engine_stopped() {
+        engine_stopped().into_response()
+    } else {
+        StatusCode::OK.into_response()
+    }
+}
+
+fn engine_stopped() -> ApiError {
+    ApiError::unavailable(
+        "engine_stopped",
+        "the inference engine has stopped; restart the server",
+    )
+}
+
 /// 200 once the model is loaded and warmed up, 503 before, and 503 again if its engine stopped
 /// (an orchestrator's readiness check then takes this replica out of service).
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     if !state.is_ready() {
         ApiError::unavailable("model_loading", "the model is still loading").into_response()
     } else if state.engine_stopped() {
-        ApiError::unavailable(
-            "engine_stopped",
-            "the inference engine has stopped; restart the server",
-        )
-        .into_response()
+        engine_stopped().into_response()
     } else {
         StatusCode::OK.into_response()
     }
 }
 
 /// Serves plain HTTP until `shutdown` resolves, then stops accepting connections and lets
-/// requests in flight finish for up to the configured grace period.
+/// requests in flight finish for up to the configured grace period. Connections are held to
+/// the configured [`ConnectionLimits`].
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grace = state.config.shutdown_grace;
-    // Without TCP_NODELAY, Nagle's algorithm holds each small SSE event until the client's
-    // delayed ACK (~40 ms per response).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let grace = state.config.shutdown_grace;
+    let server = conn::serve_tcp(
+        listener,
+        router(state.clone()),
+        state,
+        "api",
+        stop_rx.clone(),
+    );
     run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
 }
 
@@ -159,10 +173,15 @@ pub async fn serve_admin(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grace = state.config.shutdown_grace;
-    let app = admin_router(state).into_make_service_with_connect_info::<SocketAddr>();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let grace = state.config.shutdown_grace;
+    let server = conn::serve_tcp(
+        listener,
+        admin_router(state.clone()),
+        state,
+        "admin",
+        stop_rx.clone(),
+    );
     run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
 }
 
@@ -172,10 +191,15 @@ pub async fn serve_admin_tls(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grace = state.config.shutdown_grace;
-    let app = admin_router(state).into_make_service_with_connect_info::<TlsPeer>();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let grace = state.config.shutdown_grace;
+    let server = conn::serve_tls(
+        listener,
+        admin_router(state.clone()),
+        state,
+        "admin",
+        stop_rx.clone(),
+    );
     run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
 }
 
@@ -185,10 +209,15 @@ pub async fn serve_tls(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grace = state.config.shutdown_grace;
-    let app = router(state).into_make_service_with_connect_info::<TlsPeer>();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let grace = state.config.shutdown_grace;
+    let server = conn::serve_tls(
+        listener,
+        router(state.clone()),
+        state,
+        "api",
+        stop_rx.clone(),
+    );
     run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
 }
 

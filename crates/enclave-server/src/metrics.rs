@@ -49,6 +49,13 @@ pub(crate) struct Metrics {
     running: IntGauge,
     waiting: IntGauge,
     kv_blocks: IntGaugeVec,
+    connections_open: IntGaugeVec,
+    connections_refused: IntCounterVec,
+    audit_queue_depth: IntGauge,
+    audit_queue_capacity: IntGauge,
+    /// By outcome: dropped (queue full, no place reserved), rejected (`reject` policy),
+    /// summarised (refused before authentication).
+    audit_records: IntCounterVec,
     /// Serialises scrapes: the engine counters advance by the difference to the last one.
     engine: Mutex<EngineCounters>,
 }
@@ -91,6 +98,33 @@ impl Metrics {
             &["state"],
         )?;
         registry.register(Box::new(kv_blocks.clone()))?;
+        let connections_open = IntGaugeVec::new(
+            Opts::new(
+                "enclave_connections_open",
+                "Client connections open, by listener",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(connections_open.clone()))?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "enclave_connections_refused_total",
+                "Client connections closed at once, by listener and the limit they met \
+                 (max_connections, max_connections_per_address, max_handshakes)",
+            ),
+            &["listener", "reason"],
+        )?;
+        registry.register(Box::new(connections_refused.clone()))?;
+        let audit_records = IntCounterVec::new(
+            Opts::new(
+                "enclave_audit_records_total",
+                "Audit records not written one by one, by outcome: dropped (the queue was full \
+                 and no place was reserved), rejected (a request refused under \
+                 on_backpressure = reject), summarised (a refusal before authentication)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(audit_records.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("enclave_build_info", "The running version (always 1)"),
             &["version"],
@@ -151,6 +185,17 @@ impl Metrics {
             )?,
             waiting: gauge("enclave_requests_waiting", "Requests queued for admission")?,
             kv_blocks,
+            connections_open,
+            connections_refused,
+            audit_queue_depth: gauge(
+                "enclave_audit_queue_depth",
+                "Audit records queued (or places reserved) for the writer",
+            )?,
+            audit_queue_capacity: gauge(
+                "enclave_audit_queue_capacity",
+                "Audit records the queue holds at most",
+            )?,
+            audit_records,
             engine: Mutex::new(engine),
             registry,
         })
@@ -174,6 +219,20 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    pub fn connection_opened(&self, listener: &str) {
+        self.connections_open.with_label_values(&[listener]).inc();
+    }
+
+    pub fn connection_closed(&self, listener: &str) {
+        self.connections_open.with_label_values(&[listener]).dec();
+    }
+
+    pub fn connection_refused(&self, listener: &str, reason: &str) {
+        self.connections_refused
+            .with_label_values(&[listener, reason])
+            .inc();
+    }
+
     pub fn auth_failed(&self) {
         self.auth_failures.inc();
     }
@@ -182,9 +241,25 @@ impl Metrics {
         self.rate_limited.inc();
     }
 
-    /// The exposition text, with the engine's numbers read now.
-    fn render(&self, ready: bool, stats: Option<ServingStats>) -> Result<String, String> {
+    /// The exposition text, with the engine's and the audit queue's numbers read now.
+    fn render(
+        &self,
+        ready: bool,
+        stats: Option<ServingStats>,
+        audit: Option<enclave_gateway::AuditQueueStats>,
+    ) -> Result<String, String> {
         self.ready.set(i64::from(ready));
+        if let Some(audit) = audit {
+            self.audit_queue_depth.set(gauge_value(audit.depth));
+            self.audit_queue_capacity.set(gauge_value(audit.capacity));
+            for (outcome, total) in [
+                ("dropped", audit.dropped),
+                ("rejected", audit.rejected),
+                ("summarised", audit.summarised),
+            ] {
+                advance_to(&self.audit_records.with_label_values(&[outcome]), total);
+            }
+        }
         if let Some(stats) = stats {
             let scheduler = &stats.scheduler;
             let blocks = &scheduler.blocks;
@@ -241,7 +316,8 @@ pub(crate) async fn scrape(State(state): State<Arc<AppState>>) -> Response {
         return ApiError::internal("the metrics registry could not be built").into_response();
     };
     let stats = state.engine().map(|engine| engine.stats());
-    match metrics.render(state.is_ready(), stats) {
+    let audit = state.audit_log().map(enclave_gateway::AuditLog::stats);
+    match metrics.render(state.is_ready(), stats, audit) {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,
@@ -273,7 +349,7 @@ mod tests {
         );
         metrics.auth_failed();
         let text = metrics
-            .render(false, Some(ServingStats::default()))
+            .render(false, Some(ServingStats::default()), None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(text.contains(
             "enclave_http_requests_total{listener=\"api\",method=\"POST\",route=\"/v1/completions\",status=\"200\"} 1"
@@ -284,9 +360,11 @@ mod tests {
             generated_tokens,
             ..ServingStats::default()
         };
-        metrics.render(true, Some(stats(7))).unwrap_or_default();
+        metrics
+            .render(true, Some(stats(7)), None)
+            .unwrap_or_default();
         let text = metrics
-            .render(true, Some(stats(12)))
+            .render(true, Some(stats(12)), None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(
             text.contains("enclave_generation_tokens_total 12"),

@@ -8,9 +8,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use enclave_redact::{Redactor, StreamRedactor};
+use enclave_redact::{Redacted, Redactor, StreamRedactor};
 use serde_json::{json, Value};
 
+use crate::blocking;
 use crate::error::ApiError;
 use crate::generation::Meter;
 
@@ -131,9 +132,17 @@ impl OutputPolicy {
     }
 }
 
+/// Most bytes of prompt text one request may have checked: redaction scales with the text, and
+/// no context window holds more.
+pub const MAX_CHECKED_BYTES: usize = 4 << 20;
+/// Most sensitive values one request's prompt may hold: beyond this it is a data dump, not a
+/// prompt, and masking it would only make the audit record enormous.
+pub const MAX_FINDINGS: usize = 10_000;
+
 /// Applies the caller's prompt policy to `texts` (the messages' contents, or the prompts),
 /// in place; returns how the output is to be treated. `param` names the field in errors.
-pub(crate) fn apply(
+/// Large texts are redacted on the bounded work pool, off the async workers.
+pub(crate) async fn apply(
     policies: Option<&RedactionPolicies>,
     tenant: &str,
     texts: &mut [&mut String],
@@ -151,10 +160,36 @@ pub(crate) fn apply(
     let redactor = policies.redactor(tenant);
     let checks_prompt = policy.prompt != PromptAction::Off || policy.store_text;
     if checks_prompt {
+        let bytes: usize = texts.iter().map(|t| t.len()).sum();
+        if bytes > MAX_CHECKED_BYTES {
+            return Err(ApiError::invalid(
+                Some(param.to_string()),
+                format!(
+                    "`{param}` holds {bytes} bytes of text; this tenant's redaction policy checks \
+                     at most {MAX_CHECKED_BYTES} per request"
+                ),
+            ));
+        }
+        let redactions: Vec<Redacted> = if bytes <= blocking::INLINE_BYTES {
+            texts.iter().map(|text| redactor.redact(text)).collect()
+        } else {
+            let owned: Vec<String> = texts.iter().map(|text| text.to_string()).collect();
+            let redactor = redactor.clone();
+            blocking::run(move || owned.iter().map(|text| redactor.redact(text)).collect()).await?
+        };
+        let found: usize = redactions.iter().map(|r| r.findings.len()).sum();
+        if found > MAX_FINDINGS {
+            return Err(ApiError::invalid(
+                Some(param.to_string()),
+                format!(
+                    "`{param}` holds {found} sensitive values; this tenant's redaction policy \
+                     handles at most {MAX_FINDINGS} per request"
+                ),
+            ));
+        }
         let mut categories: Vec<String> = Vec::new();
         let mut logged = Vec::new();
-        for text in texts.iter_mut() {
-            let redacted = redactor.redact(text);
+        for (text, redacted) in texts.iter_mut().zip(redactions) {
             for f in &redacted.findings {
                 let name = f.category.name().to_string();
                 if !categories.contains(&name) {

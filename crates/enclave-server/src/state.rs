@@ -29,6 +29,10 @@ pub struct ServerConfig {
     pub abuse: enclave_gateway::AbuseLimits,
     /// Each tenant's sensitive-data policy; `None`: text passes untouched and unlogged.
     pub redaction: Option<Arc<crate::redaction::RedactionPolicies>>,
+    /// What each listener allows its clients (caps, timeouts).
+    pub connections: crate::conn::ConnectionLimits,
+    /// The audit queue's size, what a full one does to requests, how refusals are summarised.
+    pub audit_queue: enclave_gateway::AuditQueueConfig,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +45,8 @@ impl Default for ServerConfig {
             max_n: 16,
             abuse: enclave_gateway::AbuseLimits::default(),
             redaction: None,
+            connections: crate::conn::ConnectionLimits::default(),
+            audit_queue: enclave_gateway::AuditQueueConfig::default(),
         }
     }
 }
@@ -76,9 +82,9 @@ impl AppState {
     /// current Tokio runtime.
     pub fn new(config: ServerConfig, access: Access) -> Arc<Self> {
         let audit = match &access {
-            Access::Keys(authenticator) if tokio::runtime::Handle::try_current().is_ok() => {
-                Some(AuditLog::start(authenticator.store().clone()))
-            }
+            Access::Keys(authenticator) if tokio::runtime::Handle::try_current().is_ok() => Some(
+                AuditLog::start_with(authenticator.store().clone(), config.audit_queue),
+            ),
             Access::Keys(_) => {
                 tracing::error!("no async runtime: requests will not be audited");
                 None

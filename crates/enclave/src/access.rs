@@ -268,6 +268,7 @@ pub fn keys(settings: &Settings, command: KeysCommand) -> Result<()> {
                             name: args.name,
                             expires_at,
                             limits: args.limits.limits(),
+                            created_by: format!("cli:{}", crate::audit::os_user()),
                         },
                         &roles,
                         now,

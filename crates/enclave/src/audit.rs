@@ -196,9 +196,15 @@ pub fn audit(settings: &Settings, command: AuditCommand) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             AuditCommand::Erase(args) => {
-                let erased = store.erase_audit_subject(&args.user).await?;
-                // The action's own record holds the count, never the subject.
-                record_cli_action(&store, "audit.erase", json!({ "records": erased })).await?;
+                // The erasure appends its own record (the records erased, the subject's
+                // salted hash) in the same transaction.
+                let erased = store
+                    .erase_audit_subject(
+                        &args.user,
+                        enclave_gateway::unix_millis(),
+                        &format!("cli:{}", os_user()),
+                    )
+                    .await?;
                 if args.json {
                     println!("{}", json!({ "erased": erased }));
                 } else {
@@ -287,9 +293,12 @@ pub async fn record_cli_action(store: &Store, action: &str, mut detail: Value) -
         .context("cannot write the audit record of this change")
 }
 
-/// Who runs this command, as the audit log names them (`cli:<user>`).
-fn os_user() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into())
+/// Who runs this command, as the audit log names them (`cli:<user>`): the account of the
+/// process's real user id, never `$USER`, which whoever runs the command sets at will.
+pub fn os_user() -> String {
+    let uid = nix::unistd::getuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => user.name,
+        _ => format!("uid:{uid}"),
+    }
 }

@@ -49,6 +49,54 @@ pub struct Settings {
     pub redaction: RedactionSettings,
     #[serde(default)]
     pub abuse: AbuseSettings,
+    #[serde(default)]
+    pub connections: ConnectionSettings,
+}
+
+/// `[connections]`: what each listener allows its clients.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionSettings {
+    /// Connections open at once per listener (default 4096, and never more than the open-file
+    /// limit allows).
+    pub max_connections: Option<usize>,
+    /// Connections open at once from one client address (default 512).
+    pub max_connections_per_address: Option<usize>,
+    /// TLS handshakes in progress at once (default 256).
+    pub max_handshakes: Option<usize>,
+    /// Seconds to wait for a request's headers, new or on a kept-alive connection (default 10).
+    pub header_read_timeout_seconds: Option<u64>,
+    /// Seconds a request body may take to arrive (default 60).
+    pub body_read_timeout_seconds: Option<u64>,
+}
+
+impl ConnectionSettings {
+    pub fn limits(&self) -> Result<enclave_server::ConnectionLimits> {
+        let default = enclave_server::ConnectionLimits::default();
+        let seconds = std::time::Duration::from_secs;
+        let limits = enclave_server::ConnectionLimits {
+            max_connections: self.max_connections.unwrap_or(default.max_connections),
+            max_connections_per_address: self
+                .max_connections_per_address
+                .unwrap_or(default.max_connections_per_address),
+            max_handshakes: self.max_handshakes.unwrap_or(default.max_handshakes),
+            header_read_timeout: self
+                .header_read_timeout_seconds
+                .map_or(default.header_read_timeout, seconds),
+            body_read_timeout: self
+                .body_read_timeout_seconds
+                .map_or(default.body_read_timeout, seconds),
+        };
+        if limits.max_connections == 0
+            || limits.max_connections_per_address == 0
+            || limits.max_handshakes == 0
+            || limits.header_read_timeout.is_zero()
+            || limits.body_read_timeout.is_zero()
+        {
+            anyhow::bail!("every [connections] limit must be at least 1");
+        }
+        Ok(limits)
+    }
 }
 
 /// `[abuse]`: repeated authentication failures from one address, or against one key, block it.
@@ -203,17 +251,50 @@ impl RedactionSettings {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSettings {
-    /// Days API calls and security events are kept (default 180: MLPS level 3 asks for at
-    /// least six months).
+    /// Days API calls and security events are kept (default 184: MLPS 2.0 (等保 2.0) asks for
+    /// at least six months, and six calendar months can be 184 days).
     pub retention_days: Option<u32>,
     /// Days admin actions are kept (default 365).
     pub admin_retention_days: Option<u32>,
+    /// Records the queue to the database holds (default 65536); each served request's place
+    /// is reserved before it is served.
+    pub queue_capacity: Option<usize>,
+    /// With the queue full: `block` (default: requests wait for room) or `reject` (503 with
+    /// `Retry-After`).
+    pub on_backpressure: Option<String>,
+    /// Seconds between the per-source summaries of requests refused before authentication
+    /// (default 60).
+    pub summary_interval_seconds: Option<u64>,
 }
 
 impl AuditSettings {
+    pub fn queue(&self) -> Result<enclave_gateway::AuditQueueConfig> {
+        let default = enclave_gateway::AuditQueueConfig::default();
+        let on_backpressure = match self.on_backpressure.as_deref() {
+            None => default.on_backpressure,
+            Some(name) => enclave_gateway::Backpressure::parse(name).with_context(|| {
+                format!("audit.on_backpressure is `block` or `reject`, not `{name}`")
+            })?,
+        };
+        let config = enclave_gateway::AuditQueueConfig {
+            capacity: self.queue_capacity.unwrap_or(default.capacity),
+            on_backpressure,
+            summary_interval: self
+                .summary_interval_seconds
+                .map_or(default.summary_interval, std::time::Duration::from_secs),
+            ..default
+        };
+        if config.capacity == 0 || config.summary_interval.is_zero() {
+            anyhow::bail!(
+                "audit.queue_capacity and audit.summary_interval_seconds must be at least 1"
+            );
+        }
+        Ok(config)
+    }
+
     /// (API and security records, admin records), in days.
     pub fn retention(&self) -> Result<(u32, u32)> {
-        let days = self.retention_days.unwrap_or(180);
+        let days = self.retention_days.unwrap_or(184);
         let admin_days = self.admin_retention_days.unwrap_or(365.max(days));
         if days == 0 || admin_days == 0 {
             anyhow::bail!("audit.retention_days and audit.admin_retention_days must be at least 1");
@@ -350,9 +431,15 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("tls.client_auth", "ENCLAVE_TLS_CLIENT_AUTH"),
     ("tls.allow_tls12", "ENCLAVE_TLS_ALLOW_TLS12"),
     ("audit.retention_days", "ENCLAVE_AUDIT_RETENTION_DAYS"),
+    ("audit.on_backpressure", "ENCLAVE_AUDIT_ON_BACKPRESSURE"),
     ("abuse.max_failures", "ENCLAVE_ABUSE_MAX_FAILURES"),
     ("abuse.window_seconds", "ENCLAVE_ABUSE_WINDOW_SECONDS"),
     ("abuse.block_seconds", "ENCLAVE_ABUSE_BLOCK_SECONDS"),
+    ("connections.max_connections", "ENCLAVE_MAX_CONNECTIONS"),
+    (
+        "connections.max_connections_per_address",
+        "ENCLAVE_MAX_CONNECTIONS_PER_ADDRESS",
+    ),
     (
         "audit.admin_retention_days",
         "ENCLAVE_AUDIT_ADMIN_RETENTION_DAYS",
@@ -584,8 +671,16 @@ mod tests {
             .collect();
         let f = file(&on);
         let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
-        assert_eq!(s.audit.retention().unwrap(), (180, 365));
+        assert_eq!(s.audit.retention().unwrap(), (184, 365));
         assert_eq!(s.abuse.limits().unwrap().max_failures, 10);
+        assert_eq!(
+            s.connections.limits().unwrap(),
+            enclave_server::ConnectionLimits::default()
+        );
+        assert_eq!(
+            s.audit.queue().unwrap(),
+            enclave_gateway::AuditQueueConfig::default()
+        );
         let policies = s.redaction.policies().unwrap().unwrap();
         let hospital = policies.policy("hospital");
         assert_eq!(

@@ -131,6 +131,8 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         max_n: args.max_n.max(1),
         abuse: settings.abuse.limits()?,
         redaction: settings.redaction.policies()?.map(Arc::new),
+        connections: fit_open_files(settings.connections.limits()?),
+        audit_queue: settings.audit.queue()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -209,6 +211,7 @@ async fn serve(
     eprintln!(
         "listening on {scheme}://{address} (loading {name}; /health answers 503 until ready)"
     );
+    warn_if_plain_and_exposed("the API", tls.is_none(), address);
     let state = AppState::new(config, access);
     // Each listener has its TLS configuration; a SIGHUP reloads them all.
     let tls_handle = match &tls {
@@ -225,6 +228,7 @@ async fn serve(
             .with_context(|| format!("cannot listen on {host}:{port} (admin)"))?;
         let admin_address = admin_listener.local_addr().context("admin address")?;
         eprintln!("admin API on {scheme}://{admin_address}/admin/v1");
+        warn_if_plain_and_exposed("the admin API", admin_tls.is_none(), admin_address);
         let admin_state = state.clone();
         let admin_tls = match admin_tls {
             Some(tls) => {
@@ -349,12 +353,22 @@ async fn serve(
         }
     }
     if let Some(audit) = state.audit_log() {
-        match tokio::time::timeout(AUDIT_FLUSH_TIMEOUT, audit.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "the audit log could not be flushed"),
-            Err(_) => tracing::error!(
-                "the audit log could not be written before exiting; records queued since are lost"
-            ),
+        // Every queued record is written before exiting, however long the database takes
+        // (the queue is bounded, so this is bounded by its size); only a kill cuts it short.
+        let flushed = audit.flush();
+        tokio::pin!(flushed);
+        loop {
+            match tokio::time::timeout(AUDIT_FLUSH_PROGRESS, &mut flushed).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "the audit log could not be flushed");
+                    break;
+                }
+                Err(_) => tracing::warn!(
+                    queued = audit.stats().depth,
+                    "still writing the audit log's queued records before exiting"
+                ),
+            }
         }
     }
     result??;
@@ -363,8 +377,8 @@ async fn serve(
 
 /// How often the audit log is pruned to its retention.
 const AUDIT_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
-/// How long exiting waits for queued audit records to be committed (the database away).
-const AUDIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often exiting reports that queued audit records are still being written.
+const AUDIT_FLUSH_PROGRESS: Duration = Duration::from_secs(10);
 
 /// How often counted usage is written to the database (what a crash can lose).
 const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -480,6 +494,54 @@ fn default_model_name(model: &str) -> String {
         }
     }
     model.to_string()
+}
+
+/// Keys and prompts sent in clear text beyond this machine: said at start, on stderr and in
+/// the log, so nobody runs it so by accident.
+fn warn_if_plain_and_exposed(what: &str, plain: bool, address: std::net::SocketAddr) {
+    if plain && !address.ip().is_loopback() {
+        eprintln!(
+            "warning: {what} serves plain HTTP on {address}, a non-loopback address: API keys \
+             and prompts cross the network unencrypted; use --tls-cert/--tls-key, or a \
+             TLS-terminating proxy on the same host"
+        );
+        tracing::warn!(%address, "{what} serves plain HTTP on a non-loopback address");
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (each connection is a descriptor, and the
+/// usual soft 1024 is exhausted by a thousand idle sockets), and keeps the connection cap
+/// under it with room for the model's files, the database and the admin listener.
+fn fit_open_files(
+    mut limits: enclave_server::ConnectionLimits,
+) -> enclave_server::ConnectionLimits {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let soft = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit");
+            return limits;
+        }
+    };
+    let room = usize::try_from(soft.saturating_sub(256))
+        .unwrap_or(usize::MAX)
+        .max(64);
+    if limits.max_connections > room {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            open_files = soft,
+            "the open-file limit allows fewer connections than configured; capping at {room}"
+        );
+        limits.max_connections = room;
+    }
+    limits
 }
 
 #[cfg(test)]

@@ -244,11 +244,38 @@ async fn pruning_and_erasure_keep_the_chain_verifying() {
         assert!(entries[1].pruned && entries[1].request_id.is_none());
 
         // Erase one subject: its records keep everything but who, from where, and what.
-        let erased = store.erase_audit_subject("0000000000000002").await.unwrap();
+        let erased = store
+            .erase_audit_subject("0000000000000002", newest, "test")
+            .await
+            .unwrap();
         assert_eq!(erased, 2, "records 8 and 11 (5 is pruned already)");
         let verified = store.verify_audit().await.unwrap();
         assert_eq!(verified.problem, None, "{url}");
         assert_eq!(verified.erased, 2);
+        // The erasure's own record (14) lists what it erased and can be shown to be about
+        // that subject, without naming it.
+        let erasure = &store
+            .audit_entries(&AuditQuery {
+                after_seq: Some(13),
+                limit: 1,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap()[0];
+        assert_eq!(erasure.route.as_deref(), Some("audit.erase"));
+        let detail: serde_json::Value =
+            serde_json::from_str(erasure.detail.as_deref().unwrap()).unwrap();
+        assert_eq!(detail["seqs"], serde_json::json!([[8, 8], [11, 11]]));
+        let salt = detail["subject_salt"].as_str().unwrap();
+        assert_eq!(
+            detail["subject_sha256"],
+            enclave_gateway::erased_subject_sha256(salt, "0000000000000002")
+        );
+        assert!(!erasure
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("0000000000000002"));
         let entries = store
             .audit_entries(&AuditQuery {
                 after_seq: Some(7),
@@ -280,13 +307,13 @@ async fn pruning_and_erasure_keep_the_chain_verifying() {
             .await
             .unwrap();
         assert_eq!(
-            all.deleted, 11,
-            "4..=14, the first pruning's record included"
+            all.deleted, 12,
+            "4..=15, the first pruning's and the erasure's records included"
         );
         let empty = store.verify_audit().await.unwrap();
         assert_eq!(
             (empty.problem, empty.records, empty.head_seq),
-            (None, 1, 15),
+            (None, 1, 16),
             "only the last pruning's record is left"
         );
         log.record_and_wait(event(16, newest + 3 * DAY_MS, AuditKind::Api))
@@ -294,6 +321,126 @@ async fn pruning_and_erasure_keep_the_chain_verifying() {
             .unwrap();
         let verified = store.verify_audit().await.unwrap();
         assert_eq!((verified.problem, verified.records), (None, 2));
+    }
+}
+
+/// Content or personal fields blanked by hand, marked as if pruned or erased: each blanked
+/// record must be accounted for by a later `audit.prune` (older than its cutoff) or
+/// `audit.erase` (listed) record, or `verify` names it.
+#[tokio::test]
+async fn blanking_records_as_if_pruned_or_erased_is_detected() {
+    let prune = |seq: i64| {
+        format!(
+            "UPDATE audit_log SET request_id = NULL, tenant = NULL, method = NULL, route = NULL, \
+             model = NULL, status = NULL, prompt_tokens = NULL, completion_tokens = NULL, \
+             latency_ms = NULL, detail = NULL, subject = NULL, source = NULL, text = NULL, \
+             salt = NULL, personal_sha256 = NULL, pruned = 1 WHERE seq = {seq}"
+        )
+    };
+    let erase = |seq: i64| {
+        format!(
+            "UPDATE audit_log SET subject = NULL, source = NULL, text = NULL, salt = NULL, \
+             erased = 1 WHERE seq = {seq}"
+        )
+    };
+    // After the setup below: 4 (admin, 8 days old), 5 and 6 pruned, 7..=12, 13 the pruning
+    // (API cutoff 5 days, admin 9 days), 8 and 11 erased, 14 the erasure.
+    let cases: Vec<(&str, String, i64, &str)> = vec![
+        (
+            "a two-day-old API record blanked",
+            prune(10),
+            10,
+            "audit.prune",
+        ),
+        (
+            "a newest admin record blanked",
+            prune(12),
+            12,
+            "audit.prune",
+        ),
+        (
+            "an admin record older than the API cutoff but within the admin one",
+            prune(4),
+            4,
+            "audit.prune",
+        ),
+        // (which also leaves the anchor unexplained: that is found first)
+        (
+            "the pruning's own record blanked",
+            prune(13),
+            4,
+            "no pruning recorded",
+        ),
+        (
+            "another record's subject blanked",
+            erase(9),
+            9,
+            "audit.erase",
+        ),
+        (
+            "a record before the erasure blanked",
+            erase(7),
+            7,
+            "audit.erase",
+        ),
+        (
+            "the erasure's own record blanked",
+            prune(14),
+            8,
+            "audit.erase",
+        ),
+    ];
+    let mut dirs = Vec::new();
+    for url in databases().await.urls {
+        for (what, statement, seq, word) in &cases {
+            let url = if url.starts_with("sqlite:") {
+                let dir = tempfile::tempdir().unwrap();
+                let url = Store::sqlite_url(dir.path());
+                dirs.push(dir);
+                url
+            } else {
+                crate::fresh_postgres(&std::env::var("ENCLAVE_TEST_POSTGRES_URL").unwrap()).await
+            };
+            let store = filled(&url, 12).await;
+            let newest = 1_800_000_000_000;
+            store
+                .prune_audit(newest - 5 * DAY_MS, newest - 9 * DAY_MS, newest, "test")
+                .await
+                .unwrap();
+            store
+                .erase_audit_subject("0000000000000002", newest, "test")
+                .await
+                .unwrap();
+            let before = store.verify_audit().await.unwrap();
+            assert_eq!(before.problem, None, "{what} ({url})");
+            tamper(&url, &[statement.as_str()]).await;
+            let after = store.verify_audit().await.unwrap();
+            let problem = after
+                .problem
+                .unwrap_or_else(|| panic!("{what}: not detected ({url})"));
+            assert_eq!(problem.seq, *seq, "{what}: {problem}");
+            assert!(problem.reason.contains(word), "{what}: {problem}");
+            assert_eq!(
+                after.head_sha256, before.head_sha256,
+                "the head is unchanged"
+            );
+        }
+    }
+}
+
+/// A pruning cannot claim a cutoff in the future (its record would vouch for records that are
+/// not old).
+#[tokio::test]
+async fn a_pruning_cutoff_in_the_future_is_refused() {
+    for url in databases().await.urls {
+        let store = filled(&url, 3).await;
+        let now = 1_800_000_000_000;
+        let err = store
+            .prune_audit(now + 1, now, now, "test")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("future"), "{err}");
+        assert_eq!(store.verify_audit().await.unwrap().records, 3);
     }
 }
 

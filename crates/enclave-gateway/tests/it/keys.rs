@@ -17,6 +17,7 @@ fn new_key(tenant: &str, role: &str, models: &[&str]) -> NewKey {
         name: "test".into(),
         expires_at: None,
         limits: Limits::default(),
+        created_by: "test".into(),
     }
 }
 

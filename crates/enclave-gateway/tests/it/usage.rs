@@ -34,6 +34,7 @@ async fn limits_travel_from_the_database_to_the_principal() {
                     name: String::new(),
                     expires_at: None,
                     limits: key_limits,
+                    created_by: "test".into(),
                 },
                 &Roles::default(),
                 now,

@@ -35,6 +35,7 @@ pub async fn start() -> Admin {
                 name: "root".into(),
                 expires_at: None,
                 limits: Limits::default(),
+                created_by: "test".into(),
             },
             &roles,
             unix_time(),
@@ -300,6 +301,116 @@ async fn tenants_and_keys_over_http() {
 
 /// Roles created over the admin API grant exactly their permissions to keys given them, can
 /// only grant what their creator holds, and cannot be deleted while a key holds them.
+/// A key limited in models, rate and lifetime cannot mint a key that is less limited in any
+/// of them; what it may mint names it as its creator, on the key and in the audit record.
+#[tokio::test]
+async fn a_key_cannot_mint_a_broader_key() {
+    let admin = start().await;
+    let root = Some(admin.root.as_str());
+    let (status, manager) = admin
+        .call(
+            "POST",
+            "/admin/v1/keys",
+            root,
+            Some(json!({"role": "key-manager", "models": ["nomatch-*"],
+                "limits": {"requests_per_minute": 100}, "expires_in": 3600})),
+        )
+        .await;
+    assert_eq!(status, 201, "{manager}");
+    let manager_id = manager["id"].as_str().unwrap().to_string();
+    let key = manager["key"].as_str().unwrap().to_string();
+    let within = json!({"requests_per_minute": 50});
+    // (what, body, the field named)
+    let broader = [
+        (
+            "every model",
+            json!({"role": "key-manager", "models": ["*"], "limits": within, "expires_in": 60}),
+            "models",
+        ),
+        (
+            "the default models (all)",
+            json!({"role": "key-manager", "limits": within, "expires_in": 60}),
+            "models",
+        ),
+        (
+            "a wider glob",
+            json!({"role": "key-manager", "models": ["nomatch*"], "limits": within, "expires_in": 60}),
+            "models",
+        ),
+        (
+            "no rate limit",
+            json!({"role": "key-manager", "models": ["nomatch-a*"], "expires_in": 60}),
+            "limits",
+        ),
+        (
+            "a looser rate limit",
+            json!({"role": "key-manager", "models": ["nomatch-a*"], "limits": {"requests_per_minute": 101}, "expires_in": 60}),
+            "limits",
+        ),
+        (
+            "no expiry",
+            json!({"role": "key-manager", "models": ["nomatch-a*"], "limits": within}),
+            "expires",
+        ),
+        (
+            "a later expiry",
+            json!({"role": "key-manager", "models": ["nomatch-a*"], "limits": within, "expires_in": 7200}),
+            "expires",
+        ),
+    ];
+    for (what, body, field) in broader {
+        let (status, refused) = admin
+            .call("POST", "/admin/v1/keys", Some(&key), Some(body))
+            .await;
+        assert_eq!(status, 403, "{what}: {refused}");
+        assert_eq!(refused["error"]["param"], field, "{what}: {refused}");
+    }
+    let (status, minted) = admin
+        .call(
+            "POST",
+            "/admin/v1/keys",
+            Some(&key),
+            Some(
+                json!({"role": "key-manager", "models": ["nomatch-a*", "nomatch-b"],
+                "limits": within, "expires_in": 600}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{minted}");
+    let creator = format!("key:{manager_id}");
+    assert_eq!(minted["created_by"], creator.as_str());
+    // The refusals and the creation are each audited; the creation names its creator.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = admin
+            .store
+            .audit_entries(&enclave_gateway::AuditQuery {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let created = records.iter().find(|e| {
+            e.route.as_deref() == Some("/admin/v1/keys")
+                && e.status == Some(201)
+                && e.subject.as_deref() == Some(creator.as_str())
+        });
+        if let Some(created) = created {
+            let detail: Value = serde_json::from_str(created.detail.as_deref().unwrap()).unwrap();
+            assert_eq!(detail["created_by"], creator.as_str());
+            assert_eq!(detail["id"], minted["id"]);
+            let refused = records
+                .iter()
+                .filter(|e| e.status == Some(403) && e.subject.as_deref() == Some(creator.as_str()))
+                .count();
+            assert_eq!(refused, 7);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no audit record of the creation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn roles_created_over_http() {
     let admin = start().await;

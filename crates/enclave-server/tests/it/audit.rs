@@ -120,7 +120,7 @@ async fn every_call_is_recorded_with_what_it_did() {
     let response = api
         .client
         .get(format!("{}/v1/models", api.base))
-        .bearer_auth("enc_0123456789abcdef_00")
+        .bearer_auth(format!("enc_0123456789abcdef_{}", "0".repeat(64)))
         .send()
         .await
         .unwrap();
@@ -395,4 +395,178 @@ async fn failed_logins_block_the_address_for_a_while() {
         assert!(start.elapsed() < Duration::from_secs(10), "still blocked");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A server with keys in a SQLite file (the queue's behaviour does not depend on the
+/// database) and the given audit queue; its store's URL, for tampering.
+async fn queued_server(
+    queue: enclave_gateway::AuditQueueConfig,
+) -> (
+    crate::TestServer,
+    enclave_gateway::Store,
+    String,
+    tempfile::TempDir,
+) {
+    use std::sync::Arc;
+
+    use enclave_gateway::{Authenticator, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let url = Store::sqlite_url(dir.path());
+    let store = Store::connect(&url).await.unwrap();
+    let config = enclave_server::ServerConfig {
+        audit_queue: queue,
+        ..crate::server_config()
+    };
+    let server = crate::TestServer::listen_with(
+        config,
+        enclave_server::Access::Keys(Arc::new(Authenticator::new(
+            store.clone(),
+            Roles::default(),
+        ))),
+    )
+    .await;
+    (server, store, url, dir)
+}
+
+/// Under `reject`, a full queue (the database held by another writer) refuses authenticated
+/// requests with a 503 and `Retry-After` rather than serving them unrecorded: every request
+/// answered 200 has its record once the database is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_audit_queue_refuses_rather_than_serving_unrecorded() {
+    use sqlx::{Connection, Executor};
+    let (server, store, url, _dir) = queued_server(enclave_gateway::AuditQueueConfig {
+        capacity: 2,
+        on_backpressure: enclave_gateway::Backpressure::Reject,
+        ..Default::default()
+    })
+    .await;
+    let created = crate::new_key(&store, "default", "viewer").await;
+    // Another writer holds the database: the audit writer's commit waits.
+    let mut holder = sqlx::AnyConnection::connect(&url).await.unwrap();
+    holder.execute("BEGIN").await.unwrap();
+    holder
+        .execute("UPDATE audit_chain SET last_seq = last_seq WHERE id = 1")
+        .await
+        .unwrap();
+    let mut served = 0;
+    let mut refused = None;
+    for _ in 0..20 {
+        let response = server
+            .client
+            .get(server.url("/v1/models"))
+            .bearer_auth(&created.key)
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => served += 1,
+            503 => {
+                assert!(response.headers().contains_key("retry-after"));
+                refused = Some(response.json::<Value>().await.unwrap());
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let refused = refused.unwrap_or_else(|| panic!("never refused ({served} served)"));
+    assert_eq!(refused["error"]["code"], "audit_unavailable", "{refused}");
+    assert!(
+        (1..=4).contains(&served),
+        "{served} served into a queue of 2"
+    );
+    holder.execute("ROLLBACK").await.unwrap();
+    let log = server.state.audit_log().unwrap();
+    log.flush().await.unwrap();
+    let subject = format!("key:{}", created.info.id);
+    let recorded = store
+        .audit_entries(&AuditQuery {
+            limit: 1000,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.subject.as_deref() == Some(subject.as_str()) && e.status == Some(200))
+        .count();
+    assert_eq!(recorded, served, "every request served has its record");
+    let stats = log.stats();
+    assert_eq!((stats.dropped, stats.rejected), (0, 1));
+    assert_eq!(store.verify_audit().await.unwrap().problem, None);
+}
+
+/// A flood without credentials (and with malformed ones) is not one row per request but one
+/// summary per source, counting them; the authenticated requests among it each have their
+/// record; nothing is dropped, and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_without_credentials_is_summarised_per_source() {
+    use futures_util::StreamExt;
+    let (server, store, _url, _dir) = queued_server(enclave_gateway::AuditQueueConfig {
+        capacity: 64,
+        ..Default::default()
+    })
+    .await;
+    let created = crate::new_key(&store, "default", "viewer").await;
+    // A tenth keyed, a tenth to an unknown route, the rest without or with malformed
+    // credentials.
+    const TOTAL: usize = 3_300;
+    const KEYED: usize = TOTAL / 10;
+    const ANONYMOUS: usize = TOTAL - KEYED;
+    let send = |i: usize| {
+        let client = server.client.clone();
+        let (url, unknown) = (server.url("/v1/models"), server.url("/no/such/route"));
+        let key = created.key.clone();
+        async move {
+            let request = match i % 10 {
+                0 => client.get(url).bearer_auth(key),
+                1 => client.get(unknown),
+                2 => client
+                    .get(url)
+                    .header("authorization", "Basic Zm9vOmJhcg=="),
+                _ => client.get(url),
+            };
+            request.send().await.unwrap().status().as_u16()
+        }
+    };
+    // 32 at a time.
+    let statuses: Vec<u16> = futures_util::stream::iter(0..TOTAL)
+        .map(send)
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, KEYED);
+    assert_eq!(statuses.iter().filter(|s| **s == 401).count(), ANONYMOUS);
+    let log = server.state.audit_log().unwrap();
+    log.flush().await.unwrap();
+    let entries = store
+        .audit_entries(&AuditQuery {
+            limit: 10_000,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    let keyed = entries
+        .iter()
+        .filter(|e| e.status == Some(200) && e.route.as_deref() == Some("/v1/models"))
+        .count();
+    assert_eq!(keyed, KEYED);
+    let summaries: Vec<Value> = entries
+        .iter()
+        .filter(|e| e.route.as_deref() == Some("refused.summary"))
+        .map(|e| {
+            assert_eq!(e.source.as_deref(), Some("127.0.0.1"));
+            serde_json::from_str(e.detail.as_deref().unwrap()).unwrap()
+        })
+        .collect();
+    let counted: u64 = summaries.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted as usize, ANONYMOUS, "{summaries:?}");
+    let unknown: u64 = summaries
+        .iter()
+        .filter_map(|s| s["routes"]["unmatched 401"].as_u64())
+        .sum();
+    assert_eq!(unknown as usize, TOTAL / 10);
+    assert!(entries.len() < KEYED + 10, "{} records", entries.len());
+    let stats = log.stats();
+    assert_eq!((stats.dropped, stats.summarised), (0, ANONYMOUS as u64));
+    assert_eq!(store.verify_audit().await.unwrap().problem, None);
 }

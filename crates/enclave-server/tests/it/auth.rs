@@ -78,6 +78,7 @@ async fn keys(store: &Store) -> Keys {
                 name: format!("{tenant}-{role}"),
                 expires_at,
                 limits: Limits::default(),
+                created_by: "test".into(),
             };
             store.create_key(new, &roles, at).await.unwrap()
         }
@@ -310,6 +311,7 @@ async fn cached_prefixes_are_shared_only_within_a_tenant() {
             name: String::new(),
             expires_at: None,
             limits: Limits::default(),
+            created_by: "test".into(),
         };
         keys.push(store.create_key(new, &roles, now).await.unwrap().key);
     }

@@ -145,8 +145,9 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
 }
 
 /// A bug that panics the engine thread: the streams in flight end in `finish_reason: "error"`
-/// (not as if complete), `/health` turns 503 so an orchestrator takes the replica out of
-/// service, new requests get an error at once instead of hanging, and the process stays up.
+/// (not as if complete), `/health` and `/livez` turn 503 so an orchestrator takes the replica
+/// out of service and restarts it, new requests get an error at once instead of hanging, and
+/// the process stays up to say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_engine_fails_its_requests_and_its_health_check() {
     // Sixty-four long choices, one at a time: the fault comes while most are still to run.
@@ -209,7 +210,11 @@ async fn a_panicking_engine_fails_its_requests_and_its_health_check() {
     let (status, reply) = server.get("/health").await;
     assert_eq!(status, 503);
     assert_eq!(reply["error"]["code"], "engine_stopped");
-    assert_eq!(server.get("/livez").await.0, 200);
+    // Liveness fails too: a dead engine never comes back, so the orchestrator restarts the
+    // process.
+    let (status, reply) = server.get("/livez").await;
+    assert_eq!(status, 503);
+    assert_eq!(reply["error"]["code"], "engine_stopped");
     let (status, reply) = server
         .post("/v1/completions", json!({"prompt": "hi", "max_tokens": 2}))
         .await;

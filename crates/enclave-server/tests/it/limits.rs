@@ -51,6 +51,7 @@ async fn key(store: &Store, limits: Limits) -> (String, String) {
                 name: String::new(),
                 expires_at: None,
                 limits,
+                created_by: "test".into(),
             },
             &Roles::default(),
             unix_time(),

@@ -8,6 +8,7 @@ mod admin;
 mod api;
 mod audit;
 mod auth;
+mod connections;
 mod dify;
 mod errors;
 mod lifecycle;
@@ -94,6 +95,7 @@ pub async fn new_key(
                 name: String::new(),
                 expires_at: None,
                 limits: enclave_gateway::Limits::default(),
+                created_by: "test".into(),
             },
             &enclave_gateway::Roles::default(),
             enclave_gateway::unix_time(),

@@ -380,3 +380,79 @@ fn regex_escape(text: &str) -> String {
         })
         .collect()
 }
+
+/// A prompt dense with values beyond the per-request bound, or larger than the bound on
+/// checked text, is a 400 naming the field and the bound (never the values); a large prompt
+/// within both is masked (on the work pool) and served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_beyond_the_redaction_bounds_are_refused_clearly() {
+    use enclave_server::redaction::{MAX_CHECKED_BYTES, MAX_FINDINGS};
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::test_store(dir.path()).await;
+    let server = server(
+        &store,
+        Some(RedactionPolicies {
+            redactor: Arc::new(Redactor::default()),
+            default: policy(PromptAction::Mask, CompletionAction::Off, false),
+            tenants: HashMap::new(),
+            scoped: HashMap::new(),
+        }),
+    )
+    .await;
+    let key = key(&store, "default").await;
+    let chat = |content: String| {
+        json!({"model": crate::MODEL, "max_tokens": 1,
+            "messages": [{"role": "user", "content": content}]})
+    };
+    let emails = |n: usize| {
+        (0..n)
+            .map(|i| format!("user{i}@example.com"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (status, body) = post(
+        &server,
+        &key,
+        "/v1/chat/completions",
+        chat(emails(MAX_FINDINGS + 1)),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["param"], "messages");
+    assert!(body.contains(&format!("at most {MAX_FINDINGS}")), "{body}");
+    assert!(
+        !body.contains("user1@example.com"),
+        "values are never echoed"
+    );
+
+    let too_long = "a ".repeat(MAX_CHECKED_BYTES / 2 + 1);
+    let (status, body) = post(
+        &server,
+        &key,
+        "/v1/completions",
+        json!({"model": crate::MODEL,
+        "max_tokens": 1, "prompt": too_long}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains(&format!("at most {MAX_CHECKED_BYTES}")),
+        "{body}"
+    );
+
+    // 64 KiB with values every few bytes: past the inline size, so redacted on the pool, then
+    // measured against the tiny model's 512-token context (the masked text's count).
+    let within = format!("{} {ID}", emails(4_000));
+    assert!(within.len() > 64 << 10);
+    let (status, body) = post(
+        &server,
+        &key,
+        "/v1/completions",
+        json!({"model": crate::MODEL,
+        "max_tokens": 1, "prompt": within}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("maximum context length"), "{body}");
+}

@@ -26,6 +26,17 @@ pub fn enclave(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `enclave` run with `$USER` and `$LOGNAME` claiming someone else.
+pub fn enclave_as_mallory(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_enclave"))
+        .args(args)
+        .env_remove("ENCLAVE_LOG")
+        .env("USER", "mallory")
+        .env("LOGNAME", "mallory")
+        .output()
+        .unwrap()
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }

@@ -306,7 +306,8 @@ async fn keys_open_and_close_a_running_server(data: &Path, global: &[&str]) {
     assert!(served.child.wait().unwrap().success());
 
     // The server committed its audit records before exiting: the calls above, the refusals
-    // included, and the CLI's own changes; the chain verifies.
+    // included (summarised where they named no one), and the CLI's own changes; the chain
+    // verifies.
     let exported = cli(&["audit", "export", "--since", "1h", "--format", "jsonl"]);
     assert!(exported.status.success(), "{}", stderr(&exported));
     let records: Vec<Value> = stdout(&exported)
@@ -319,7 +320,15 @@ async fn keys_open_and_close_a_running_server(data: &Path, global: &[&str]) {
             .filter(|r| r["route"] == "/v1/models" && r["status"] == status)
             .count()
     };
-    assert!(calls(200) >= 2 && calls(401) >= 2, "{records:?}");
+    // The revoked key's 401 is a record of its own; the anonymous one (no credentials) is
+    // counted into the source's summary, written at exit.
+    assert!(calls(200) >= 2 && calls(401) >= 1, "{records:?}");
+    let summarised: u64 = records
+        .iter()
+        .filter(|r| r["route"] == "refused.summary" && r["source"] == "127.0.0.1")
+        .filter_map(|r| r["detail"]["routes"]["/v1/models 401"].as_u64())
+        .sum();
+    assert_eq!(summarised, 1, "{records:?}");
     assert!(records
         .iter()
         .any(|r| r["subject"] == format!("key:{id}") && r["source"] == "127.0.0.1"));
@@ -352,11 +361,25 @@ fn audit_verify_names_the_tampered_record() {
         assert!(cli(&["tenants", "create", name]).status.success());
     }
     for _ in 0..3 {
-        assert!(
-            cli(&["keys", "create", "--tenant", "acme", "--role", "developer"])
-                .status
-                .success()
+        // `$USER` names no one: the actor is the account of the user id.
+        let created = crate::enclave_as_mallory(
+            &[
+                &["--data-dir", dir][..],
+                &[
+                    "keys",
+                    "create",
+                    "--tenant",
+                    "acme",
+                    "--role",
+                    "developer",
+                    "--json",
+                ],
+            ]
+            .concat(),
         );
+        assert!(created.status.success(), "{}", stderr(&created));
+        let created: Value = serde_json::from_str(&stdout(&created)).unwrap();
+        assert_eq!(created["created_by"], format!("cli:{}", whoami()));
     }
     let verified = cli(&["audit", "verify"]);
     assert!(verified.status.success(), "{}", stderr(&verified));
@@ -377,7 +400,7 @@ fn audit_verify_names_the_tampered_record() {
         (Some(6), Some(7))
     );
     assert_eq!(tail[1]["detail"]["action"], "key.create");
-    assert!(tail[1]["subject"].as_str().unwrap().starts_with("cli:"));
+    assert_eq!(tail[1]["subject"], format!("cli:{}", whoami()));
     let text = cli(&["audit", "tail", "-n", "1"]);
     assert!(stdout(&text).contains("key.create"), "{}", stdout(&text));
 
@@ -444,10 +467,13 @@ fn sql(db: &Path, statements: &str) {
 }
 
 /// The OS user the CLI records as `cli:<user>`.
+/// The account of this process's user id, as `id -un` names it.
 fn whoami() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into())
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 #[test]
@@ -475,6 +501,26 @@ fn without_authentication_only_loopback_is_served() {
         .output()
         .unwrap();
     assert!(stderr(&out).contains("only on loopback"));
+}
+
+/// Plain HTTP on a non-loopback address is said at start; on loopback it is not.
+#[test]
+fn plain_http_beyond_loopback_is_warned_about() {
+    let data = tempfile::tempdir().unwrap();
+    let mut exposed = serve(data.path(), &["--host", "0.0.0.0"]);
+    let warned = |served: &Served| {
+        served
+            .startup
+            .iter()
+            .any(|l| l.contains("warning: the API serves plain HTTP"))
+    };
+    assert!(warned(&exposed), "{:?}", exposed.startup);
+    terminate(&exposed.child);
+    assert!(exposed.child.wait().unwrap().success());
+    let mut local = serve(data.path(), &[]);
+    assert!(!warned(&local), "{:?}", local.startup);
+    terminate(&local.child);
+    assert!(local.child.wait().unwrap().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -723,4 +769,77 @@ fn roles_list_shows_built_in_configured_and_created_roles() {
     let out = enclave(&["--config", bad.to_str().unwrap(), "roles", "list"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("launch"), "{}", stderr(&out));
+}
+
+/// The acceptance flood: 100,000 requests without credentials and 1,000 keyed ones against a
+/// real server, then SIGTERM. The server's peak memory stays under 128 MiB (26 MiB measured;
+/// the model is tiny), every keyed request answered 200 has its record, the summaries
+/// account for every refusal, nothing is dropped, and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_then_sigterm_loses_no_record() {
+    use futures_util::StreamExt;
+    let data = tempfile::tempdir().unwrap();
+    let (id, key) = create_key(data.path(), "viewer");
+    let mut served = serve(data.path(), &[]);
+    const ANONYMOUS: usize = 100_000;
+    const KEYED: usize = 1_000;
+    let anonymous = reqwest::Client::new();
+    let keyed = client_with(&key);
+    let models = format!("{}/v1/models", served.base);
+    // One keyed request in every 101, 64 at a time.
+    let statuses: Vec<(bool, u16)> = futures_util::stream::iter(0..ANONYMOUS + KEYED)
+        .map(|i| {
+            let is_keyed = i % 101 == 100;
+            let client = if is_keyed { &keyed } else { &anonymous };
+            let request = client.get(&models);
+            async move {
+                (
+                    is_keyed,
+                    request.send().await.map_or(0, |r| r.status().as_u16()),
+                )
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let answered_ok = statuses.iter().filter(|(k, s)| *k && *s == 200).count();
+    let refused = statuses.iter().filter(|(k, s)| !*k && *s == 401).count();
+    assert_eq!((answered_ok, refused), (KEYED, ANONYMOUS));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", served.child.id())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    eprintln!("peak memory after the flood: {peak_kib} KiB");
+    assert!(peak_kib < 128 * 1024, "peak memory {peak_kib} KiB");
+    terminate(&served.child);
+    assert!(served.child.wait().unwrap().success());
+    drop(served.stderr);
+
+    let dir = data.path().to_str().unwrap();
+    let exported = enclave(&["--data-dir", dir, "audit", "export", "--since", "1h"]);
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let records: Vec<Value> = stdout(&exported)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let subject = format!("key:{id}");
+    let keyed_records = records
+        .iter()
+        .filter(|r| r["subject"] == subject.as_str() && r["status"] == 200)
+        .count();
+    assert_eq!(keyed_records, KEYED, "every request served has its record");
+    let summarised: u64 = records
+        .iter()
+        .filter(|r| r["route"] == "refused.summary")
+        .map(|r| r["detail"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        summarised as usize, ANONYMOUS,
+        "the summaries account for every refusal"
+    );
+    assert!(records.len() < KEYED + 100, "{} records", records.len());
+    let verified = enclave(&["--data-dir", dir, "audit", "verify", "--json"]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
 }

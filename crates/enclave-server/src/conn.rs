@@ -1,0 +1,379 @@
+//! Connections under limits. Each listener runs its own accept loop (not `axum::serve`, which
+//! gives hyper no timer and so no timeouts): a connection over the global or per-address cap
+//! is closed at once and counted; TLS handshakes are bounded in number and time; HTTP/1 waits
+//! for a request's headers — a connection's first, or the next on a kept-alive one — at most
+//! [`ConnectionLimits::header_read_timeout`]; a request body must arrive whole within
+//! [`ConnectionLimits::body_read_timeout`]. So slow or silent clients hold only their own
+//! address's share of connections, for a bounded time.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Sleep;
+use tower::ServiceExt;
+
+use crate::state::AppState;
+use crate::tls::{TlsListener, TlsPeer, HANDSHAKE_TIMEOUT};
+
+/// What one listener allows its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once on the listener.
+    pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_connections_per_address: usize,
+    /// TLS handshakes in progress at once (each also ends after [`HANDSHAKE_TIMEOUT`]).
+    pub max_handshakes: usize,
+    /// How long HTTP/1 waits for a request's headers, on a new connection or between
+    /// requests on a kept-alive one (so it is the idle timeout too).
+    pub header_read_timeout: Duration,
+    /// How long a request's body may take to arrive, from its headers.
+    pub body_read_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_connections_per_address: 512,
+            max_handshakes: 256,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The connections open on one listener, by client address.
+struct Tracker {
+    limits: ConnectionLimits,
+    listener: &'static str,
+    state: Arc<AppState>,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection's place; given back when dropped.
+struct Slot {
+    tracker: Arc<Tracker>,
+    address: IpAddr,
+}
+
+impl Tracker {
+    fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
+        let refused = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let from_address = open.by_address.get(&address).copied().unwrap_or(0);
+            if open.total >= self.limits.max_connections {
+                Some("max_connections")
+            } else if from_address >= self.limits.max_connections_per_address {
+                Some("max_connections_per_address")
+            } else {
+                open.total += 1;
+                open.by_address.insert(address, from_address + 1);
+                None
+            }
+        };
+        if let Some(reason) = refused {
+            self.refuse(reason);
+            tracing::debug!(listener = self.listener, %address, reason, "connection refused");
+            return None;
+        }
+        if let Some(metrics) = &self.state.metrics {
+            metrics.connection_opened(self.listener);
+        }
+        Some(Slot {
+            tracker: self.clone(),
+            address,
+        })
+    }
+
+    fn refuse(&self, reason: &'static str) {
+        if let Some(metrics) = &self.state.metrics {
+            metrics.connection_refused(self.listener, reason);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.tracker.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.by_address.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                open.by_address.remove(&self.address);
+            }
+        }
+        drop(open);
+        if let Some(metrics) = &self.tracker.state.metrics {
+            metrics.connection_closed(self.tracker.listener);
+        }
+    }
+}
+
+/// What every connection of one listener shares.
+#[derive(Clone)]
+struct Shared {
+    router: Router,
+    limits: ConnectionLimits,
+    stop: watch::Receiver<bool>,
+    /// Held by each connection's task; the listener waits until every clone is gone.
+    open: watch::Receiver<()>,
+}
+
+/// Serves `router` over plain TCP until `stop` turns true, then waits for the connections
+/// to finish (the caller bounds that wait).
+pub(crate) async fn serve_tcp(
+    tcp: TcpListener,
+    router: Router,
+    state: Arc<AppState>,
+    listener: &'static str,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let limits = state.config.connections;
+    let tracker = Arc::new(Tracker {
+        limits,
+        listener,
+        state,
+        open: Mutex::default(),
+    });
+    let (all_closed, open) = watch::channel(());
+    let shared = Shared {
+        router,
+        limits,
+        stop: stop.clone(),
+        open,
+    };
+    loop {
+        let (stream, address) = tokio::select! {
+            accepted = tcp.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stopped(stop.clone()) => break,
+        };
+        // Over a cap: the stream is dropped, which closes it.
+        let Some(slot) = tracker.admit(address.ip()) else {
+            continue;
+        };
+        // Without TCP_NODELAY each small SSE event waits for the client's delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, address, false, &shared).await;
+            drop(slot);
+        });
+    }
+    drop(shared);
+    all_closed.closed().await;
+    Ok(())
+}
+
+/// [`serve_tcp`] over TLS: a connection is admitted before its handshake, and handshakes in
+/// progress are bounded, so silent clients cannot pile up handshake tasks.
+pub(crate) async fn serve_tls(
+    listener: TlsListener,
+    router: Router,
+    state: Arc<AppState>,
+    name: &'static str,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let (tcp, config) = listener.into_parts();
+    let limits = state.config.connections;
+    let tracker = Arc::new(Tracker {
+        limits,
+        listener: name,
+        state,
+        open: Mutex::default(),
+    });
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
+    let (all_closed, open) = watch::channel(());
+    let shared = Shared {
+        router,
+        limits,
+        stop: stop.clone(),
+        open,
+    };
+    loop {
+        let (stream, address) = tokio::select! {
+            accepted = tcp.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stopped(stop.clone()) => break,
+        };
+        let Some(slot) = tracker.admit(address.ip()) else {
+            continue;
+        };
+        let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
+            tracker.refuse("max_handshakes");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::info!(%address, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%address, "TLS handshake timed out");
+                    return;
+                }
+            };
+            drop(handshaking);
+            let session = &tls.get_ref().1;
+            let http2 = session.alpn_protocol() == Some(b"h2");
+            let client_subject = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| enclave_gateway::certificate_subject(cert));
+            let peer = TlsPeer {
+                address,
+                client_subject,
+            };
+            serve_connection(tls, peer, http2, &shared).await;
+            drop(slot);
+        });
+    }
+    drop(shared);
+    all_closed.closed().await;
+    Ok(())
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|&stop| stop).await;
+}
+
+/// Serves HTTP on one connection until it closes, shutting it down gracefully (requests in
+/// flight finish) once the listener stops.
+async fn serve_connection<I, P>(io: I, peer: P, http2: bool, shared: &Shared)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    P: Clone + Send + Sync + 'static,
+{
+    let _open = shared.open.clone();
+    let router = shared.router.clone();
+    let body_timeout = shared.limits.body_read_timeout;
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let mut request = request.map(|body| Body::new(Deadline::new(body, body_timeout)));
+        request.extensions_mut().insert(ConnectInfo(peer.clone()));
+        router.clone().oneshot(request)
+    });
+    let io = TokioIo::new(io);
+    // The two protocols' connections share no trait with `graceful_shutdown`: one loop each.
+    macro_rules! drive {
+        ($connection:expr) => {{
+            let mut connection = std::pin::pin!($connection);
+            let mut stopping = std::pin::pin!(stopped(shared.stop.clone()));
+            let mut shutting_down = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "connection ended");
+                        }
+                        break;
+                    }
+                    () = stopping.as_mut(), if !shutting_down => {
+                        shutting_down = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }};
+    }
+    if http2 {
+        drive!(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                // Pings find peers that vanished without closing.
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .serve_connection(io, service)
+        );
+    } else {
+        drive!(hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(shared.limits.header_read_timeout)
+            .serve_connection(io, service));
+    }
+}
+
+/// A request body that fails once its deadline passes: a client trickling its body holds its
+/// connection only that long.
+struct Deadline {
+    body: Incoming,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl Deadline {
+    fn new(body: Incoming, within: Duration) -> Self {
+        Self {
+            body,
+            deadline: Box::pin(tokio::time::sleep(within)),
+        }
+    }
+}
+
+/// The error a body past its deadline ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+pub(crate) struct BodyTimedOut;
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
