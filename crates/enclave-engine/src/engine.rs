@@ -406,6 +406,27 @@ impl Engine {
         &self.model_dir
     }
 
+    /// The longest text worth tokenizing: no token is shorter than a byte, and real ones
+    /// average 3-4, so more than 16 bytes per token of the context can never fit.
+    pub fn max_text_bytes(&self) -> usize {
+        self.max_model_len.saturating_mul(16)
+    }
+
+    /// Refuses `text` longer than [`Self::max_text_bytes`] before any tokenizing, which for
+    /// megabytes would cost seconds of a core for a request that cannot fit anyway.
+    pub fn check_text_len(&self, text: &str) -> Result<()> {
+        let limit = self.max_text_bytes();
+        if text.len() > limit {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt is {} bytes; this model's context of {} tokens never holds more \
+                 than {limit} bytes of text",
+                text.len(),
+                self.max_model_len
+            )));
+        }
+        Ok(())
+    }
+
     /// Renders a conversation with the model's chat template, with a generation prompt.
     pub fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
@@ -420,11 +441,16 @@ impl Engine {
     /// Tokenizes and bounds a request: everything that can be wrong with it is reported here.
     pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest> {
         let prompt_ids = match &request.prompt {
-            Prompt::Text(text) => self.tokenizer.encode(text, true)?,
+            Prompt::Text(text) => {
+                self.check_text_len(text)?;
+                self.tokenizer.encode(text, true)?
+            }
             Prompt::TokenIds(ids) => ids.clone(),
             Prompt::Chat(messages) => {
+                let text = self.render_chat(messages)?;
+                self.check_text_len(&text)?;
                 // The template writes its own BOS, so no special tokens are added again.
-                self.tokenizer.encode(&self.render_chat(messages)?, false)?
+                self.tokenizer.encode(&text, false)?
             }
         };
         if prompt_ids.is_empty() {

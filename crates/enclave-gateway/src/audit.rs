@@ -1229,6 +1229,22 @@ impl AuditLog {
         }
     }
 
+    /// Queues `event`, waiting for room however the queue is configured (security events,
+    /// which no request waits on).
+    pub async fn record_waiting(&self, event: AuditEvent) {
+        if self
+            .tx
+            .send(Command::Record(Box::new(event)))
+            .await
+            .is_err()
+        {
+            self.counters
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!("the audit writer has stopped; an audit record is lost");
+        }
+    }
+
     /// Counts a request refused before authentication (no or malformed credentials, a
     /// blocked source, an unknown route) into `source`'s summary.
     pub fn summarise(&self, source: &str, route: &str, status: u16, at_ms: i64) {

@@ -393,6 +393,12 @@ enum GlobToken {
 /// anywhere, and classes except on the covered side (`classes`), where one is at most any one
 /// character.
 fn glob_tokens(pattern: &str, classes: bool) -> Option<Vec<GlobToken>> {
+    // globset reads `**/` and `/**/` as "any directories, or none": `**/x` also matches `x`,
+    // which a `*` then `/` reading would not see. Wanted patterns with `**` are taken only
+    // under an own `*`; an own `**` read as `*` is narrower than it is, which is safe.
+    if classes && pattern.contains("**") {
+        return None;
+    }
     let mut tokens = Vec::new();
     let mut chars = pattern.chars();
     while let Some(c) = chars.next() {
@@ -513,6 +519,21 @@ mod tests {
             "nomatch-x",
         ] {
             assert!(!scope.covers(beyond), "{beyond}");
+        }
+        // `**/` also matches no directory at all: never within a narrower scope.
+        for (own, beyond, outside) in [
+            ("*/*", "**/*", "llama"),
+            ("*/llama", "**/llama", "llama"),
+            ("a/*/b", "a/**/b", "a/b"),
+        ] {
+            let own = ModelScope::new(&[own.into()])?;
+            // What makes them broader: a name the own pattern does not allow.
+            assert!(
+                ModelScope::new(&[beyond.into()])?.allows(outside),
+                "{beyond}"
+            );
+            assert!(!own.allows(outside), "{outside}");
+            assert!(!own.covers(beyond), "{beyond}");
         }
         assert!(ModelScope::all().covers("*"));
         assert!(ModelScope::all().covers("anything/at-all"));

@@ -115,8 +115,9 @@ impl TlsSettings {
 /// one-to-one: a common name of `batch-jobs, O=Acme` renders as `CN=batch-jobs\, O=Acme` and
 /// can never equal the two-attribute subject `CN=batch-jobs, O=Acme`. Attributes are joined as
 /// the certificate orders them, RDNs by `, ` and multi-valued ones by ` + `; a value that is
-/// no string is `#` and its DER in hex.
+/// no UTF-8, printable or IA5 string is `#` and its whole DER in hex.
 pub fn certificate_subject(der: &[u8]) -> Option<String> {
+    use x509_parser::der_parser::asn1_rs::{Tag, ToDer};
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let registry = x509_parser::objects::oid_registry();
     let mut out = String::new();
@@ -128,16 +129,27 @@ pub fn certificate_subject(der: &[u8]) -> Option<String> {
             if j > 0 {
                 out.push_str(" + ");
             }
+            // Short names only for the usual attributes (each names one OID); any other is
+            // its dotted OID, so two attributes never print alike.
             match x509_parser::objects::oid2abbrev(attribute.attr_type(), registry) {
-                Ok(name) => out.push_str(name),
-                Err(_) => out.push_str(&attribute.attr_type().to_id_string()),
+                Ok(name) if SHORT_NAMES.contains(&name) => out.push_str(name),
+                _ => out.push_str(&attribute.attr_type().to_id_string()),
             }
             out.push('=');
-            match attribute.as_str() {
-                Ok(value) => escape_rfc4514(value, &mut out),
-                Err(_) => {
+            let value = attribute.attr_value();
+            let text = matches!(
+                value.tag(),
+                Tag::Utf8String | Tag::PrintableString | Tag::Ia5String
+            )
+            .then(|| attribute.as_str().ok())
+            .flatten();
+            match text {
+                Some(value) => escape_rfc4514(value, &mut out),
+                // Any other type as RFC 4514 says: `#` and the value's whole DER (tag and
+                // length too, so two types with the same bytes differ).
+                None => {
                     out.push('#');
-                    for byte in attribute.attr_value().as_bytes() {
+                    for byte in value.to_der_vec().ok()? {
                         out.push_str(&format!("{byte:02X}"));
                     }
                 }
@@ -146,6 +158,28 @@ pub fn certificate_subject(der: &[u8]) -> Option<String> {
     }
     Some(out)
 }
+
+/// The attribute short names a subject is written with (RFC 4514's, and the usual others).
+const SHORT_NAMES: &[&str] = &[
+    "CN",
+    "O",
+    "OU",
+    "C",
+    "L",
+    "ST",
+    "DC",
+    "UID",
+    "street",
+    "serialNumber",
+    "emailAddress",
+    "title",
+    "GN",
+    "SN",
+    "initials",
+    "pseudonym",
+    "generationQualifier",
+    "postalCode",
+];
 
 /// Appends `value` escaped as an RFC 4514 attribute value.
 fn escape_rfc4514(value: &str, out: &mut String) {

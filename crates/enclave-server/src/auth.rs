@@ -293,7 +293,10 @@ fn blocked(state: &AppState, block: &BlockStarted, source: &str, trail: Option<&
     };
     tracing::warn!(offender = %block.offender.describe(), failures = block.failures, seconds = block.duration.as_secs(), "blocked after repeated authentication failures");
     if let Some(log) = &state.audit {
-        log.record(AuditEvent {
+        // Waits for room in the queue off the request's path: a block is never lost to a
+        // full queue.
+        let log = log.clone();
+        let event = AuditEvent {
             at_ms: enclave_gateway::unix_millis(),
             kind: AuditKind::Security,
             request_id: trail.map(AuditTrail::request_id).unwrap_or_default(),
@@ -307,7 +310,8 @@ fn blocked(state: &AppState, block: &BlockStarted, source: &str, trail: Option<&
             })
             .to_string(),
             ..AuditEvent::default()
-        });
+        };
+        tokio::spawn(async move { log.record_waiting(event).await });
     }
 }
 

@@ -29,6 +29,14 @@ use tower::ServiceExt;
 use crate::state::AppState;
 use crate::tls::{TlsListener, TlsPeer, HANDSHAKE_TIMEOUT};
 
+/// TLS handshakes one client address may have in progress at once.
+const HANDSHAKES_PER_ADDRESS: usize = 8;
+/// How long a new TLS connection waits for a place among all handshakes.
+const HANDSHAKE_QUEUE_WAIT: Duration = Duration::from_secs(1);
+/// HTTP/2 streams one connection may have open at once (hyper's default is 200), so the
+/// per-address connection cap bounds requests too.
+const MAX_HTTP2_STREAMS: u32 = 32;
+
 /// What one listener allows its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
@@ -77,8 +85,20 @@ struct Slot {
     address: IpAddr,
 }
 
+/// The client a connection is counted against: its IPv4 address, or its IPv6 /64 (one host
+/// holds a whole /64, so counting single IPv6 addresses would let it open billions).
+fn client_of(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !u128::from(u64::MAX),
+        )),
+        v4 => v4,
+    }
+}
+
 impl Tracker {
     fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
+        let address = client_of(address);
         let refused = {
             let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
             let from_address = open.by_address.get(&address).copied().unwrap_or(0);
@@ -136,6 +156,8 @@ struct Shared {
     router: Router,
     limits: ConnectionLimits,
     stop: watch::Receiver<bool>,
+    /// How long connections may finish after `stop`.
+    grace: Duration,
     /// Held by each connection's task; the listener waits until every clone is gone.
     open: watch::Receiver<()>,
 }
@@ -161,6 +183,7 @@ pub(crate) async fn serve_tcp(
         router,
         limits,
         stop: stop.clone(),
+        grace: tracker.state.config.shutdown_grace,
         open,
     };
     loop {
@@ -211,11 +234,22 @@ pub(crate) async fn serve_tls(
         open: Mutex::default(),
     });
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
+    let handshaking = Arc::new(Tracker {
+        limits: ConnectionLimits {
+            max_connections: usize::MAX,
+            max_connections_per_address: HANDSHAKES_PER_ADDRESS,
+            ..limits
+        },
+        listener: "tls_handshake",
+        state: tracker.state.clone(),
+        open: Mutex::default(),
+    });
     let (all_closed, open) = watch::channel(());
     let shared = Shared {
         router,
         limits,
         stop: stop.clone(),
+        grace: tracker.state.config.shutdown_grace,
         open,
     };
     loop {
@@ -233,14 +267,24 @@ pub(crate) async fn serve_tls(
         let Some(slot) = tracker.admit(address.ip()) else {
             continue;
         };
-        let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
-            tracker.refuse("max_handshakes");
+        // One client holds at most a few handshakes at once, so silent connections from one
+        // address cannot take every handshake place from the others.
+        let Some(own) = handshaking.admit(address.ip()) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
         let shared = shared.clone();
+        let handshakes = handshakes.clone();
+        let tracker = tracker.clone();
         tokio::spawn(async move {
+            // A place among all handshakes, waited for briefly (a burst queues, a flood is cut).
+            let Ok(Ok(place)) =
+                tokio::time::timeout(HANDSHAKE_QUEUE_WAIT, handshakes.acquire_owned()).await
+            else {
+                tracker.refuse("max_handshakes");
+                return;
+            };
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -252,7 +296,7 @@ pub(crate) async fn serve_tls(
                     return;
                 }
             };
-            drop(handshaking);
+            drop((place, own));
             let session = &tls.get_ref().1;
             let http2 = session.alpn_protocol() == Some(b"h2");
             let client_subject = session
@@ -298,6 +342,9 @@ where
             let mut connection = std::pin::pin!($connection);
             let mut stopping = std::pin::pin!(stopped(shared.stop.clone()));
             let mut shutting_down = false;
+            // After the grace period a connection still open is dropped (its requests
+            // cancelled, their audit records queued as their trails drop).
+            let mut grace = std::pin::pin!(tokio::time::sleep(Duration::from_secs(86_400 * 365)));
             loop {
                 tokio::select! {
                     result = connection.as_mut() => {
@@ -309,7 +356,11 @@ where
                     () = stopping.as_mut(), if !shutting_down => {
                         shutting_down = true;
                         connection.as_mut().graceful_shutdown();
+                        grace
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + shared.grace);
                     }
+                    () = grace.as_mut(), if shutting_down => break,
                 }
             }
         }};
@@ -321,6 +372,7 @@ where
                 // Pings find peers that vanished without closing.
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .keep_alive_timeout(Duration::from_secs(20))
+                .max_concurrent_streams(MAX_HTTP2_STREAMS)
                 .serve_connection(io, service)
         );
     } else {

@@ -9,6 +9,7 @@ use enclave_gateway::Principal;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::blocking;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::state::AppState;
@@ -46,13 +47,21 @@ pub(crate) async fn tokenize(
             ))
         }
     };
-    let tokens = engine
-        .tokenizer()
-        .encode(&text, add_special)
+    engine
+        .check_text_len(&text)
         .map_err(|e| ApiError::from_engine(e, "prompt"))?;
+    let max_model_len = engine.max_model_len();
+    // Long texts are tokenized on the bounded pool, never on an async worker.
+    let tokens = if text.len() <= blocking::INLINE_BYTES {
+        engine.tokenizer().encode(&text, add_special)
+    } else {
+        let handle = served.handle.clone();
+        blocking::run(move || handle.engine().tokenizer().encode(&text, add_special)).await?
+    }
+    .map_err(|e| ApiError::from_engine(e, "prompt"))?;
     Ok(Json(json!({
         "count": tokens.len(),
-        "max_model_len": engine.max_model_len(),
+        "max_model_len": max_model_len,
         "tokens": tokens,
     })))
 }

@@ -530,7 +530,8 @@ fn fit_open_files(
             return limits;
         }
     };
-    let room = usize::try_from(soft.saturating_sub(256))
+    // Two listeners (the API's and the admin one) share the descriptors.
+    let room = usize::try_from(soft.saturating_sub(256) / 2)
         .unwrap_or(usize::MAX)
         .max(64);
     if limits.max_connections > room {

@@ -146,6 +146,30 @@ async fn a_prompt_past_the_context_names_the_numbers() {
         )
         .await;
     assert_error(status, &reply, 400, "invalid_request_error", Some("prompt"));
+    // Text that could never fit (more than 16 bytes per token of the 512-token context) is
+    // refused before it is tokenized, on every route that takes text.
+    let huge = "a ".repeat(512 * 8 + 1);
+    for (path, body) in [
+        ("/tokenize", json!({"prompt": huge})),
+        ("/v1/completions", json!({"prompt": huge, "max_tokens": 1})),
+        (
+            "/v1/chat/completions",
+            chat(json!({"messages": [{"role": "user", "content": huge}]})),
+        ),
+    ] {
+        let (status, reply) = server.post(path, body).await;
+        assert_eq!(status, 400, "{path}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("more than 8192 bytes"),
+            "{path}: {message}"
+        );
+    }
+    // Within the bound, a long text is tokenized (on the work pool past 16 KiB, here inline).
+    let (status, reply) = server
+        .post("/tokenize", json!({"prompt": "a ".repeat(2000)}))
+        .await;
+    assert_eq!(status, 200, "{reply}");
     server.shutdown().await.unwrap();
 }
 

@@ -442,7 +442,7 @@ async fn prompts_beyond_the_redaction_bounds_are_refused_clearly() {
     );
 
     // 64 KiB with values every few bytes: past the inline size, so redacted on the pool, then
-    // measured against the tiny model's 512-token context (the masked text's count).
+    // measured against what the tiny model's 512-token context could hold (the engine's 400).
     let within = format!("{} {ID}", emails(4_000));
     assert!(within.len() > 64 << 10);
     let (status, body) = post(
@@ -454,5 +454,5 @@ async fn prompts_beyond_the_redaction_bounds_are_refused_clearly() {
     )
     .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("maximum context length"), "{body}");
+    assert!(body.contains("never holds more than 8192 bytes"), "{body}");
 }

@@ -307,3 +307,37 @@ async fn a_reloaded_certificate_serves_new_connections() {
     let error = tls.server_config().unwrap_err().to_string();
     assert!(error.contains("server.key"), "{error}");
 }
+
+/// Silent connections from one address hold at most eight TLS handshakes: the ninth from it is
+/// closed at once, and a client from another address completes its handshake meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_of_one_address_cannot_take_every_handshake() {
+    let pki = pki();
+    let (address, _, _data) = serve(&pki, settings(&pki, None)).await;
+    let to: std::net::SocketAddr = address.parse().unwrap();
+    let connect_from = |from: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::new(from.parse().unwrap(), 0))
+            .unwrap();
+        socket.connect(to).await.unwrap()
+    };
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(connect_from("127.0.0.2").await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut ninth = connect_from("127.0.0.2").await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), ninth.read(&mut buf))
+        .await
+        .expect("the ninth silent connection was not closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let plain = Client {
+        versions: TLS13,
+        identity: None,
+    };
+    let (status, _, _) = get(&address, &pki, plain, "/livez").await.unwrap();
+    assert_eq!(status, 200);
+    drop(silent);
+}
