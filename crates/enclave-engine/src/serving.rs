@@ -554,7 +554,13 @@ impl EngineHandle {
     /// than the context or the whole cache) is an error here; it never enters the queue.
     /// A full queue is [`EngineError::Overloaded`].
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream> {
-        let request = self.engine.validate(request)?;
+        self.submit_valid(self.engine.validate(request)?)
+    }
+
+    /// Queues a request already validated by [`Engine::validate`] (once for several choices,
+    /// or off the caller's thread); what only the serving loop knows (the whole cache's size,
+    /// the queue's room) is checked here.
+    pub fn submit_valid(&self, request: ValidRequest) -> Result<RequestStream> {
         check_fits(request.prompt_ids.len(), self.capacity_tokens)?;
         let before = self.outstanding.fetch_add(1, Ordering::AcqRel);
         let slot = QueueSlot(self.outstanding.clone());

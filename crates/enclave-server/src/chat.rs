@@ -134,7 +134,7 @@ pub(crate) async fn create(
     generate.stop = request.stop.map(Stop::into_vec).unwrap_or_default();
     generate.logprobs = top_logprobs;
     check_generations(served, 1, n, "messages")?;
-    let streams = submit_choices(served, generate, n, "messages", &meter, &output)?;
+    let streams = submit_choices(served, generate, n, "messages", &meter, &output).await?;
     charge_prompts(&meter, &streams.iter().collect::<Vec<_>>(), n);
 
     let reply = ChatReply {

@@ -188,7 +188,7 @@ pub(crate) async fn create(
         generate.ignore_eos = request.ignore_eos.unwrap_or(false);
         generate.logprobs = logprobs;
         generate.prompt_logprobs = if echo { logprobs } else { None };
-        for stream in submit_choices(served, generate, n, "prompt", &meter, &output)? {
+        for stream in submit_choices(served, generate, n, "prompt", &meter, &output).await? {
             choices_in_order.push((stream, echo_text.clone()));
         }
     }

@@ -2,14 +2,15 @@
 //! into an engine request, running choices to the end, and logprob and usage JSON.
 
 use enclave_engine::{
-    Engine, Event, FinishReason, GenerateRequest, PromptLogprob, RequestStream, SamplingParams,
-    Usage,
+    Engine, Event, FinishReason, GenerateRequest, Prompt, PromptLogprob, RequestStream,
+    SamplingParams, Usage,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use std::sync::Arc;
 
+use crate::blocking;
 use crate::error::ApiError;
 use crate::metering::RequestMeter;
 use crate::redaction::OutputPolicy;
@@ -375,7 +376,7 @@ pub(crate) fn charge_prompts(meter: &Meter, choices: &[&ChoiceStream], n: usize)
 /// Submits `n` copies of `request` (choice `i` seeded `seed + i`, so seeded choices differ
 /// yet reproduce); the caller charges the prompt ([`charge_prompts`]). An error for any cancels
 /// those already submitted.
-pub(crate) fn submit_choices(
+pub(crate) async fn submit_choices(
     served: &Served,
     request: GenerateRequest,
     n: usize,
@@ -386,15 +387,21 @@ pub(crate) fn submit_choices(
     if let Some(meter) = meter {
         meter.set_model(&served.name);
     }
+    // Rendered and tokenized once for all `n` choices; a long prompt on the bounded pool.
+    let valid = if prompt_bytes(&request.prompt) <= blocking::INLINE_BYTES {
+        served.handle.engine().validate(request)
+    } else {
+        let handle = served.handle.clone();
+        blocking::run(move || handle.engine().validate(request)).await?
+    }
+    .map_err(|e| ApiError::from_engine(e, prompt_param))?;
     let streams = (0..n)
         .map(|i| {
-            let mut request = request.clone();
-            if let Some(sampling) = request.sampling.as_mut() {
-                sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
-            }
+            let mut request = valid.clone();
+            request.sampling.seed = request.sampling.seed.map(|s| s.wrapping_add(i as u64));
             served
                 .handle
-                .submit(request)
+                .submit_valid(request)
                 .map(|inner| ChoiceStream {
                     inner,
                     meter: meter.clone(),
@@ -409,6 +416,23 @@ pub(crate) fn submit_choices(
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(streams)
+}
+
+/// About how many bytes of text a prompt holds (what tokenizing it costs).
+fn prompt_bytes(prompt: &Prompt) -> usize {
+    fn text_in(value: &Value) -> usize {
+        match value {
+            Value::String(text) => text.len(),
+            Value::Array(items) => items.iter().map(text_in).sum(),
+            Value::Object(fields) => fields.values().map(text_in).sum(),
+            _ => 0,
+        }
+    }
+    match prompt {
+        Prompt::Text(text) => text.len(),
+        Prompt::Chat(messages) => messages.iter().map(text_in).sum(),
+        Prompt::TokenIds(_) => 0,
+    }
 }
 
 /// One generated token with its log-probabilities.
