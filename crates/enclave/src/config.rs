@@ -377,6 +377,8 @@ pub struct TlsFileSettings {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    /// PEM certificate revocation lists for client certificates (read again on SIGHUP).
+    pub client_crl: Option<PathBuf>,
     /// `required` (the default with a client CA) or `optional`.
     pub client_auth: Option<String>,
     /// Accept TLS 1.2 as well (ECDHE + AEAD suites only); default TLS 1.3 only.
@@ -428,6 +430,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("tls.cert", "ENCLAVE_TLS_CERT"),
     ("tls.key", "ENCLAVE_TLS_KEY"),
     ("tls.client_ca", "ENCLAVE_TLS_CLIENT_CA"),
+    ("tls.client_crl", "ENCLAVE_TLS_CLIENT_CRL"),
     ("tls.client_auth", "ENCLAVE_TLS_CLIENT_AUTH"),
     ("tls.allow_tls12", "ENCLAVE_TLS_ALLOW_TLS12"),
     ("audit.retention_days", "ENCLAVE_AUDIT_RETENTION_DAYS"),

@@ -403,11 +403,15 @@ fn tls_settings(args: &ServeArgs, settings: &Settings) -> Result<Option<TlsSetti
             .or(file.client_auth.as_deref()),
         "--tls-client-auth (tls.client_auth)",
     )?;
+    if file.client_crl.is_some() && client_ca.is_none() {
+        anyhow::bail!("tls.client_crl needs a client CA (--tls-client-ca or tls.client_ca)");
+    }
     let tls = TlsSettings {
         cert,
         key,
         client_ca,
         client_auth,
+        client_crl: file.client_crl.clone(),
         allow_tls12: file.allow_tls12.unwrap_or(false),
     };
     // Checked now, so a bad file stops the start with its name.

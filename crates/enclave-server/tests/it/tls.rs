@@ -86,6 +86,7 @@ fn settings(pki: &Pki, client_auth: Option<ClientAuth>) -> TlsSettings {
         key: pki.dir.path().join("server.key"),
         client_ca: client_auth.map(|_| pki.dir.path().join("ca.pem")),
         client_auth: client_auth.unwrap_or_default(),
+        client_crl: None,
         allow_tls12: false,
     }
 }
@@ -340,4 +341,52 @@ async fn silent_clients_of_one_address_cannot_take_every_handshake() {
     let (status, _, _) = get(&address, &pki, plain, "/livez").await.unwrap();
     assert_eq!(status, 200);
     drop(silent);
+}
+
+/// With a CRL (`tls.client_crl`), a client certificate the CA revoked fails the handshake; one
+/// it did not revoke gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_certificate_fails_the_handshake() {
+    let pki = pki();
+    let issue = |serial: u64| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "app");
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &pki.ca.cert, &pki.ca.key).unwrap();
+        Issued { cert, key }
+    };
+    let (revoked, kept) = (issue(42), issue(43));
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2026, 1, 1),
+        next_update: rcgen::date_time_ymd(2036, 1, 1),
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from(42u64),
+            revocation_time: rcgen::date_time_ymd(2026, 6, 1),
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        }],
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&pki.ca.cert, &pki.ca.key)
+    .unwrap();
+    write(pki.dir.path(), "ca.crl", &crl.pem().unwrap());
+    let tls = TlsSettings {
+        client_crl: Some(pki.dir.path().join("ca.crl")),
+        ..settings(&pki, Some(ClientAuth::Required))
+    };
+    let (address, _, _data) = serve(&pki, tls).await;
+    let with = |issued: &Issued| Client {
+        versions: TLS13,
+        identity: identity(issued),
+    };
+    let refused = get(&address, &pki, with(&revoked), "/livez").await;
+    assert!(
+        refused.is_err(),
+        "a revoked certificate got in: {refused:?}"
+    );
+    let (status, _, _) = get(&address, &pki, with(&kept), "/livez").await.unwrap();
+    assert_eq!(status, 200);
 }
