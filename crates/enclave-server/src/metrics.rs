@@ -18,6 +18,9 @@ use prometheus::{
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// The deployment's own tenant, whose keys may read server-wide metrics.
+const SERVER_TENANT: &str = "default";
+
 /// Request durations (seconds): from milliseconds (tokenize, models) to minutes (long
 /// generations, non-streamed).
 const DURATION_BUCKETS: &[f64] = &[
@@ -310,8 +313,21 @@ fn gauge_value(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// `GET /metrics`: the Prometheus text format.
-pub(crate) async fn scrape(State(state): State<Arc<AppState>>) -> Response {
+/// `GET /metrics`: the Prometheus text format. The series are the whole server's (every
+/// tenant's traffic together), so only a `metrics:read` key of the `default` tenant — the
+/// deployment's own — may read them; another tenant's key reads its usage at
+/// `/admin/v1/usage`.
+pub(crate) async fn scrape(
+    State(state): State<Arc<AppState>>,
+    caller: Option<axum::Extension<enclave_gateway::Principal>>,
+) -> Response {
+    if caller.is_some_and(|axum::Extension(caller)| caller.tenant != SERVER_TENANT) {
+        return ApiError::denied(format!(
+            "`/metrics` shows the whole server's traffic and needs a `metrics:read` key of the \
+             `{SERVER_TENANT}` tenant; a tenant's own numbers are at /admin/v1/usage"
+        ))
+        .into_response();
+    }
     let Some(metrics) = &state.metrics else {
         return ApiError::internal("the metrics registry could not be built").into_response();
     };

@@ -714,4 +714,26 @@ async fn metrics_count_requests_refusals_and_tokens() {
         .key;
     let (status, _) = admin.call("GET", "/metrics", Some(&developer), None).await;
     assert_eq!(status, 403);
+    // Server-wide series are not another tenant's to read, even with metrics:read; its own
+    // usage is.
+    admin
+        .store
+        .create_tenant("acme", &["*".to_string()], Limits::default(), unix_time())
+        .await
+        .unwrap();
+    let tenant_analyst = crate::new_key(&admin.store, "acme", "analyst").await.key;
+    let (status, body) = admin
+        .call("GET", "/metrics", Some(&tenant_analyst), None)
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.to_string().contains("/admin/v1/usage"), "{body}");
+    let (status, _) = admin
+        .call("GET", "/admin/v1/usage", Some(&tenant_analyst), None)
+        .await;
+    assert_eq!(status, 200);
+    let server_analyst = crate::new_key(&admin.store, "default", "analyst").await.key;
+    let (status, _) = admin
+        .call("GET", "/metrics", Some(&server_analyst), None)
+        .await;
+    assert_eq!(status, 200);
 }
