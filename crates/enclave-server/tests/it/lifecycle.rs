@@ -222,3 +222,48 @@ async fn a_panicking_engine_fails_its_requests_and_its_health_check() {
     assert!(reply["error"]["message"].is_string());
     server.shutdown().await.unwrap();
 }
+
+/// A client that gives up on an unstreamed request (its connection closed while the answer is
+/// still being generated) cancels the generation too: hyper sees the connection end and drops
+/// the handler, whose choice streams cancel their requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unstreamed_request_is_cancelled_when_its_client_leaves() {
+    let server = one_sequence_at_a_time().await;
+    let baseline = settled(&server.state).await;
+    let engine = server.state.engine().unwrap();
+    // A raw connection, closed by the test itself: a pooled HTTP client may keep reading a
+    // dropped request's answer.
+    let body =
+        json!({"prompt": "Once", "max_tokens": 480, "ignore_eos": true, "n": 64}).to_string();
+    let mut connection = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut connection,
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: enclave\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    while engine.outstanding() < 64 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    drop(connection);
+    // The streams go when the handler is dropped: at once if the disconnect is seen, else
+    // only once all 64 choices have run to their end.
+    while engine.outstanding() > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let after = settled(&server.state).await;
+    assert!(
+        after.cancelled > baseline.cancelled,
+        "{} cancelled",
+        after.cancelled - baseline.cancelled
+    );
+    assert!(after.scheduler.tokens_computed < baseline.scheduler.tokens_computed + 64 * 480);
+    server.shutdown().await.unwrap();
+}
