@@ -1297,17 +1297,7 @@ impl AuditLog {
                 .to_string(),
                 ..AuditEvent::default()
             };
-            if self
-                .tx
-                .send(Command::Record(Box::new(event)))
-                .await
-                .is_err()
-            {
-                self.counters
-                    .dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!("the audit writer has stopped; a refusal summary is lost");
-            }
+            self.record_waiting(event).await;
         }
     }
 

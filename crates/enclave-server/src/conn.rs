@@ -162,16 +162,16 @@ struct Shared {
     open: watch::Receiver<()>,
 }
 
-/// Serves `router` over plain TCP until `stop` turns true, then waits for the connections
-/// to finish (the caller bounds that wait).
-pub(crate) async fn serve_tcp(
-    tcp: TcpListener,
+/// A listener's tracker and what its connections share; the sender's `closed()` resolves once
+/// every connection task has ended.
+fn listener_parts(
     router: Router,
     state: Arc<AppState>,
     listener: &'static str,
-    stop: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+    stop: &watch::Receiver<bool>,
+) -> (Arc<Tracker>, Shared, watch::Sender<()>) {
     let limits = state.config.connections;
+    let grace = state.config.shutdown_grace;
     let tracker = Arc::new(Tracker {
         limits,
         listener,
@@ -183,28 +183,51 @@ pub(crate) async fn serve_tcp(
         router,
         limits,
         stop: stop.clone(),
-        grace: tracker.state.config.shutdown_grace,
+        grace,
         open,
     };
+    (tracker, shared, all_closed)
+}
+
+/// The next connection, with TCP_NODELAY (without it each small SSE event waits for the
+/// client's delayed ACK); `None` once `stop` turns true.
+async fn next_connection(
+    tcp: &TcpListener,
+    stop: &watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
     loop {
-        let (stream, address) = tokio::select! {
+        tokio::select! {
             accepted = tcp.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok((stream, address)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, address));
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: wait rather than spin.
                     tracing::warn!(error = %e, "cannot accept a connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
                 }
             },
-            () = stopped(stop.clone()) => break,
-        };
+            () = stopped(stop.clone()) => return None,
+        }
+    }
+}
+
+/// Serves `router` over plain TCP until `stop` turns true, then waits for the connections
+/// to finish (the caller bounds that wait).
+pub(crate) async fn serve_tcp(
+    tcp: TcpListener,
+    router: Router,
+    state: Arc<AppState>,
+    listener: &'static str,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let (tracker, shared, all_closed) = listener_parts(router, state, listener, &stop);
+    while let Some((stream, address)) = next_connection(&tcp, &stop).await {
         // Over a cap: the stream is dropped, which closes it.
         let Some(slot) = tracker.admit(address.ip()) else {
             continue;
         };
-        // Without TCP_NODELAY each small SSE event waits for the client's delayed ACK.
-        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
             serve_connection(stream, address, false, &shared).await;
@@ -226,13 +249,8 @@ pub(crate) async fn serve_tls(
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let (tcp, config) = listener.into_parts();
-    let limits = state.config.connections;
-    let tracker = Arc::new(Tracker {
-        limits,
-        listener: name,
-        state,
-        open: Mutex::default(),
-    });
+    let (tracker, shared, all_closed) = listener_parts(router, state, name, &stop);
+    let limits = shared.limits;
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
     let handshaking = Arc::new(Tracker {
         limits: ConnectionLimits {
@@ -244,26 +262,7 @@ pub(crate) async fn serve_tls(
         state: tracker.state.clone(),
         open: Mutex::default(),
     });
-    let (all_closed, open) = watch::channel(());
-    let shared = Shared {
-        router,
-        limits,
-        stop: stop.clone(),
-        grace: tracker.state.config.shutdown_grace,
-        open,
-    };
-    loop {
-        let (stream, address) = tokio::select! {
-            accepted = tcp.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = stopped(stop.clone()) => break,
-        };
+    while let Some((stream, address)) = next_connection(&tcp, &stop).await {
         let Some(slot) = tracker.admit(address.ip()) else {
             continue;
         };
@@ -272,7 +271,6 @@ pub(crate) async fn serve_tls(
         let Some(own) = handshaking.admit(address.ip()) else {
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
         let shared = shared.clone();
         let handshakes = handshakes.clone();

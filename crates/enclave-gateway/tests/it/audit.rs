@@ -46,6 +46,18 @@ async fn filled(url: &str, n: i64) -> Store {
     store
 }
 
+/// A fresh database of the kind `url` is (one per tampering case), kept alive by `dirs`.
+async fn fresh_like(url: &str, dirs: &mut Vec<tempfile::TempDir>) -> String {
+    if url.starts_with("sqlite:") {
+        let dir = tempfile::tempdir().unwrap();
+        let url = Store::sqlite_url(dir.path());
+        dirs.push(dir);
+        url
+    } else {
+        crate::fresh_postgres(&std::env::var("ENCLAVE_TEST_POSTGRES_URL").unwrap()).await
+    }
+}
+
 /// Runs raw SQL on the database, as an attacker with file or database access would.
 async fn tamper(url: &str, statements: &[&str]) {
     let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
@@ -191,14 +203,7 @@ async fn every_kind_of_tampering_is_detected_and_named() {
     for url in databases().await.urls {
         for (what, statements, seq, word) in cases {
             // A fresh database per case: each on its own.
-            let url = if url.starts_with("sqlite:") {
-                let dir = tempfile::tempdir().unwrap();
-                let url = Store::sqlite_url(dir.path());
-                dirs.push(dir);
-                url
-            } else {
-                crate::fresh_postgres(&std::env::var("ENCLAVE_TEST_POSTGRES_URL").unwrap()).await
-            };
+            let url = fresh_like(&url, &mut dirs).await;
             let store = filled(&url, 12).await;
             assert_eq!(store.verify_audit().await.unwrap().problem, None);
             tamper(&url, statements).await;
@@ -393,14 +398,7 @@ async fn blanking_records_as_if_pruned_or_erased_is_detected() {
     let mut dirs = Vec::new();
     for url in databases().await.urls {
         for (what, statement, seq, word) in &cases {
-            let url = if url.starts_with("sqlite:") {
-                let dir = tempfile::tempdir().unwrap();
-                let url = Store::sqlite_url(dir.path());
-                dirs.push(dir);
-                url
-            } else {
-                crate::fresh_postgres(&std::env::var("ENCLAVE_TEST_POSTGRES_URL").unwrap()).await
-            };
+            let url = fresh_like(&url, &mut dirs).await;
             let store = filled(&url, 12).await;
             let newest = 1_800_000_000_000;
             store
