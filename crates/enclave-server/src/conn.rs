@@ -382,17 +382,21 @@ where
 }
 
 /// A request body that fails once its deadline passes: a client trickling its body holds its
-/// connection only that long.
+/// connection only that long from the moment the server reads it.
 struct Deadline {
     body: Incoming,
-    deadline: Pin<Box<Sleep>>,
+    within: Duration,
+    /// Started when the body is first read (after authentication and any wait for the audit
+    /// queue), so only the client's own pace counts against it.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl Deadline {
     fn new(body: Incoming, within: Duration) -> Self {
         Self {
             body,
-            deadline: Box::pin(tokio::time::sleep(within)),
+            within,
+            deadline: None,
         }
     }
 }
@@ -413,7 +417,11 @@ impl http_body::Body for Deadline {
         if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        match self.deadline.as_mut().poll(cx) {
+        let within = self.within;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+        match deadline.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut)))),
             Poll::Pending => Poll::Pending,
         }
