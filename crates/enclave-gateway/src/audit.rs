@@ -1078,8 +1078,8 @@ pub struct AuditQueueStats {
     /// Records (and reservations) waiting for the writer now.
     pub depth: u64,
     pub capacity: u64,
-    /// Records lost because the queue was full when a caller that had reserved no place
-    /// recorded one (never a served request's record).
+    /// Records lost because the writer had stopped (the process ending under a database
+    /// that never came back); never for want of room.
     pub dropped: u64,
     /// Authenticated requests refused because the queue was full (`reject`).
     pub rejected: u64,
@@ -1207,26 +1207,6 @@ impl AuditLog {
             },
         };
         Ok(AuditSlot(permit))
-    }
-
-    /// Queues `event` without a reservation: if the queue is full it is lost, counted and
-    /// logged (callers that must not lose a record reserve first).
-    pub fn record(&self, event: AuditEvent) {
-        match self.tx.try_send(Command::Record(Box::new(event))) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.counters
-                    .dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!("the audit queue is full; an audit record is lost");
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.counters
-                    .dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!("the audit writer has stopped; an audit record is lost");
-            }
-        }
     }
 
     /// Queues `event`, waiting for room however the queue is configured (security events,

@@ -183,18 +183,7 @@ impl AuditTrail {
             }
         }
     }
-}
 
-impl std::fmt::Debug for AuditTrail {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditTrail")
-            .field("request_id", &self.request_id)
-            .field("route", &self.route)
-            .finish_non_exhaustive()
-    }
-}
-
-impl AuditTrail {
     /// Queues the record into its reserved place; without one (refused before
     /// authentication), counts it into its source's summary.
     fn queue(&self) {
@@ -208,6 +197,15 @@ impl AuditTrail {
                 .log
                 .summarise(&event.source, &event.route, event.status, event.at_ms),
         }
+    }
+}
+
+impl std::fmt::Debug for AuditTrail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditTrail")
+            .field("request_id", &self.request_id)
+            .field("route", &self.route)
+            .finish_non_exhaustive()
     }
 }
 

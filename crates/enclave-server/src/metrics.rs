@@ -56,7 +56,7 @@ pub(crate) struct Metrics {
     connections_refused: IntCounterVec,
     audit_queue_depth: IntGauge,
     audit_queue_capacity: IntGauge,
-    /// By outcome: dropped (queue full, no place reserved), rejected (`reject` policy),
+    /// By outcome: dropped (the writer had stopped), rejected (`reject` policy),
     /// summarised (refused before authentication).
     audit_records: IntCounterVec,
     /// Serialises scrapes: the engine counters advance by the difference to the last one.
@@ -121,8 +121,8 @@ impl Metrics {
         let audit_records = IntCounterVec::new(
             Opts::new(
                 "enclave_audit_records_total",
-                "Audit records not written one by one, by outcome: dropped (the queue was full \
-                 and no place was reserved), rejected (a request refused under \
+                "Audit records not written one by one, by outcome: dropped (the writer had \
+                 stopped), rejected (a request refused under \
                  on_backpressure = reject), summarised (a refusal before authentication)",
             ),
             &["outcome"],

@@ -40,7 +40,8 @@ async fn filled(url: &str, n: i64) -> Store {
         } else {
             AuditKind::Api
         };
-        log.record(event(i, now - (n - i) * DAY_MS, kind));
+        log.record_waiting(event(i, now - (n - i) * DAY_MS, kind))
+            .await;
     }
     log.flush().await.unwrap();
     store
