@@ -496,6 +496,9 @@ enum Command {
     Shutdown,
     #[cfg(feature = "fault-injection")]
     Panic,
+    /// Blocks the engine thread until the sender is dropped (tests only).
+    #[cfg(feature = "fault-injection")]
+    Hold(std::sync::mpsc::Receiver<()>),
 }
 
 /// The serving loop on its own thread. Cloning shares it.
@@ -589,6 +592,16 @@ impl EngineHandle {
     #[cfg(feature = "fault-injection")]
     pub fn inject_panic(&self) {
         let _ = self.commands.send(Command::Panic);
+    }
+
+    /// Stops the engine thread at its next turn until the returned guard is dropped, as a
+    /// loaded machine might: what tests then do to requests happens before any step (tests
+    /// only). Requests submitted meanwhile wait in its inbox.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_hold(&self) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = mpsc::channel();
+        let _ = self.commands.send(Command::Hold(held));
+        release
     }
 
     /// Whether the engine thread still runs: false after [`Self::shutdown`], or once a step
@@ -710,6 +723,10 @@ fn serve_turn(
             #[cfg(feature = "fault-injection")]
             #[allow(clippy::panic, reason = "the fault tests inject: a bug's panic")]
             Command::Panic => panic!("injected fault"),
+            #[cfg(feature = "fault-injection")]
+            Command::Hold(held) => {
+                let _ = held.recv();
+            }
         }
     }
     if core.has_work() {

@@ -1,10 +1,8 @@
 //! `POST /v1/chat/completions`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use enclave_engine::{Engine, Event, GenerateRequest, Prompt, MAX_TOP_LOGPROBS};
@@ -12,7 +10,6 @@ use enclave_gateway::Principal;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::extract::ApiJson;
@@ -23,7 +20,7 @@ use crate::generation::{
 };
 use crate::reasoning::ReasoningSplitter;
 use crate::redaction;
-use crate::sse::{merge, send, sse_response};
+use crate::sse::{merge, send, send_done, sse_response, EventSender};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -146,9 +143,11 @@ pub(crate) async fn create(
     if request.stream.unwrap_or(false) {
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
         let engine = served.handle.clone();
-        return Ok(sse_response(move |tx| {
-            reply.stream(engine, streams, include_usage, tx)
-        }));
+        return Ok(sse_response(
+            state.config.connections.send_timeout,
+            meter.clone(),
+            move |tx| reply.stream(engine, streams, include_usage, tx),
+        ));
     }
     reply.complete(engine, streams).await
 }
@@ -311,7 +310,7 @@ impl ChatReply {
         handle: enclave_engine::EngineHandle,
         streams: Vec<ChoiceStream>,
         include_usage: bool,
-        tx: mpsc::Sender<Result<SseEvent, Infallible>>,
+        tx: EventSender,
     ) {
         let engine = handle.engine();
         let usage_field = include_usage.then_some(Value::Null);
@@ -420,7 +419,7 @@ impl ChatReply {
                 return;
             }
         }
-        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        send_done(&tx).await;
     }
 }
 

@@ -20,7 +20,7 @@ use crate::generation::{
     TokenLogprob, UnsupportedFields,
 };
 use crate::redaction;
-use crate::sse::{merge, send, sse_response, EventSender};
+use crate::sse::{merge, send, send_done, sse_response, EventSender};
 use crate::state::AppState;
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
@@ -202,9 +202,11 @@ pub(crate) async fn create(
     if request.stream.unwrap_or(false) {
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
         let handle = served.handle.clone();
-        return Ok(sse_response(move |tx| {
-            reply.stream(handle, choices_in_order, include_usage, tx)
-        }));
+        return Ok(sse_response(
+            state.config.connections.send_timeout,
+            meter.clone(),
+            move |tx| reply.stream(handle, choices_in_order, include_usage, tx),
+        ));
     }
     reply.complete(engine, choices_in_order).await
 }
@@ -389,9 +391,7 @@ impl CompletionReply {
                 return;
             }
         }
-        let _ = tx
-            .send(Ok(axum::response::sse::Event::default().data("[DONE]")))
-            .await;
+        send_done(&tx).await;
     }
 }
 

@@ -3,8 +3,9 @@
 //! is closed at once and counted; TLS handshakes are bounded in number and time; HTTP/1 waits
 //! for a request's headers — a connection's first, or the next on a kept-alive one — at most
 //! [`ConnectionLimits::header_read_timeout`]; a request body must arrive whole within
-//! [`ConnectionLimits::body_read_timeout`]. So slow or silent clients hold only their own
-//! address's share of connections, for a bounded time.
+//! [`ConnectionLimits::body_read_timeout`]; a client that stops reading what the server sends
+//! is cut off once a write has waited [`ConnectionLimits::send_timeout`]. So slow or silent
+//! clients hold only their own address's share of connections, for a bounded time.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -51,6 +52,9 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// How long a request's body may take to arrive, from its headers.
     pub body_read_timeout: Duration,
+    /// How long a write to the client may wait (its receive window full: it stopped reading)
+    /// before the connection is closed, or a stream is abandoned and its generations cancelled.
+    pub send_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -61,6 +65,7 @@ impl Default for ConnectionLimits {
             max_handshakes: 256,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -333,7 +338,7 @@ where
         request.extensions_mut().insert(ConnectInfo(peer.clone()));
         router.clone().oneshot(request)
     });
-    let io = TokioIo::new(io);
+    let io = TokioIo::new(SendStall::new(io, shared.limits.send_timeout));
     // The two protocols' connections share no trait with `graceful_shutdown`: one loop each.
     macro_rules! drive {
         ($connection:expr) => {{
@@ -433,5 +438,133 @@ impl http_body::Body for Deadline {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A connection whose writes fail once one has waited `within` for the client to take data: a
+/// client that stops reading (its receive window full) otherwise holds the connection, its
+/// response body and the request's limits and engine places for as long as it likes.
+struct SendStall<I> {
+    io: I,
+    within: Duration,
+    /// Armed when a write first waits; disarmed by any write that goes through.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl<I> SendStall<I> {
+    fn new(io: I, within: Duration) -> Self {
+        Self {
+            io,
+            within,
+            deadline: None,
+        }
+    }
+
+    /// After the inner write answered `poll`: disarm on progress, or arm and check the
+    /// deadline while it waits.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.deadline = None;
+            return poll;
+        }
+        let within = self.within;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for SendStall<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for SendStall<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.watch(cx, poll)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_client_never_takes_fails_after_the_send_timeout() {
+        // A 64-byte pipe whose reader never reads: the second write waits for good.
+        let (near, _far) = tokio::io::duplex(64);
+        let mut guarded = SendStall::new(near, Duration::from_secs(30));
+        guarded.write_all(&[0; 64]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let error = guarded.write_all(&[0; 64]).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_reading_is_not_cut_off() {
+        use tokio::io::AsyncReadExt;
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut guarded = SendStall::new(near, Duration::from_secs(30));
+        let reader = tokio::spawn(async move {
+            let mut buf = [0; 64];
+            let mut total = 0;
+            // Takes 64 bytes every 20 s: each write waits less than the timeout.
+            while total < 64 * 5 {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                total += far.read(&mut buf).await.unwrap();
+            }
+            total
+        });
+        for _ in 0..5 {
+            guarded.write_all(&[0; 64]).await.unwrap();
+        }
+        guarded.flush().await.unwrap();
+        assert_eq!(reader.await.unwrap(), 64 * 5);
     }
 }

@@ -4,7 +4,7 @@
 //! request's concurrency slots — lives as long as the response body, streams included.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -48,7 +48,7 @@ impl Metering {
             }
         };
         let meter = RequestMeter {
-            admission,
+            admission: Mutex::new(admission),
             ledger: self.ledger.clone(),
             tenant: principal.tenant.clone(),
             key_id: principal.key_id().to_string(),
@@ -65,7 +65,8 @@ impl Metering {
 /// One admitted request's account.
 #[derive(Debug)]
 pub(crate) struct RequestMeter {
-    admission: Option<Admission>,
+    /// Taken out early when a stream is abandoned ([`Self::release_limits`]).
+    admission: Mutex<Option<Admission>>,
     ledger: Arc<UsageLedger>,
     tenant: String,
     key_id: String,
@@ -114,8 +115,18 @@ impl RequestMeter {
         });
     }
 
+    /// Gives back the request's concurrency slots now, before its response body is dropped
+    /// (a client that stopped reading may keep that alive).
+    pub fn release_limits(&self) {
+        drop(self.admission().take());
+    }
+
+    fn admission(&self) -> std::sync::MutexGuard<'_, Option<Admission>> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn charge(&self, counts: UsageCounts) {
-        if let Some(admission) = &self.admission {
+        if let Some(admission) = self.admission().as_ref() {
             admission.charge_tokens(counts.prompt_tokens + counts.completion_tokens);
         }
         if let Some(trail) = &self.trail {
@@ -131,7 +142,7 @@ impl RequestMeter {
 
     /// The quotas as they stood at admission.
     fn quotas(&self) -> Option<Quotas> {
-        self.admission.as_ref().map(|a| a.quotas)
+        self.admission().as_ref().map(|a| a.quotas)
     }
 }
 

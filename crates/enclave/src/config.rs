@@ -68,6 +68,9 @@ pub struct ConnectionSettings {
     pub header_read_timeout_seconds: Option<u64>,
     /// Seconds a request body may take to arrive (default 60).
     pub body_read_timeout_seconds: Option<u64>,
+    /// Seconds a write may wait for a client that stopped reading before its connection is
+    /// closed and its stream's generations cancelled (default 30).
+    pub send_timeout_seconds: Option<u64>,
 }
 
 impl ConnectionSettings {
@@ -86,12 +89,16 @@ impl ConnectionSettings {
             body_read_timeout: self
                 .body_read_timeout_seconds
                 .map_or(default.body_read_timeout, seconds),
+            send_timeout: self
+                .send_timeout_seconds
+                .map_or(default.send_timeout, seconds),
         };
         if limits.max_connections == 0
             || limits.max_connections_per_address == 0
             || limits.max_handshakes == 0
             || limits.header_read_timeout.is_zero()
             || limits.body_read_timeout.is_zero()
+            || limits.send_timeout.is_zero()
         {
             anyhow::bail!("every [connections] limit must be at least 1");
         }

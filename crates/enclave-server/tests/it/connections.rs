@@ -19,6 +19,7 @@ fn limits() -> ConnectionLimits {
         max_handshakes: 4,
         header_read_timeout: Duration::from_secs(1),
         body_read_timeout: Duration::from_secs(1),
+        ..ConnectionLimits::default()
     }
 }
 

@@ -225,12 +225,14 @@ async fn a_panicking_engine_fails_its_requests_and_its_health_check() {
 
 /// A client that gives up on an unstreamed request (its connection closed while the answer is
 /// still being generated) cancels the generation too: hyper sees the connection end and drops
-/// the handler, whose choice streams cancel their requests.
+/// the handler, whose choice streams cancel their requests. The engine is held still while the
+/// client leaves, so the generation cannot finish first however slow the machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unstreamed_request_is_cancelled_when_its_client_leaves() {
     let server = one_sequence_at_a_time().await;
     let baseline = settled(&server.state).await;
     let engine = server.state.engine().unwrap();
+    let hold = engine.inject_hold();
     // A raw connection, closed by the test itself: a pooled HTTP client may keep reading a
     // dropped request's answer.
     let body =
@@ -253,17 +255,105 @@ async fn an_unstreamed_request_is_cancelled_when_its_client_leaves() {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     drop(connection);
-    // The streams go when the handler is dropped: at once if the disconnect is seen, else
-    // only once all 64 choices have run to their end.
-    while engine.outstanding() > 0 {
+    // The streams go when the handler is dropped; the engine has not run a step meanwhile.
+    let dropped = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while engine.outstanding() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(dropped.is_ok(), "the handler outlived its connection");
+    drop(hold);
+    // The engine takes in the 64 submissions it was sent and finds every stream gone.
+    let cancelled = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while engine.stats().cancelled < baseline.cancelled + 64 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(cancelled.is_ok(), "{:?}", engine.stats());
+    let after = settled(&server.state).await;
+    assert_eq!(after.cancelled, baseline.cancelled + 64);
+    assert_eq!(
+        after.scheduler.tokens_computed,
+        baseline.scheduler.tokens_computed
+    );
+    server.shutdown().await.unwrap();
+}
+
+/// A client that keeps its connection but stops reading a stream (its receive window full)
+/// holds nothing for longer than the send timeout: the server gives up on it, the stream's
+/// generations are cancelled and their places in the engine return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_its_client_stopped_reading_is_cancelled_after_the_send_timeout() {
+    let serving = enclave_engine::ServingConfig {
+        max_num_seqs: 1,
+        ..serving_config()
+    };
+    let config = enclave_server::ServerConfig {
+        max_n: 64,
+        connections: enclave_server::ConnectionLimits {
+            send_timeout: std::time::Duration::from_secs(1),
+            ..enclave_server::ConnectionLimits::default()
+        },
+        ..server_config()
+    };
+    let server = TestServer::start(&fixtures().join("models/qwen2"), config, serving).await;
+    let baseline = settled(&server.state).await;
+    let engine = server.state.engine().unwrap();
+    // Sixty-four choices of 480 tokens with their five likeliest alternatives: megabytes of
+    // events, more than any socket buffer holds.
+    let body = json!({"prompt": "Once", "max_tokens": 480, "ignore_eos": true, "n": 64,
+                      "stream": true, "logprobs": 5})
+    .to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut connection = socket
+        .connect(server.base.trim_start_matches("http://").parse().unwrap())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut connection,
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: enclave\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    while engine.outstanding() < 64 {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    let after = settled(&server.state).await;
+    // Never read. Without the send timeout the stream's task waits on the full channel for
+    // as long as the connection stays open, holding all 64 places.
+    let released = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while engine.outstanding() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     assert!(
-        after.cancelled > baseline.cancelled,
-        "{} cancelled",
-        after.cancelled - baseline.cancelled
+        released.is_ok(),
+        "{} places still held",
+        engine.outstanding()
     );
+    let after = settled(&server.state).await;
+    assert!(after.cancelled > baseline.cancelled, "nothing cancelled");
     assert!(after.scheduler.tokens_computed < baseline.scheduler.tokens_computed + 64 * 480);
+    // The server closed the connection: reading now drains what was buffered, then ends.
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut buf = vec![0; 1 << 16];
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut connection, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the connection stayed open");
+    drop(connection);
     server.shutdown().await.unwrap();
 }
