@@ -1,5 +1,8 @@
 //! Rate limits per key and per tenant: requests per minute, tokens per minute (prompt and
-//! completion tokens, charged as they are produced) and concurrent requests. Each per-minute
+//! completion tokens, charged as they are produced) and concurrent requests. Once a request's
+//! size is known it claims a concurrency slot per generation (prompts × `n`) and reserves the
+//! most tokens it can use (prompt + `max_tokens` × `n`), so a burst admitted on a nearly empty
+//! bucket cannot overdraw it; what it does not use is refunded when it ends. Each per-minute
 //! limit is a token bucket holding at most a minute's allowance and refilled continuously, so
 //! exactly `limit` requests pass at once from rest and then one per `60 / limit` seconds.
 //! Counters live in this process: with several replicas each enforces the limits on its own
@@ -92,6 +95,9 @@ pub struct Refusal {
     pub limit: &'static str,
     pub retry_after: Duration,
     pub quotas: Quotas,
+    /// The request alone is over the limit: no wait lets it pass (its `n` or prompts, for a
+    /// concurrency limit).
+    pub never_fits: bool,
 }
 
 /// Every subject's allowance in this process.
@@ -106,6 +112,10 @@ pub struct Admission {
     limiter: Arc<RateLimiter>,
     subjects: Vec<(Subject, Limits)>,
     pub quotas: Quotas,
+    /// Generations claimed ([`Self::claim`]); the request holds `max(1, sequences)` slots.
+    sequences: u64,
+    /// Tokens reserved and not yet charged, per subject (in `subjects`' order).
+    reserved: Vec<u64>,
 }
 
 impl RateLimiter {
@@ -129,6 +139,7 @@ impl RateLimiter {
                     limit,
                     retry_after,
                     quotas: quotas(&mut all, &subjects, now),
+                    never_fits: false,
                 }));
             }
         }
@@ -140,45 +151,129 @@ impl RateLimiter {
             allowance.in_flight += 1;
         }
         let quotas = quotas(&mut all, &subjects, now);
+        let reserved = vec![0; subjects.len()];
         Ok(Admission {
             limiter: self.clone(),
             subjects,
             quotas,
+            sequences: 0,
+            reserved,
         })
-    }
-
-    fn charge(&self, subjects: &[(Subject, Limits)], tokens: u64) {
-        let now = Instant::now();
-        let mut all = self.allowances.lock().unwrap_or_else(|p| p.into_inner());
-        for (subject, limits) in subjects {
-            if let Some(bucket) = allowance(&mut all, subject, limits, now).tokens.as_mut() {
-                bucket.level -= tokens as f64;
-            }
-        }
-    }
-
-    fn release(&self, subjects: &[(Subject, Limits)]) {
-        let mut all = self.allowances.lock().unwrap_or_else(|p| p.into_inner());
-        for (subject, _) in subjects {
-            if let Some(allowance) = all.get_mut(subject) {
-                allowance.in_flight = allowance.in_flight.saturating_sub(1);
-            }
-        }
     }
 }
 
 impl Admission {
-    /// Charges `tokens` (prompt or completion) to every subject's tokens-per-minute bucket.
-    pub fn charge_tokens(&self, tokens: u64) {
-        if tokens > 0 {
-            self.limiter.charge(&self.subjects, tokens);
+    /// Claims `sequences` more generations and reserves `tokens` more (each subject reserves
+    /// at most its whole per-minute allowance, so any request can pass from a full bucket), or
+    /// refuses, taking nothing, naming the first limit it is over.
+    pub fn claim(&mut self, sequences: u64, tokens: u64) -> Result<(), Box<Refusal>> {
+        let now = Instant::now();
+        // The slot taken at admission is the first generation's.
+        let extra = if self.sequences == 0 {
+            sequences.saturating_sub(1)
+        } else {
+            sequences
+        };
+        let total = self.sequences.saturating_add(sequences).max(1);
+        let mut all = self
+            .limiter
+            .allowances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (subject, limits) in &self.subjects {
+            let allowance = allowance(&mut all, subject, limits, now);
+            let over = if limits.concurrent_requests.is_some_and(|most| total > most) {
+                Some(("concurrent requests", Duration::ZERO, true))
+            } else if limits
+                .concurrent_requests
+                .is_some_and(|most| allowance.in_flight.saturating_add(extra) > most)
+            {
+                Some(("concurrent requests", Duration::from_secs(1), false))
+            } else {
+                match (&allowance.tokens, limits.tokens_per_minute) {
+                    (Some(bucket), Some(limit)) if bucket.level < tokens.min(limit) as f64 => {
+                        let wait = bucket.wait_for(tokens.min(limit) as f64, limit);
+                        Some(("tokens per minute", wait, false))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some((limit, retry_after, never_fits)) = over {
+                return Err(Box::new(Refusal {
+                    subject: subject.clone(),
+                    limit,
+                    retry_after,
+                    quotas: quotas(&mut all, &self.subjects, now),
+                    never_fits,
+                }));
+            }
+        }
+        for ((subject, limits), reserved) in self.subjects.iter().zip(self.reserved.iter_mut()) {
+            let allowance = allowance(&mut all, subject, limits, now);
+            allowance.in_flight = allowance.in_flight.saturating_add(extra);
+            if let (Some(bucket), Some(limit)) =
+                (allowance.tokens.as_mut(), limits.tokens_per_minute)
+            {
+                let reserve = tokens.min(limit);
+                bucket.level -= reserve as f64;
+                *reserved = reserved.saturating_add(reserve);
+            }
+        }
+        self.sequences = self.sequences.saturating_add(sequences);
+        Ok(())
+    }
+
+    /// Generations claimed so far.
+    pub fn sequences(&self) -> u64 {
+        self.sequences
+    }
+
+    /// Charges `tokens` (prompt or completion) to every subject's tokens-per-minute bucket,
+    /// from its reservation first.
+    pub fn charge_tokens(&mut self, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut all = self
+            .limiter
+            .allowances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for ((subject, limits), reserved) in self.subjects.iter().zip(self.reserved.iter_mut()) {
+            let from_reserve = tokens.min(*reserved);
+            *reserved -= from_reserve;
+            if let Some(bucket) = allowance(&mut all, subject, limits, now).tokens.as_mut() {
+                bucket.level -= (tokens - from_reserve) as f64;
+            }
         }
     }
 }
 
 impl Drop for Admission {
+    /// Gives back the request's slots and refunds the tokens it reserved and did not use.
     fn drop(&mut self) {
-        self.limiter.release(&self.subjects);
+        let slots = self.sequences.max(1);
+        let now = Instant::now();
+        let mut all = self
+            .limiter
+            .allowances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for ((subject, limits), reserved) in self.subjects.iter().zip(&self.reserved) {
+            let Some(allowance) = all.get_mut(subject) else {
+                continue;
+            };
+            allowance.in_flight = allowance.in_flight.saturating_sub(slots);
+            if *reserved > 0 {
+                if let (Some(bucket), Some(limit)) =
+                    (allowance.tokens.as_mut(), limits.tokens_per_minute)
+                {
+                    bucket.refill(limit, now);
+                    bucket.level = (bucket.level + *reserved as f64).min(limit as f64);
+                }
+            }
+        }
     }
 }
 
@@ -305,9 +400,9 @@ mod tests {
     #[test]
     fn tokens_are_charged_after_admission_and_block_when_spent() {
         let limiter = RateLimiter::new();
-        let first = limiter.admit(vec![key(None, Some(100), None)]).unwrap();
+        let mut first = limiter.admit(vec![key(None, Some(100), None)]).unwrap();
         first.charge_tokens(60);
-        let second = limiter.admit(vec![key(None, Some(100), None)]).unwrap();
+        let mut second = limiter.admit(vec![key(None, Some(100), None)]).unwrap();
         assert_eq!(second.quotas.tokens.map(|q| q.remaining), Some(40));
         second.charge_tokens(70);
         let refusal = limiter.admit(vec![key(None, Some(100), None)]).unwrap_err();
@@ -356,5 +451,64 @@ mod tests {
         // The key's bucket lost only the one admitted request.
         let admission = limiter.admit(vec![key(Some(10), None, None)]).unwrap();
         assert_eq!(admission.quotas.requests.map(|q| q.remaining), Some(8));
+    }
+
+    #[test]
+    fn every_generation_of_a_request_takes_a_concurrency_slot() {
+        let limiter = RateLimiter::new();
+        let mut one = limiter.admit(vec![key(None, None, Some(8))]).unwrap();
+        // Two prompts × n = 3: six slots, the admission's first among them.
+        one.claim(6, 0).unwrap();
+        let mut two = limiter.admit(vec![key(None, None, Some(8))]).unwrap();
+        let refusal = two.claim(3, 0).unwrap_err();
+        assert_eq!(refusal.limit, "concurrent requests");
+        assert!(!refusal.never_fits, "a retry passes once the first ends");
+        two.claim(2, 0).unwrap();
+        assert!(limiter.admit(vec![key(None, None, Some(8))]).is_err());
+        drop(one);
+        drop(two);
+        // All eight slots back: a request of nine generations can never pass.
+        let mut three = limiter.admit(vec![key(None, None, Some(8))]).unwrap();
+        let refusal = three.claim(9, 0).unwrap_err();
+        assert!(refusal.never_fits);
+        three.claim(8, 0).unwrap();
+    }
+
+    #[test]
+    fn the_most_a_request_can_use_is_reserved_and_the_rest_refunded() {
+        let limiter = RateLimiter::new();
+        let mut big = limiter.admit(vec![key(None, Some(1000), None)]).unwrap();
+        // A prompt of 100 tokens, n = 4 choices of at most 200.
+        big.claim(4, 100 + 4 * 200).unwrap();
+        // Only 100 tokens are left: a second request of at most 150 waits for them.
+        let mut small = limiter.admit(vec![key(None, Some(1000), None)]).unwrap();
+        let refusal = small.claim(1, 150).unwrap_err();
+        assert_eq!(refusal.limit, "tokens per minute");
+        assert!(refusal.retry_after > Duration::from_secs(2));
+        small.claim(1, 90).unwrap();
+        // The big one used 100 prompt and 300 completion tokens: 500 come back when it ends.
+        big.charge_tokens(100);
+        big.charge_tokens(300);
+        drop(big);
+        let mut third = limiter.admit(vec![key(None, Some(1000), None)]).unwrap();
+        third.claim(1, 500).unwrap();
+        // Charges beyond a reservation come from the bucket.
+        small.charge_tokens(90 + 10);
+        drop(small);
+        // Third used nothing: its 500 return whole; small's extra 10 stay spent.
+        drop(third);
+        let fourth = limiter.admit(vec![key(None, Some(1000), None)]).unwrap();
+        let left = fourth.quotas.tokens.map(|q| q.remaining).unwrap();
+        assert!((500..=502).contains(&left), "{left} tokens left");
+    }
+
+    #[test]
+    fn a_reservation_never_exceeds_a_whole_allowance() {
+        let limiter = RateLimiter::new();
+        let mut huge = limiter.admit(vec![key(None, Some(1000), None)]).unwrap();
+        // max_tokens far past the per-minute limit: it needs a full bucket, and takes it.
+        huge.claim(1, 1_000_000).unwrap();
+        let mut next = limiter.admit(vec![key(None, Some(1000), None)]);
+        assert!(next.is_err() || next.as_mut().unwrap().claim(1, 1).is_err());
     }
 }

@@ -395,6 +395,15 @@ pub(crate) async fn submit_choices(
         blocking::run(move || handle.engine().validate(request)).await?
     }
     .map_err(|e| ApiError::from_engine(e, prompt_param))?;
+    if let Some(meter) = meter {
+        // Every choice holds a concurrency slot; the prompt once and each choice's most
+        // tokens are reserved against the token budget (refunded as far as unused).
+        let most_tokens = valid
+            .prompt_ids
+            .len()
+            .saturating_add(n.saturating_mul(valid.max_new_tokens));
+        meter.claim(n, most_tokens, if n > 1 { "n" } else { prompt_param })?;
+    }
     let streams = (0..n)
         .map(|i| {
             let mut request = valid.clone();

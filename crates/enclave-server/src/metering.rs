@@ -4,6 +4,7 @@
 //! request's concurrency slots — lives as long as the response body, streams included.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,7 +45,9 @@ impl Metering {
         } else {
             match self.limiter.admit(subjects) {
                 Ok(admission) => Some(admission),
-                Err(refusal) => return Err(too_many(principal, &refusal)),
+                Err(refusal) => {
+                    return Err(too_many(&principal.subject(), &principal.tenant, &refusal))
+                }
             }
         };
         let meter = RequestMeter {
@@ -52,12 +55,10 @@ impl Metering {
             ledger: self.ledger.clone(),
             tenant: principal.tenant.clone(),
             key_id: principal.key_id().to_string(),
+            subject: principal.subject(),
             trail,
+            refused: AtomicBool::new(false),
         };
-        meter.record(UsageCounts {
-            requests: 1,
-            ..UsageCounts::default()
-        });
         Ok(Arc::new(meter))
     }
 }
@@ -70,8 +71,12 @@ pub(crate) struct RequestMeter {
     ledger: Arc<UsageLedger>,
     tenant: String,
     key_id: String,
+    /// Who is calling, for logs.
+    subject: String,
     /// The request's audit record, which counts its tokens too.
     trail: Option<Arc<AuditTrail>>,
+    /// Refused by its claim: not counted as a request in usage.
+    refused: AtomicBool,
 }
 
 impl RequestMeter {
@@ -115,6 +120,34 @@ impl RequestMeter {
         });
     }
 
+    /// Claims a slot per generation (`sequences` more) and reserves the most tokens they can
+    /// use, once the request's size is known; refused with a 429 (or a 400 naming `param` when
+    /// no wait would help) before anything is queued.
+    pub fn claim(&self, sequences: usize, tokens: usize, param: &str) -> Result<(), ApiError> {
+        let mut admission = self.admission();
+        let Some(admission) = admission.as_mut() else {
+            return Ok(());
+        };
+        let asked = admission.sequences() + sequences as u64;
+        admission
+            .claim(sequences as u64, tokens as u64)
+            .map_err(|refusal| {
+                self.refused.store(true, Ordering::Relaxed);
+                if refusal.never_fits {
+                    ApiError::invalid(
+                        Some(param.to_string()),
+                        format!(
+                            "this request runs {asked} generations at once (prompts × `n`), \
+                             more than {} limit of concurrent requests",
+                            whose(&refusal)
+                        ),
+                    )
+                } else {
+                    too_many(&self.subject, &self.tenant, &refusal)
+                }
+            })
+    }
+
     /// Gives back the request's concurrency slots now, before its response body is dropped
     /// (a client that stopped reading may keep that alive).
     pub fn release_limits(&self) {
@@ -126,7 +159,7 @@ impl RequestMeter {
     }
 
     fn charge(&self, counts: UsageCounts) {
-        if let Some(admission) = self.admission().as_ref() {
+        if let Some(admission) = self.admission().as_mut() {
             admission.charge_tokens(counts.prompt_tokens + counts.completion_tokens);
         }
         if let Some(trail) = &self.trail {
@@ -149,6 +182,13 @@ impl RequestMeter {
 /// `x-ratelimit-*` headers on every response of a limited caller, and the admission kept until
 /// the body has been sent.
 pub(crate) fn finish(meter: Arc<RequestMeter>, response: Response) -> Response {
+    // Counted once answered, unless its limits refused it (as at admission).
+    if !meter.refused.load(Ordering::Relaxed) {
+        meter.record(UsageCounts {
+            requests: 1,
+            ..UsageCounts::default()
+        });
+    }
     let quotas = meter.quotas();
     let (mut parts, body) = response.into_parts();
     if let Some(quotas) = quotas {
@@ -165,12 +205,16 @@ pub(crate) fn hold_until_sent<T: Send + Sync + Unpin + 'static>(body: Body, held
     })
 }
 
-fn too_many(principal: &Principal, refusal: &Refusal) -> ApiError {
-    let whose = match &refusal.subject {
+fn whose(refusal: &Refusal) -> &'static str {
+    match &refusal.subject {
         enclave_gateway::Subject::Key(_) => "this key's",
         enclave_gateway::Subject::Tenant(_) => "the tenant's",
-    };
-    tracing::info!(subject = %principal.subject(), tenant = %principal.tenant, limit = refusal.limit, "rate limited");
+    }
+}
+
+fn too_many(subject: &str, tenant: &str, refusal: &Refusal) -> ApiError {
+    let whose = whose(refusal);
+    tracing::info!(%subject, %tenant, limit = refusal.limit, "rate limited");
     let retry = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u32;
     let mut error = ApiError::rate_limited(format!(
         "{whose} limit of {} is reached; retry in {retry} s",

@@ -179,8 +179,14 @@ async fn the_token_limit_counts_prompt_and_completion_tokens() {
         remaining >= 30 - used && remaining <= 30 - used + 1,
         "{remaining} left after {used}"
     );
-    // A request is admitted while any token is left, and charged in full as it runs.
-    let (status, second) = complete(&setup, &limited, 20).await;
+    // A request reserves its prompt and `max_tokens` up front: twenty more do not fit in what
+    // is left, a smaller one does (and is charged what it used).
+    let (status, refused) = complete(&setup, &limited, 20).await;
+    assert_eq!(status, 429, "{refused}");
+    assert_eq!(refused["error"]["type"], "tokens", "{refused}");
+    let prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    let fits = (remaining - prompt - 1) as u32;
+    let (status, second) = complete(&setup, &limited, fits).await;
     assert_eq!(status, 200, "{second}");
     let (status, third) = complete(&setup, &limited, 1).await;
     assert_eq!(status, 429, "{third}");
@@ -201,12 +207,12 @@ async fn the_token_limit_counts_prompt_and_completion_tokens() {
         .unwrap();
     assert_eq!(usage.len(), 1);
     let counts = usage[0].counts;
-    assert_eq!(counts.requests, 3, "the refused request is not counted");
+    assert_eq!(counts.requests, 3, "the refused requests are not counted");
     assert_eq!(
         counts.prompt_tokens + counts.completion_tokens,
         used + second["usage"]["total_tokens"].as_u64().unwrap()
     );
-    assert_eq!(counts.completion_tokens, 8 + 20);
+    assert_eq!(counts.completion_tokens, 8 + u64::from(fits));
 }
 
 #[tokio::test]
@@ -253,4 +259,60 @@ async fn a_concurrency_slot_is_held_until_the_stream_ends() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn every_choice_takes_a_concurrency_slot() {
+    let setup = setup(Limits::default()).await;
+    let (_, limited) = key(
+        &setup.store,
+        Limits {
+            concurrent_requests: Some(4),
+            ..Limits::default()
+        },
+    )
+    .await;
+    let completions = |body: Value| {
+        setup
+            .server
+            .client
+            .post(format!("{}/v1/completions", setup.server.base))
+            .bearer_auth(&limited)
+            .json(&body)
+            .send()
+    };
+    // Two prompts × n = 3 is six generations: never within four, so a 400 naming `n`.
+    let refused =
+        completions(json!({"model": MODEL, "prompt": ["a", "b"], "n": 3, "max_tokens": 2}))
+            .await
+            .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "n", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("6 generations"),
+        "{body}"
+    );
+    // A stream of three choices holds three slots: a second request of two waits (429).
+    let mut stream = completions(
+        json!({"model": MODEL, "prompt": "Once", "n": 3, "max_tokens": 64,
+                                        "ignore_eos": true, "stream": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(!stream.chunk().await.unwrap().unwrap().is_empty());
+    let busy = completions(json!({"model": MODEL, "prompt": "Hi", "n": 2, "max_tokens": 2}))
+        .await
+        .unwrap();
+    assert_eq!(busy.status(), 429);
+    assert!(busy.headers().get("retry-after").is_some());
+    let one = completions(json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2}))
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
+    while stream.chunk().await.unwrap().is_some() {}
 }
