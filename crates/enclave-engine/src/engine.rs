@@ -11,6 +11,7 @@ use crate::chat_template::ChatTemplate;
 use crate::error::{EngineError, Result};
 use crate::generation_config::GenerationConfig;
 use crate::sampler::SamplingParams;
+use crate::scheduler::Flow;
 use crate::serving::{Event, ServingConfig, ServingCore};
 use crate::tokenizer::Tokenizer;
 
@@ -113,6 +114,8 @@ pub struct GenerateRequest {
     /// The prefix-cache partition: requests share cached prompt blocks only with requests of
     /// the same salt. The server sets it from the authenticated tenant, never from the body.
     pub cache_salt: Option<String>,
+    /// Whose share of the engine the request draws on (the server sets its tenant's).
+    pub flow: Flow,
 }
 
 /// A partition number for a salt string (never 0, the unsalted partition).
@@ -146,6 +149,7 @@ impl GenerateRequest {
             logprobs: None,
             prompt_logprobs: None,
             cache_salt: None,
+            flow: Flow::default(),
         }
     }
 }
@@ -164,6 +168,7 @@ pub struct ValidRequest {
     pub prompt_logprobs: Option<usize>,
     /// Prefix-cache partition (0: the one of requests without a salt).
     pub cache_salt: u64,
+    pub flow: Flow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -531,6 +536,7 @@ impl Engine {
             logprobs: request.logprobs,
             prompt_logprobs: request.prompt_logprobs,
             cache_salt: request.cache_salt.as_deref().map_or(0, salt_of),
+            flow: request.flow,
         })
     }
 
@@ -554,6 +560,7 @@ impl Engine {
             max_num_batched_tokens: crate::serving::DEFAULT_MAX_NUM_BATCHED_TOKENS,
             prefix_caching: false,
             max_waiting_requests: 0,
+            max_outstanding_per_flow: None,
         };
         let mut core = ServingCore::new(self, &config)?;
         let (sink, mut events) = unbounded_channel();

@@ -26,6 +26,9 @@ pub enum EngineError {
     /// The bounded queue is full; the caller should retry later.
     #[error("the server is at capacity ({in_flight} requests in flight); retry later")]
     Overloaded { in_flight: usize },
+    /// One flow (tenant) holds its whole share of the queue; others may still be accepted.
+    #[error("this tenant has {most} requests running or queued, the most one tenant may hold; retry later")]
+    FlowFull { most: usize },
     /// A broken invariant or a stopped engine thread: a server error, never the client's.
     #[error("internal error: {0}")]
     Internal(String),

@@ -26,6 +26,7 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use generation_config::GenerationConfig;
 pub use sampler::{Sampler, SamplingParams};
+pub use scheduler::Flow;
 pub use serving::{
     EngineHandle, Event, PromptLogprob, RequestStream, ServingConfig, ServingCore, ServingStats,
     Usage, DEFAULT_MAX_NUM_BATCHED_TOKENS,

@@ -1,8 +1,15 @@
 //! Continuous batching: which sequences run in the next forward, and how many of their tokens.
 //!
 //! Each step takes running sequences first (their next decode token, or the next chunk of a
-//! prompt still being prefilled), oldest first, then admits waiting requests first come, first
-//! served while the token budget, the sequence limit and the KV-cache blocks allow. A prompt is
+//! prompt still being prefilled), oldest first, then admits waiting requests while the token
+//! budget, the sequence limit and the KV-cache blocks allow. Waiting requests belong to flows
+//! (tenants): the next admitted is the oldest of the flow with the highest priority and, among
+//! equals, the least service so far for its weight — start-time fair queuing, each admission
+//! advancing its flow's virtual time by `1 / weight`, and a flow that falls idle rejoining at
+//! the current virtual time, so it cannot bank credit. One tenant's burst therefore cannot take
+//! every place that frees while others wait: weighted fair shares of admission in strict
+//! priority bands, as Triton's priority levels and llm-d's flow control order requests.
+//! Within a flow it is first come, first served. A prompt is
 //! admitted only with blocks for all of it (reusing cached prefix blocks), and is prefilled in
 //! chunks so one long prompt never stalls everyone's decoding. When a running sequence needs a
 //! block and none is left, the newest running sequence is preempted: its blocks are freed and it
@@ -10,7 +17,8 @@
 //!
 //! Pure bookkeeping over token ids and block ids: it never touches tensors.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use crate::block_manager::{BlockId, BlockManager, BlockStats, PrefixProgress};
 
@@ -25,9 +33,30 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
 }
 
+/// Whose share of the engine a sequence draws on (its tenant), and how that share is sized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flow {
+    pub name: Arc<str>,
+    /// Admissions relative to other flows of the same priority when they compete (1 to 1000).
+    pub weight: u32,
+    /// Higher is admitted first whenever it waits.
+    pub priority: i32,
+}
+
+impl Default for Flow {
+    fn default() -> Self {
+        Self {
+            name: Arc::from(""),
+            weight: 1,
+            priority: 0,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Seq {
     id: SeqId,
+    flow: Flow,
     /// Prompt and generated tokens so far.
     tokens: Vec<u32>,
     /// Leading tokens whose KV is in the cache.
@@ -98,10 +127,26 @@ pub struct SchedulerStats {
     pub blocks: BlockStats,
 }
 
+/// One flow's standing in fair queuing.
+#[derive(Debug, Default)]
+struct FlowState {
+    /// Virtual time of its next admission, in [`VIRTUAL_UNIT`]s.
+    virtual_time: u64,
+    /// Its sequences waiting or running; the flow is forgotten at zero.
+    seqs: usize,
+}
+
+/// One admission of a weight-1 flow in virtual time (divisible by every weight up to 16; for
+/// larger weights the rounding is under 0.2 % up to the largest allowed, 1000).
+const VIRTUAL_UNIT: u64 = 720_720;
+
 #[derive(Debug)]
 pub struct Scheduler {
     config: SchedulerConfig,
     blocks: BlockManager,
+    flows: HashMap<Arc<str>, FlowState>,
+    /// The virtual time of the last admission: where a flow that was idle starts again.
+    virtual_clock: u64,
     waiting: VecDeque<Seq>,
     /// Admission order: the last is the newest, the first to be preempted.
     running: Vec<Seq>,
@@ -114,6 +159,8 @@ impl Scheduler {
         Self {
             config,
             blocks,
+            flows: HashMap::new(),
+            virtual_clock: 0,
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
@@ -133,14 +180,27 @@ impl Scheduler {
     /// Queues a new sequence (its prompt) behind those already waiting. With `reuse_prefix`
     /// false its prompt is computed in full even where the prefix cache holds it.
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, reuse_prefix: bool) {
-        self.add_salted(id, prompt, reuse_prefix, 0);
+        self.add_salted(id, prompt, reuse_prefix, 0, Flow::default());
     }
 
-    /// [`Self::add`] in the prefix-cache partition `cache_salt`: it reuses, and its blocks
-    /// serve, only sequences of the same salt.
-    pub fn add_salted(&mut self, id: SeqId, prompt: Vec<u32>, reuse_prefix: bool, cache_salt: u64) {
+    /// [`Self::add`] in the prefix-cache partition `cache_salt` (it reuses, and its blocks
+    /// serve, only sequences of the same salt) and in `flow`.
+    pub fn add_salted(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        reuse_prefix: bool,
+        cache_salt: u64,
+        flow: Flow,
+    ) {
+        let state = self.flows.entry(flow.name.clone()).or_default();
+        if state.seqs == 0 {
+            state.virtual_time = state.virtual_time.max(self.virtual_clock);
+        }
+        state.seqs += 1;
         self.waiting.push_back(Seq {
             id,
+            flow,
             tokens: prompt,
             computed: 0,
             table: Vec::new(),
@@ -205,6 +265,7 @@ impl Scheduler {
                     // Alone and still out of blocks: it can never continue.
                     let seq = self.running.remove(i);
                     self.blocks.release(&seq.table);
+                    self.forget(&seq.flow.name);
                     plan.dropped.push((seq.id, Dropped::OutOfCache));
                 } else {
                     // This one is the newest: preempt it too.
@@ -225,18 +286,23 @@ impl Scheduler {
         // After a preemption the cache is full: admitting now would only preempt again.
         let admit = self.preemptions == preemptions_before;
         while admit && budget > 0 && self.running.len() < self.config.max_num_seqs {
-            let Some(front) = self.waiting.front() else {
+            let Some(next) = self.next_waiting() else {
                 break;
             };
+            let front = &self.waiting[next];
             let Some(blocks) =
                 self.blocks
                     .allocate_prompt(&front.tokens, front.reuse_prefix, front.cache_salt)
             else {
-                break; // first come, first served: nobody jumps the queue
+                break; // its turn: nobody jumps it while it waits for blocks
             };
-            let Some(mut seq) = self.waiting.pop_front() else {
+            let Some(mut seq) = self.waiting.remove(next) else {
                 break;
             };
+            if let Some(state) = self.flows.get_mut(&seq.flow.name) {
+                self.virtual_clock = state.virtual_time;
+                state.virtual_time += VIRTUAL_UNIT / u64::from(seq.flow.weight.clamp(1, 1000));
+            }
             seq.table = blocks.table;
             seq.computed = blocks.cached_tokens;
             let len = (seq.tokens.len() - seq.computed)
@@ -252,6 +318,42 @@ impl Scheduler {
             self.running.push(seq);
         }
         plan
+    }
+
+    /// The waiting sequence to admit next: the oldest of its flow, from the flow of the highest
+    /// priority and then the earliest virtual time (ties: the oldest). Linear in the waiting
+    /// queue, which the serving loop bounds.
+    fn next_waiting(&self) -> Option<usize> {
+        let mut best: Option<(usize, i32, u64)> = None;
+        let mut seen: Vec<&str> = Vec::new();
+        for (at, seq) in self.waiting.iter().enumerate() {
+            let flow = &seq.flow;
+            if seen.contains(&&*flow.name) {
+                continue;
+            }
+            seen.push(&flow.name);
+            let virtual_time = self
+                .flows
+                .get(&flow.name)
+                .map_or(self.virtual_clock, |f| f.virtual_time);
+            let better = best.is_none_or(|(_, priority, time)| {
+                flow.priority > priority || (flow.priority == priority && virtual_time < time)
+            });
+            if better {
+                best = Some((at, flow.priority, virtual_time));
+            }
+        }
+        best.map(|(at, _, _)| at)
+    }
+
+    /// A sequence of `flow` left for good: the flow is forgotten with its last.
+    fn forget(&mut self, flow: &str) {
+        if let Some(state) = self.flows.get_mut(flow) {
+            state.seqs = state.seqs.saturating_sub(1);
+            if state.seqs == 0 {
+                self.flows.remove(flow);
+            }
+        }
     }
 
     /// Records that the scheduled chunk of `id` was computed; full blocks join the prefix cache.
@@ -280,9 +382,11 @@ impl Scheduler {
         if let Some(at) = self.running.iter().position(|s| s.id == id) {
             let seq = self.running.remove(at);
             self.blocks.release(&seq.table);
+            self.forget(&seq.flow.name);
         } else if let Some(at) = self.waiting.iter().position(|s| s.id == id) {
             if let Some(seq) = self.waiting.remove(at) {
                 self.blocks.release(&seq.table);
+                self.forget(&seq.flow.name);
             }
         }
     }
@@ -503,5 +607,136 @@ mod tests {
             s.remove(id);
         }
         assert_eq!(s.stats().blocks.used, 0);
+    }
+
+    fn flow(name: &str, weight: u32, priority: i32) -> Flow {
+        Flow {
+            name: Arc::from(name),
+            weight,
+            priority,
+        }
+    }
+
+    /// Admits one sequence per step (a budget of one prompt) and says whose it was.
+    fn admitted_flows(s: &mut Scheduler, steps: usize) -> Vec<SeqId> {
+        let mut order = Vec::new();
+        for _ in 0..steps {
+            let plan = s.schedule();
+            for q in plan.seqs.iter().filter(|q| q.start == 0) {
+                order.push(q.id);
+            }
+            run(s, &plan);
+        }
+        order
+    }
+
+    #[test]
+    fn a_burst_from_one_flow_does_not_take_the_places_others_wait_for() {
+        // Two running slots; flow a queues six before flow b's two arrive.
+        let mut s = scheduler(256, 2, 100);
+        for id in 0..6 {
+            s.add_salted(id, vec![1; 4], true, 0, flow("a", 1, 0));
+        }
+        for id in 10..12 {
+            s.add_salted(id, vec![2; 4], true, 0, flow("b", 1, 0));
+        }
+        // Not a's first two: a's oldest, then b's (a has had one admission, b none); then each
+        // slot that frees goes to the flow served less.
+        let plan = s.schedule();
+        let first: Vec<SeqId> = plan.seqs.iter().map(|q| q.id).collect();
+        assert_eq!(first, [0, 10]);
+        run(&mut s, &plan);
+        s.remove(0);
+        let plan = s.schedule();
+        assert_eq!(
+            plan.seqs.last().map(|q| q.id),
+            Some(1),
+            "a's turn, then b's"
+        );
+        run(&mut s, &plan);
+        s.remove(10);
+        let plan = s.schedule();
+        assert_eq!(plan.seqs.last().map(|q| q.id), Some(11), "b's turn again");
+    }
+
+    #[test]
+    fn with_one_slot_two_flows_take_turns() {
+        let mut s = scheduler(256, 1, 100);
+        for id in 0..4 {
+            s.add_salted(id, vec![1; 4], true, 0, flow("a", 1, 0));
+        }
+        for id in 10..12 {
+            s.add_salted(id, vec![2; 4], true, 0, flow("b", 1, 0));
+        }
+        let mut order = Vec::new();
+        while s.has_work() {
+            let plan = s.schedule();
+            run(&mut s, &plan);
+            let id = plan.seqs[0].id;
+            order.push(id);
+            s.remove(id);
+        }
+        assert_eq!(order, [0, 10, 1, 11, 2, 3]);
+    }
+
+    #[test]
+    fn an_idle_flow_rejoins_at_the_current_virtual_time() {
+        // b is served alone six times; a, idle all that while, then arrives: it must not be
+        // owed six admissions in a row.
+        let mut s = scheduler(256, 1, 100);
+        for id in 0..10 {
+            s.add_salted(id, vec![1; 4], true, 0, flow("b", 1, 0));
+        }
+        let next = |s: &mut Scheduler| {
+            let plan = s.schedule();
+            run(s, &plan);
+            let id = plan.seqs[0].id;
+            s.remove(id);
+            id
+        };
+        for id in 0..6 {
+            assert_eq!(next(&mut s), id);
+        }
+        for id in 10..14 {
+            s.add_salted(id, vec![2; 4], true, 0, flow("a", 1, 0));
+        }
+        let order: Vec<SeqId> = (0..4).map(|_| next(&mut s)).collect();
+        assert_eq!(order, [10, 6, 11, 7]);
+    }
+
+    #[test]
+    fn weights_share_the_running_slots() {
+        // Twelve slots, both flows with plenty waiting: a (weight 3) gets nine, b three.
+        let mut s = scheduler(1024, 12, 1000);
+        for id in 0..20 {
+            s.add_salted(id, vec![1; 4], true, 0, flow("a", 3, 0));
+            s.add_salted(100 + id, vec![2; 4], true, 0, flow("b", 1, 0));
+        }
+        let plan = s.schedule();
+        let a = plan.seqs.iter().filter(|q| q.id < 100).count();
+        assert_eq!((a, plan.seqs.len() - a), (9, 3));
+    }
+
+    #[test]
+    fn a_higher_priority_is_admitted_first_whatever_it_holds() {
+        let mut s = scheduler(1024, 4, 1000);
+        for id in 0..4 {
+            s.add_salted(id, vec![1; 4], true, 0, flow("batch", 1, 0));
+        }
+        for id in 10..13 {
+            s.add_salted(id, vec![2; 4], true, 0, flow("interactive", 1, 5));
+        }
+        let order = admitted_flows(&mut s, 1);
+        assert_eq!(order, [10, 11, 12, 0]);
+    }
+
+    #[test]
+    fn one_flow_alone_is_first_come_first_served() {
+        let mut s = scheduler(1024, 3, 1000);
+        for id in 0..5 {
+            s.add_salted(id, vec![id as u32; 4], true, 0, flow("a", 1, 0));
+        }
+        let order = admitted_flows(&mut s, 1);
+        assert_eq!(order, [0, 1, 2]);
     }
 }

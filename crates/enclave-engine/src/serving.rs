@@ -36,6 +36,10 @@ pub struct ServingConfig {
     /// Requests [`EngineHandle::submit`] accepts beyond `max_num_seqs` before it refuses with
     /// [`EngineError::Overloaded`] (a bounded queue rather than unbounded latency).
     pub max_waiting_requests: usize,
+    /// Requests one flow (tenant) may have running and waiting at once, past which its next
+    /// is [`EngineError::FlowFull`]; `None`: half of `max_num_seqs + max_waiting_requests`, so
+    /// one tenant's flood always leaves room for the others' requests.
+    pub max_outstanding_per_flow: Option<usize>,
 }
 
 /// The token budget of one forward pass on a CPU. A step's rows cost the same whether they are
@@ -55,6 +59,7 @@ impl Default for ServingConfig {
             max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
             prefix_caching: true,
             max_waiting_requests: 1024,
+            max_outstanding_per_flow: None,
         }
     }
 }
@@ -206,6 +211,7 @@ impl<'e> ServingCore<'e> {
             request.prompt_ids.clone(),
             !wants_prompt_logprobs,
             request.cache_salt,
+            request.flow.clone(),
         );
         let tokenizer = self.engine.tokenizer();
         self.active.insert(
@@ -458,7 +464,7 @@ fn check_fits(prompt: usize, capacity: usize) -> Result<()> {
 pub struct RequestStream {
     pub prompt_ids: Vec<u32>,
     receiver: UnboundedReceiver<Event>,
-    _slot: QueueSlot,
+    _slots: (QueueSlot, FlowSlot),
 }
 
 /// One accepted request's place in the bounded queue, given back on drop.
@@ -467,6 +473,49 @@ struct QueueSlot(Arc<AtomicUsize>);
 impl Drop for QueueSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Requests accepted and not yet dropped, by flow.
+#[derive(Default)]
+struct FlowCounts(Mutex<HashMap<Arc<str>, usize>>);
+
+/// One accepted request's place in its flow's share, given back on drop.
+struct FlowSlot {
+    counts: Arc<FlowCounts>,
+    flow: Arc<str>,
+}
+
+impl FlowCounts {
+    /// A place for one more request of `flow`, unless it holds `most` already.
+    fn take(self: &Arc<Self>, flow: &Arc<str>, most: usize) -> Option<FlowSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let held = counts.entry(flow.clone()).or_default();
+        if *held >= most {
+            return None;
+        }
+        *held += 1;
+        Some(FlowSlot {
+            counts: self.clone(),
+            flow: flow.clone(),
+        })
+    }
+
+    fn held(&self, flow: &str) -> usize {
+        let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        counts.get(flow).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for FlowSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = counts.get_mut(&self.flow) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                counts.remove(&self.flow);
+            }
+        }
     }
 }
 
@@ -511,6 +560,8 @@ pub struct EngineHandle {
     /// Requests accepted and not yet dropped by their callers.
     outstanding: Arc<AtomicUsize>,
     max_outstanding: usize,
+    by_flow: Arc<FlowCounts>,
+    max_outstanding_per_flow: usize,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -535,16 +586,22 @@ impl EngineHandle {
         let capacity_tokens = ready_rx.recv().map_err(|_| {
             EngineError::Internal("the engine thread stopped while starting".into())
         })??;
+        let max_outstanding = config
+            .max_num_seqs
+            .max(1)
+            .saturating_add(config.max_waiting_requests);
         Ok(Self {
             engine,
             commands,
             stats,
             capacity_tokens,
             outstanding: Arc::new(AtomicUsize::new(0)),
-            max_outstanding: config
-                .max_num_seqs
-                .max(1)
-                .saturating_add(config.max_waiting_requests),
+            max_outstanding,
+            by_flow: Arc::default(),
+            max_outstanding_per_flow: config
+                .max_outstanding_per_flow
+                .unwrap_or(max_outstanding.div_ceil(2))
+                .clamp(1, max_outstanding),
             thread: Arc::new(Mutex::new(Some(thread))),
         })
     }
@@ -570,6 +627,14 @@ impl EngineHandle {
         if before >= self.max_outstanding {
             return Err(EngineError::Overloaded { in_flight: before });
         }
+        let Some(flow_slot) = self
+            .by_flow
+            .take(&request.flow.name, self.max_outstanding_per_flow)
+        else {
+            return Err(EngineError::FlowFull {
+                most: self.max_outstanding_per_flow,
+            });
+        };
         let (sink, receiver) = unbounded_channel();
         let prompt_ids = request.prompt_ids.clone();
         self.commands
@@ -578,7 +643,7 @@ impl EngineHandle {
         Ok(RequestStream {
             prompt_ids,
             receiver,
-            _slot: slot,
+            _slots: (slot, flow_slot),
         })
     }
 
@@ -586,6 +651,17 @@ impl EngineHandle {
     /// [`EngineError::Overloaded`].
     pub fn max_outstanding(&self) -> usize {
         self.max_outstanding
+    }
+
+    /// Most requests one flow may have accepted at once; past it `submit` is
+    /// [`EngineError::FlowFull`] for that flow.
+    pub fn max_outstanding_per_flow(&self) -> usize {
+        self.max_outstanding_per_flow
+    }
+
+    /// Requests of `flow` accepted whose streams are still held.
+    pub fn outstanding_in_flow(&self, flow: &str) -> usize {
+        self.by_flow.held(flow)
     }
 
     /// Makes the engine thread panic at its next turn, as a bug would (tests only).

@@ -125,6 +125,7 @@ pub(crate) async fn create(
     let mut generate = GenerateRequest::new(Prompt::Chat(messages));
     // Cached prompt blocks are shared within the caller's tenant only (CVE-2025-46570).
     generate.cache_salt = Some(caller.tenant.clone());
+    generate.flow = state.config.flow_of(&caller.tenant);
     generate.sampling = Some(sampling);
     generate.max_tokens = max_tokens;
     generate.ignore_eos = request.ignore_eos.unwrap_or(false);

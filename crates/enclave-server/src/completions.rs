@@ -182,6 +182,7 @@ pub(crate) async fn create(
         let mut generate = GenerateRequest::new(prompt);
         // Cached prompt blocks are shared within the caller's tenant only (CVE-2025-46570).
         generate.cache_salt = Some(caller.tenant.clone());
+        generate.flow = state.config.flow_of(&caller.tenant);
         generate.sampling = Some(sampling.clone());
         generate.max_tokens = Some(max_tokens);
         generate.stop = stop.clone();

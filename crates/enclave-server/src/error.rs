@@ -162,6 +162,11 @@ impl ApiError {
             e @ EngineError::Overloaded { .. } => {
                 Self::unavailable("server_overloaded", e.to_string())
             }
+            e @ EngineError::FlowFull { .. } => {
+                let mut error = Self::rate_limited(e.to_string());
+                error.retry_after = Some(1);
+                error
+            }
             e @ (EngineError::Model(_)
             | EngineError::Io { .. }
             | EngineError::File { .. }

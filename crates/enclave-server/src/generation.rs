@@ -335,14 +335,14 @@ impl std::ops::Deref for ChoiceStream {
 }
 
 /// Refuses a request of `prompts × n` generations that the engine could never hold at once
-/// (a 400: waiting for a 503's `Retry-After` would never help).
+/// for one tenant (a 400: waiting for a `Retry-After` would never help).
 pub(crate) fn check_generations(
     served: &Served,
     prompts: usize,
     n: usize,
     prompt_param: &str,
 ) -> Result<(), ApiError> {
-    let most = served.handle.max_outstanding();
+    let most = served.handle.max_outstanding_per_flow();
     let asked = prompts.saturating_mul(n);
     if asked <= most {
         return Ok(());
@@ -356,8 +356,8 @@ pub(crate) fn check_generations(
     Err(ApiError::invalid(
         Some(param.to_string()),
         format!(
-            "this server runs at most {most} generations at once and this request asks for \
-             {asked} ({why})"
+            "this server runs at most {most} generations of one tenant at once and this request \
+             asks for {asked} ({why})"
         ),
     ))
 }

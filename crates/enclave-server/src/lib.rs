@@ -45,7 +45,7 @@ pub use admin::ADMIN_ROUTES;
 pub use auth::{Access, RouteTable, ROUTES};
 pub use conn::ConnectionLimits;
 pub use error::ApiError;
-pub use state::{AppState, ServerConfig};
+pub use state::{AppState, ServerConfig, TenantShare};
 pub use tls::{TlsConfigHandle, TlsListener, TlsPeer, HANDSHAKE_TIMEOUT};
 
 /// Every route of the API.

@@ -3,7 +3,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use enclave_engine::{EngineHandle, GenerateRequest, Prompt};
+use enclave_engine::{EngineHandle, Flow, GenerateRequest, Prompt};
 
 use enclave_gateway::{AuditLog, Principal};
 
@@ -33,6 +33,39 @@ pub struct ServerConfig {
     pub connections: crate::conn::ConnectionLimits,
     /// The audit queue's size, what a full one does to requests, how refusals are summarised.
     pub audit_queue: enclave_gateway::AuditQueueConfig,
+    /// Each tenant's weight and priority in the engine's admission (`[scheduling.tenants]`);
+    /// a tenant not listed has weight 1 and priority 0.
+    pub tenant_shares: std::collections::HashMap<String, TenantShare>,
+}
+
+/// A tenant's standing when tenants compete for the engine's running slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantShare {
+    /// Slots relative to other tenants of the same priority (≥ 1).
+    pub weight: u32,
+    /// Higher is admitted first whenever it waits.
+    pub priority: i32,
+}
+
+impl Default for TenantShare {
+    fn default() -> Self {
+        Self {
+            weight: 1,
+            priority: 0,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The engine flow a tenant's requests run in.
+    pub(crate) fn flow_of(&self, tenant: &str) -> Flow {
+        let share = self.tenant_shares.get(tenant).copied().unwrap_or_default();
+        Flow {
+            name: Arc::from(tenant),
+            weight: share.weight.max(1),
+            priority: share.priority,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -47,6 +80,7 @@ impl Default for ServerConfig {
             redaction: None,
             connections: crate::conn::ConnectionLimits::default(),
             audit_queue: enclave_gateway::AuditQueueConfig::default(),
+            tenant_shares: std::collections::HashMap::new(),
         }
     }
 }

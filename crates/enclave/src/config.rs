@@ -51,6 +51,50 @@ pub struct Settings {
     pub abuse: AbuseSettings,
     #[serde(default)]
     pub connections: ConnectionSettings,
+    #[serde(default)]
+    pub scheduling: SchedulingSettings,
+}
+
+/// `[scheduling]`: how tenants share the engine when they compete for it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulingSettings {
+    /// `[scheduling.tenants.acme] weight = 3, priority = 1`: a tenant's share of the running
+    /// slots against others of its priority (weight, default 1), and its priority (higher is
+    /// admitted first, default 0).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantShareSettings>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantShareSettings {
+    pub weight: Option<u32>,
+    pub priority: Option<i32>,
+}
+
+impl SchedulingSettings {
+    pub fn tenant_shares(
+        &self,
+    ) -> Result<std::collections::HashMap<String, enclave_server::TenantShare>> {
+        let default = enclave_server::TenantShare::default();
+        self.tenants
+            .iter()
+            .map(|(name, share)| {
+                let weight = share.weight.unwrap_or(default.weight);
+                if weight == 0 || weight > 1000 {
+                    anyhow::bail!(
+                        "scheduling.tenants.{name}.weight must be 1 to 1000, got {weight}"
+                    );
+                }
+                let priority = share.priority.unwrap_or(default.priority);
+                Ok((
+                    name.clone(),
+                    enclave_server::TenantShare { weight, priority },
+                ))
+            })
+            .collect()
+    }
 }
 
 /// `[connections]`: what each listener allows its clients.
@@ -691,6 +735,13 @@ mod tests {
             s.audit.queue().unwrap(),
             enclave_gateway::AuditQueueConfig::default()
         );
+        assert_eq!(
+            s.scheduling.tenant_shares().unwrap()["interactive"],
+            enclave_server::TenantShare {
+                weight: 3,
+                priority: 1
+            }
+        );
         let policies = s.redaction.policies().unwrap().unwrap();
         let hospital = policies.policy("hospital");
         assert_eq!(
@@ -705,6 +756,19 @@ mod tests {
             policies.policy("anyone").prompt,
             enclave_server::redaction::PromptAction::LogOnly
         );
+    }
+
+    #[test]
+    fn a_tenant_weight_must_be_positive() {
+        let f = file("[scheduling.tenants.acme]\nweight = 0\n");
+        let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
+        let e = s.scheduling.tenant_shares().unwrap_err().to_string();
+        assert!(e.contains("scheduling.tenants.acme.weight"), "{e}");
+        let f = file("[scheduling.tenants.acme]\npriority = -2\n");
+        let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
+        let shares = s.scheduling.tenant_shares().unwrap();
+        assert_eq!(shares["acme"].weight, 1);
+        assert_eq!(shares["acme"].priority, -2);
     }
 
     #[test]

@@ -142,6 +142,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         logprobs: None,
         prompt_logprobs: None,
         cache_salt: None,
+        flow: enclave_engine::Flow::default(),
     };
     let request = engine.validate(request)?;
 

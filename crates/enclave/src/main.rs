@@ -99,6 +99,12 @@ pub struct ServingArgs {
     /// with Retry-After) instead of waiting without bound.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_waiting_requests: usize,
+
+    /// Generations one tenant may have running and waiting at once (default: half of
+    /// --max-num-seqs plus --max-waiting-requests), so one tenant's flood leaves room for the
+    /// others; past it that tenant's requests get HTTP 429.
+    #[arg(long, value_name = "N")]
+    pub max_requests_per_tenant: Option<usize>,
 }
 
 impl ServingArgs {
@@ -114,6 +120,7 @@ impl ServingArgs {
             max_num_batched_tokens: self.max_num_batched_tokens.max(1),
             prefix_caching: !self.no_prefix_caching,
             max_waiting_requests: self.max_waiting_requests,
+            max_outstanding_per_flow: self.max_requests_per_tenant,
         })
     }
 }

@@ -133,6 +133,7 @@ pub fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         redaction: settings.redaction.policies()?.map(Arc::new),
         connections: fit_open_files(settings.connections.limits()?),
         audit_queue: settings.audit.queue()?,
+        tenant_shares: settings.scheduling.tenant_shares()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -108,6 +108,7 @@ fn serving(blocks_of_16: usize, engine: &Engine) -> ServingConfig {
         max_num_batched_tokens: 256,
         prefix_caching: true,
         max_waiting_requests: 4096,
+        max_outstanding_per_flow: None,
     }
 }
 

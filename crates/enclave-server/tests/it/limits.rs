@@ -316,3 +316,117 @@ async fn every_choice_takes_a_concurrency_slot() {
     assert_eq!(one.status(), 200);
     while stream.chunk().await.unwrap().is_some() {}
 }
+
+/// A key of `tenant` (created with no limits), for the fairness test.
+async fn tenant_key(store: &Store, tenant: &str) -> String {
+    if tenant != "acme" {
+        store
+            .create_tenant(tenant, &["*".into()], Limits::default(), unix_time())
+            .await
+            .unwrap();
+    }
+    let created = store
+        .create_key(
+            NewKey {
+                tenant: tenant.into(),
+                role: "developer".into(),
+                models: vec!["*".into()],
+                name: String::new(),
+                expires_at: None,
+                limits: Limits::default(),
+                created_by: "test".into(),
+            },
+            &Roles::default(),
+            unix_time(),
+        )
+        .await
+        .unwrap();
+    created.key
+}
+
+/// One tenant's flood cannot starve another: it holds at most its share of the engine's places
+/// (its next request is a 429, the other tenant's is accepted), and the other's request is
+/// admitted at the next free slot rather than behind everything the flood queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_cannot_starve_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::test_store(dir.path()).await;
+    store
+        .create_tenant("acme", &["*".into()], Limits::default(), unix_time())
+        .await
+        .unwrap();
+    let acme = tenant_key(&store, "acme").await;
+    let globex = tenant_key(&store, "globex").await;
+    // One running slot and eight waiting: each tenant may hold five.
+    let serving = enclave_engine::ServingConfig {
+        max_num_seqs: 1,
+        max_waiting_requests: 8,
+        ..serving_config()
+    };
+    let server = TestServer::start_with(
+        &fixtures().join("models/qwen2"),
+        server_config(),
+        serving,
+        Access::Keys(Arc::new(Authenticator::new(
+            store.clone(),
+            Roles::default(),
+        ))),
+    )
+    .await;
+    let engine = server.state.engine().unwrap();
+    assert_eq!(engine.max_outstanding_per_flow(), 5);
+    let baseline = crate::settled(&server.state).await;
+    let post = |key: &str, body: Value| {
+        server
+            .client
+            .post(server.url("/v1/completions"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+    };
+    // Everything below is queued while the engine is held, in this order.
+    let hold = engine.inject_hold();
+    let mut flood = post(
+        &acme,
+        json!({"model": MODEL, "prompt": "Once", "n": 5, "max_tokens": 480,
+                                       "ignore_eos": true, "stream": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(flood.status(), 200);
+    let more = post(
+        &acme,
+        json!({"model": MODEL, "prompt": "Again", "max_tokens": 4}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(more.status(), 429, "acme holds its whole share");
+    assert!(more.headers().get("retry-after").is_some());
+    let body: Value = more.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tenant"),
+        "{body}"
+    );
+    let other = tokio::spawn(post(
+        &globex,
+        json!({"model": MODEL, "prompt": "Hello", "max_tokens": 8, "ignore_eos": true}),
+    ));
+    while engine.outstanding_in_flow("globex") == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    drop(hold);
+    let answered = other.await.unwrap().unwrap();
+    assert_eq!(answered.status(), 200);
+    // Served after acme's first choice, not after all five (5 × 480 tokens first-come,
+    // first-served); the slack is for acme's second choice running meanwhile.
+    let generated = engine.stats().generated_tokens - baseline.generated_tokens;
+    assert!(
+        generated < 2 * 480 + 8,
+        "{generated} tokens generated before globex's answer"
+    );
+    while flood.chunk().await.unwrap().is_some() {}
+    server.shutdown().await.unwrap();
+}

@@ -55,6 +55,7 @@ pub fn serving_config() -> ServingConfig {
         max_num_batched_tokens: 512,
         prefix_caching: true,
         max_waiting_requests: 256,
+        max_outstanding_per_flow: None,
     }
 }
 
