@@ -2,15 +2,23 @@
 //! replaces each with a typed placeholder (`[ID_CARD]`, `[MOBILE]`, …). Where a number carries
 //! a check digit (resident IDs, cards, credit codes, VINs, IBANs, Hong Kong and Taiwan IDs)
 //! it must verify, and numeric values embedded in longer runs of digits or letters are left
-//! alone, so near-misses are not redacted. Knows nothing of HTTP or policies: the server
-//! decides what to do with the findings.
+//! alone, so near-misses are not redacted. Detection runs on the text as it reads
+//! (`normalize`: NFKC, default-ignorable characters dropped), so full-width digits and digits
+//! split by zero-width characters are found too; findings are spans of the original. A text
+//! that ends a completion ([`Redactor::redact_ending`], [`StreamRedactor::finish`]) also loses
+//! a value cut short at its very end (by `max_tokens` or a stop sequence): most of an ID,
+//! mobile or card number, a key's or token's prefix. Knows nothing of HTTP or policies: the
+//! server decides what to do with the findings.
 //!
 //! Invariants:
 //! - [`Redactor::redact`] never panics and leaves a text without findings unchanged.
 //! - [`StreamRedactor`] over any split of a text into chunks outputs exactly what
-//!   [`Redactor::redact`] outputs for the whole text.
+//!   [`Redactor::redact_ending`] outputs for the whole text.
 
+mod normalize;
 mod validate;
+
+use normalize::Normalized;
 
 use std::fmt;
 use std::sync::Arc;
@@ -436,10 +444,152 @@ fn built_in() -> Vec<Detector> {
         .collect()
 }
 
+/// Bytes at the end of a text searched for a value cut short (longer than any prefix the
+/// partial patterns take).
+const PARTIAL_WINDOW: usize = 128;
+
+fn digits(v: &str) -> usize {
+    v.chars().filter(char::is_ascii_digit).count()
+}
+
+/// A card of 13 to 16 digits short of one to four; longer runs that fail the Luhn check are
+/// near-misses, not prefixes.
+fn partial_card(v: &str) -> bool {
+    (12..=15).contains(&digits(v))
+}
+
+fn has_digit(v: &str) -> bool {
+    digits(v) > 0
+}
+
+fn digit_and_letter(v: &str) -> bool {
+    has_digit(v) && v.chars().any(|c| c.is_ascii_alphabetic())
+}
+
+/// Most of a value, at the very end of a text: what a completion cut by `max_tokens` or a
+/// stop sequence one or a few characters short of a whole value shows. Each leaves out at most
+/// a few characters of the shortest whole value of its category (an ID card's last five, a
+/// mobile number's last two — eight digits starting `1` are as often a count —, a 13- to
+/// 16-digit card's last one to four), or is a key's or token's distinctive prefix; shorter runs
+/// are ordinary numbers.
+fn partial_values() -> Vec<Detector> {
+    let d = |category: Category, pattern: &str, group: bool, edge: Edge, check: Check| {
+        (category, format!("(?:{pattern})\\z"), group, edge, check)
+    };
+    let specs = [
+        d(
+            Category::BearerToken,
+            r"(?i:bearer)\s+([A-Za-z0-9._~+/=-]{8,15})|(eyJ[A-Za-z0-9_-]{4,}(?:\.(?:eyJ[A-Za-z0-9_-]*)?)?|enc_[0-9a-f]{4,16}(?:_[0-9a-f]{0,63})?)",
+            true,
+            Edge::Alphanumeric,
+            has_digit,
+        ),
+        d(
+            Category::CloudKey,
+            r"(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|AIPA)[A-Z0-9]{4,15}|LTAI[A-Za-z0-9]{4,11}|AKID[A-Za-z0-9]{4,12}|AIza[0-9A-Za-z_-]{4,34}|gh[pousr]_[A-Za-z0-9]{4,35}|xox[abprs]-[A-Za-z0-9-]{4,9}|sk-(?:proj-)?[A-Za-z0-9_-]{4,19}",
+            false,
+            Edge::Alphanumeric,
+            accept,
+        ),
+        d(
+            Category::Email,
+            r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]*(?:\.[A-Za-z0-9-]*)*",
+            false,
+            Edge::None,
+            accept,
+        ),
+        d(
+            Category::IdCard,
+            r"[1-9][0-9]{5}(?:18|19|20|21)[0-9]{2}(?:0[1-9]|1[0-2])[0-9]{1,5}",
+            false,
+            Edge::Alphanumeric,
+            accept,
+        ),
+        d(
+            Category::Mobile,
+            r"(?:\+86[ -]?|0086[ -]?)?1[3-9][0-9](?:[ -]?[0-9]){6,7}",
+            false,
+            Edge::Alphanumeric,
+            accept,
+        ),
+        d(
+            Category::BankCard,
+            r"[0-9]{4}(?:[ -][0-9]{1,4}){2,3}|[0-9]{12,15}",
+            false,
+            Edge::Alphanumeric,
+            partial_card,
+        ),
+        d(
+            Category::SocialCreditCode,
+            r"[0-9A-HJ-NPQRTUWXY]{2}[0-9]{6}[0-9A-HJ-NPQRTUWXY]{5,9}",
+            false,
+            Edge::Alphanumeric,
+            digit_and_letter,
+        ),
+        d(
+            Category::Vin,
+            r"[A-HJ-NPR-Z0-9]{13,16}",
+            false,
+            Edge::Alphanumeric,
+            digit_and_letter,
+        ),
+        d(
+            Category::Passport,
+            r"[EG][0-9]{5,7}|E[A-HJ-NP-Z][0-9]{4,6}",
+            false,
+            Edge::Alphanumeric,
+            accept,
+        ),
+        d(
+            Category::HongKongId,
+            r"[A-Z]{1,2}[0-9]{6}\(?",
+            false,
+            Edge::Alphanumeric,
+            accept,
+        ),
+        d(
+            Category::TaiwanId,
+            r"[A-Z][12][0-9]{5,7}",
+            false,
+            Edge::Alphanumeric,
+            accept,
+        ),
+        d(
+            Category::UsSsn,
+            r"[0-9]{3}-[0-9]{2}-[0-9]{1,3}|[0-9]{3} [0-9]{2} [0-9]{1,3}",
+            false,
+            Edge::Alphanumeric,
+            accept,
+        ),
+        d(
+            Category::Landline,
+            r"(?:\(0[0-9]{2,3}\) ?|0[0-9]{2,3}-)[2-9][0-9]{3,6}",
+            false,
+            Edge::Alphanumeric,
+            accept,
+        ),
+    ];
+    specs
+        .into_iter()
+        .filter_map(|(category, pattern, group, edge, check)| {
+            // Constants, tested to compile (`every_partial_pattern_compiles`).
+            Regex::new(&pattern).ok().map(|regex| Detector {
+                category,
+                regex,
+                group,
+                edge,
+                check: Some(check),
+            })
+        })
+        .collect()
+}
+
 /// Finds and replaces sensitive values. Cheap to share (`Arc` it); building compiles the
 /// patterns once.
 pub struct Redactor {
     detectors: Vec<Detector>,
+    /// Prefixes of values at the very end of a text, for the categories in `detectors`.
+    partials: Vec<Detector>,
 }
 
 impl fmt::Debug for Redactor {
@@ -462,6 +612,7 @@ impl Default for Redactor {
     fn default() -> Self {
         Self {
             detectors: built_in(),
+            partials: partial_values(),
         }
     }
 }
@@ -473,12 +624,14 @@ impl Redactor {
         custom: &[(String, String)],
     ) -> Result<Self, RedactError> {
         let mut detectors = built_in();
+        let mut partials = partial_values();
         if let Some(names) = categories {
             let wanted = names
                 .iter()
                 .map(|n| Category::parse(n))
                 .collect::<Result<Vec<_>, _>>()?;
             detectors.retain(|d| wanted.contains(&d.category));
+            partials.retain(|d| wanted.contains(&d.category));
         }
         for (name, pattern) in custom {
             let valid_name = !name.is_empty()
@@ -513,7 +666,10 @@ impl Redactor {
                 check: None,
             });
         }
-        Ok(Self { detectors })
+        Ok(Self {
+            detectors,
+            partials,
+        })
     }
 
     /// The categories this redactor looks for.
@@ -523,20 +679,25 @@ impl Redactor {
 
     /// Every sensitive value in `text`, by byte span, in order, not overlapping.
     pub fn find(&self, text: &str) -> Vec<Finding> {
-        self.find_after(text, 0)
+        self.find_after(text, 0, false)
     }
 
-    /// Findings that start at or after `from` (the text before is context only).
+    /// Findings that start at or after `from` (the text before is context only); with
+    /// `ending`, also a value cut short at the very end of the text.
     ///
-    /// Detectors run in priority order and a candidate is kept only if it overlaps nothing
-    /// kept before it. Kept spans never overlap, so ordered by start they are ordered by end
-    /// too; one detector's candidates come in order and never overlap each other. So each
-    /// detector is one sweep over its candidates and the kept spans together, and its keepers
-    /// are merged in: linear per detector, O(detectors × findings) in all.
-    fn find_after(&self, text: &str, from: usize) -> Vec<Finding> {
-        // (start, end, index of the detector), ordered by start.
-        let mut picked: Vec<(usize, usize, usize)> = Vec::new();
-        for (index, detector) in self.detectors.iter().enumerate() {
+    /// Detection runs on the normalized text. Detectors run in priority order and a
+    /// candidate is kept only if it overlaps nothing kept before it. Kept spans never
+    /// overlap, so ordered by start they are ordered by end too; one detector's candidates come
+    /// in order and never overlap each other. So each detector is one sweep over its candidates
+    /// and the kept spans together, and its keepers are merged in: linear per detector,
+    /// O(detectors × findings) in all.
+    fn find_after(&self, original: &str, from: usize, ending: bool) -> Vec<Finding> {
+        let normalized = Normalized::new(original);
+        let text: &str = &normalized.text;
+        let from = normalized.to_normalized(from);
+        // (start, end, category), ordered by start.
+        let mut picked: Vec<(usize, usize, &Category)> = Vec::new();
+        for detector in &self.detectors {
             let mut kept = Vec::new();
             let mut next = 0;
             for (start, end) in detector.candidates(text) {
@@ -549,26 +710,70 @@ impl Redactor {
                     next += 1;
                 }
                 if picked.get(next).is_none_or(|&(s, _, _)| s >= end) {
-                    kept.push((start, end, index));
+                    kept.push((start, end, &detector.category));
                 }
             }
             if !kept.is_empty() {
                 picked = merge_by_start(&picked, &kept);
             }
         }
-        picked
-            .into_iter()
-            .map(|(start, end, index)| Finding {
-                category: self.detectors[index].category.clone(),
+        if ending {
+            if let Some(tail) = self.partial_tail(text, from, &picked) {
+                picked.push(tail);
+            }
+        }
+        let mut findings: Vec<Finding> = Vec::with_capacity(picked.len());
+        for (start, end, category) in picked {
+            let (start, end) = normalized.to_original(start, end);
+            // Two values inside one original character's expansion cannot both be replaced.
+            if findings.last().is_some_and(|f| f.end > start) || end <= start {
+                continue;
+            }
+            findings.push(Finding {
+                category: category.clone(),
                 start,
                 end,
-            })
-            .collect()
+            });
+        }
+        findings
+    }
+
+    /// A value cut short at the end of `text` (normalized), starting at or after `from` and
+    /// overlapping none of `picked`.
+    fn partial_tail<'d>(
+        &'d self,
+        text: &str,
+        from: usize,
+        picked: &[(usize, usize, &'d Category)],
+    ) -> Option<(usize, usize, &'d Category)> {
+        // Longer than any value's prefix these patterns take; only the tail is searched.
+        let mut window = text.len().saturating_sub(PARTIAL_WINDOW).max(from);
+        while !text.is_char_boundary(window) {
+            window += 1;
+        }
+        let covered_to = picked.last().map_or(0, |&(_, end, _)| end);
+        self.partials.iter().find_map(|detector| {
+            detector
+                .candidates_from(text, window)
+                .into_iter()
+                .find(|&(start, end)| end == text.len() && start >= covered_to)
+                .map(|(start, end)| (start, end, &detector.category))
+        })
     }
 
     /// `text` with every finding replaced by its placeholder.
     pub fn redact(&self, text: &str) -> Redacted {
         let findings = self.find(text);
+        Redacted {
+            text: replace(text, &findings),
+            findings,
+        }
+    }
+
+    /// [`Self::redact`] for a text that ends a completion: a value cut short at its very end
+    /// is replaced too.
+    pub fn redact_ending(&self, text: &str) -> Redacted {
+        let findings = self.find_after(text, 0, true);
         Redacted {
             text: replace(text, &findings),
             findings,
@@ -591,8 +796,13 @@ impl Detector {
     /// passing the check. After a rejected candidate the search goes on from its next
     /// character, so a valid value overlapping a rejected one is still found.
     fn candidates(&self, text: &str) -> Vec<(usize, usize)> {
+        self.candidates_from(text, 0)
+    }
+
+    /// [`Self::candidates`] starting at byte `at` (a character boundary; what is before it is
+    /// context for the edges only).
+    fn candidates_from(&self, text: &str, mut at: usize) -> Vec<(usize, usize)> {
         let mut found = Vec::new();
-        let mut at = 0;
         while at <= text.len() {
             let Some(captures) = self.regex.captures_at(text, at) else {
                 break;
@@ -629,10 +839,10 @@ impl Detector {
 }
 
 /// Two lists of spans ordered by start, as one.
-fn merge_by_start(
-    a: &[(usize, usize, usize)],
-    b: &[(usize, usize, usize)],
-) -> Vec<(usize, usize, usize)> {
+fn merge_by_start<'c>(
+    a: &[(usize, usize, &'c Category)],
+    b: &[(usize, usize, &'c Category)],
+) -> Vec<(usize, usize, &'c Category)> {
     let mut out = Vec::with_capacity(a.len() + b.len());
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
@@ -700,7 +910,7 @@ impl StreamRedactor {
     fn release(&mut self, all: bool) -> String {
         let offset = self.context.len();
         let text = format!("{}{}", self.context, self.pending);
-        let found = self.redactor.find_after(&text, offset);
+        let found = self.redactor.find_after(&text, offset, all);
         let mut cut = if all {
             text.len()
         } else {
@@ -741,8 +951,26 @@ impl StreamRedactor {
     /// finding.
     fn safe_cut(&self, text: &str, offset: usize, found: &[Finding]) -> usize {
         let len = text.len();
-        let mut cut = len.saturating_sub(HOLD);
-        let token_char = |c: char| c.is_ascii_alphanumeric() || "._~+/=-@%".contains(c);
+        // The last HOLD bytes of what the detectors see: characters that read as nothing are
+        // not counted, so padding a value with them cannot push its start out of the hold.
+        let mut seen = 0;
+        let mut cut = len;
+        for (at, c) in text.char_indices().rev() {
+            if seen >= HOLD {
+                break;
+            }
+            if !normalize::is_ignorable(c) {
+                seen += c.len_utf8();
+            }
+            cut = at;
+        }
+        // Full-width forms read as ASCII; hidden characters join what they sit between.
+        let token_char = |c: char| {
+            c.is_ascii_alphanumeric()
+                || "._~+/=-@%".contains(c)
+                || ('\u{FF01}'..='\u{FF5E}').contains(&c)
+                || normalize::is_ignorable(c)
+        };
         let run_start = text
             .char_indices()
             .rev()
@@ -772,6 +1000,11 @@ impl StreamRedactor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_partial_pattern_compiles() {
+        assert_eq!(partial_values().len(), 13);
+    }
 
     #[test]
     fn every_built_in_pattern_compiles() {

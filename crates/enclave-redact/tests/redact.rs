@@ -261,22 +261,97 @@ proptest! {
             at = cut;
         }
         out.push_str(&stream.finish());
-        prop_assert_eq!(out, redactor.redact(&text).text);
+        prop_assert_eq!(out, redactor.redact_ending(&text).text);
     }
 }
 
 #[test]
-fn non_ascii_digits_are_not_numbers_and_never_panic() {
-    let redactor = Redactor::default();
-    // Full-width digits look like an IBAN, an ID or a phone number to a Unicode `\d`.
-    for text in [
-        "GB８２WEST12345698765432",
-        "身份证１１０１０５１９４９１２３１００２X",
-        "手机１３８１２３４５６７８",
-        "card ４１１１ １１１１ １１１１ １１１１",
+fn full_width_and_hidden_characters_do_not_hide_a_value() {
+    let redactor = Arc::new(Redactor::default());
+    for (text, redacted) in [
+        (
+            "身份证１１０１０５１９４９１２３１００２X",
+            "身份证[ID_CARD]",
+        ),
+        ("手机１３８１２３４５６７８", "手机[MOBILE]"),
+        (
+            "card ４１１１ １１１１ １１１１ １１１１",
+            "card [BANK_CARD]",
+        ),
+        // Zero-width spaces, joiners, a soft hyphen and a BOM between the digits.
+        ("手机138\u{200B}1234\u{200D}5678。", "手机[MOBILE]。"),
+        ("ID 1101\u{00AD}0519491231002X!", "ID [ID_CARD]!"),
+        ("tel 1\u{FEFF}3\u{2060}8 1234 5678", "tel [MOBILE]"),
     ] {
-        assert_eq!(redactor.redact(text).text, text, "{text}");
+        assert_eq!(redactor.redact(text).text, redacted, "{text}");
+        // Streamed a character at a time, the same.
+        let mut stream = redactor.stream();
+        let mut out = String::new();
+        for c in text.chars() {
+            out.push_str(&stream.push(&c.to_string()));
+        }
+        out.push_str(&stream.finish());
+        assert_eq!(out, redacted, "{text}");
     }
+    // Padding a value with hundreds of hidden characters does not push its start out of what
+    // the stream holds back.
+    let padded: String = "手机13812345678"
+        .chars()
+        .flat_map(|c| std::iter::once(c).chain(std::iter::repeat_n('\u{200B}', 40)))
+        .collect();
+    let mut stream = redactor.stream();
+    let mut out = String::new();
+    for c in padded.chars() {
+        out.push_str(&stream.push(&c.to_string()));
+        assert!(!out.contains('3'), "released a digit: {out:?}");
+    }
+    out.push_str(&stream.finish());
+    assert!(out.contains("[MOBILE]"));
+    // Other scripts' digits are not ASCII digits after NFKC: left alone, never a panic.
+    for text in ["٠١٢٣٤٥٦٧٨٩٠١٢٣", "१३८१२३४५६७८"] {
+        assert_eq!(redactor.redact(text).text, text);
+    }
+}
+
+#[test]
+fn a_value_cut_short_at_the_end_of_a_completion_is_masked() {
+    let redactor = Arc::new(Redactor::default());
+    for (text, redacted) in [
+        ("手机号是1381234567", "手机号是[MOBILE]"),
+        ("身份证11010519491231002", "身份证[ID_CARD]"),
+        ("card 4111 1111 1111 111", "card [BANK_CARD]"),
+        ("key sk-proj-abcd1234", "key [CLOUD_KEY]"),
+        ("write to alice@example", "write to [EMAIL]"),
+        ("SSN 123-45-678", "SSN [US_SSN]"),
+        ("passport E1234567", "passport [PASSPORT]"),
+    ] {
+        assert_eq!(redactor.redact_ending(text).text, redacted, "{text}");
+        // Mid-text the same characters are not a value (nothing whole is there).
+        let mid = format!("{text}, then more.");
+        assert_eq!(redactor.redact(&mid).text, mid);
+        let mut stream = redactor.stream();
+        let mut out = stream.push(text);
+        out.push_str(&stream.finish());
+        assert_eq!(out, redacted, "{text}");
+    }
+    // Ordinary numbers at the end stay: too short for any value, or a whole run that fails
+    // its check (a near-miss, not a prefix).
+    for text in [
+        "the answer is 42",
+        "in 2024",
+        "population 14125000",
+        "order 6222020200112231",
+        "version 1.2.3",
+    ] {
+        assert_eq!(redactor.redact_ending(text).text, text, "{text}");
+    }
+    // A policy that masks only some categories masks only their prefixes.
+    let phones = Redactor::new(Some(&["mobile".to_string()]), &[]).unwrap();
+    assert_eq!(phones.redact_ending("card 4111 1111 1111 111").findings, []);
+    assert_eq!(
+        phones.redact_ending("call 1381234567").text,
+        "call [MOBILE]"
+    );
 }
 
 #[test]

@@ -117,7 +117,7 @@ impl OutputPolicy {
         if !self.mask && !self.store && !self.block {
             return text;
         }
-        let redacted = self.redactor.redact(&text);
+        let redacted = self.redactor.redact_ending(&text);
         if self.store {
             if let Some(meter) = meter {
                 meter.log_completion(&redacted.text);
@@ -288,4 +288,34 @@ pub(crate) fn logged_text(prompt: Option<&str>, completion: &[String]) -> Option
         text["completion"] = json!(completion);
     }
     Some(text.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_finished_choice_loses_a_value_cut_short_at_its_end() {
+        let policy = |mask, block| OutputPolicy {
+            redactor: Arc::new(Redactor::default()),
+            mask,
+            block,
+            store: false,
+        };
+        // Cut one digit short by `max_tokens` or a stop sequence.
+        let text = "您的手机号是1381234567".to_string();
+        assert_eq!(
+            policy(true, false).finish(text.clone(), &None),
+            "您的手机号是[MOBILE]"
+        );
+        assert_eq!(
+            policy(false, true).finish(text.clone(), &None),
+            "您的手机号是"
+        );
+        // Streamed: the held-back end is released masked too.
+        let mut stream = policy(true, false).stream().unwrap();
+        let mut out = stream.push(&text);
+        out.push_str(&stream.finish());
+        assert_eq!(out, "您的手机号是[MOBILE]");
+    }
 }
