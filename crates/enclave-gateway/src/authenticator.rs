@@ -14,6 +14,7 @@ use crate::oidc::OidcVerifier;
 use crate::principal::{Grants, Identity, Principal};
 use crate::rbac::{ModelScope, Permissions, Roles};
 use crate::store::{KeyForAuth, Store, Tenant};
+use crate::tls::ClientCertificate;
 
 /// How long a key record read from the database is trusted (the bound on revocation delay).
 pub const CACHE_TTL: Duration = Duration::from_secs(2);
@@ -28,14 +29,62 @@ struct Cached {
     key: Option<KeyForAuth>,
 }
 
-/// A client-certificate subject (mTLS) bound to a tenant, a role and model patterns.
+/// Client certificates (mTLS) bound to a tenant, a role and model patterns: those whose every
+/// named field matches — a subject, with or without its issuer, or one certificate's or one
+/// key's SHA-256 fingerprint. Names are compared whole as [`crate::certificate_subject`] writes
+/// them (RFC 4514 escaping makes that one-to-one); fingerprints as lowercase hex.
 #[derive(Debug, Clone)]
 pub struct CertificateBinding {
-    /// As [`crate::certificate_subject`] writes it: `CN=app1, O=Acme`.
-    pub subject: String,
+    /// `CN=app1, O=Acme`.
+    pub subject: Option<String>,
+    /// The issuing CA's subject: without it, any trusted CA may issue the subject.
+    pub issuer: Option<String>,
+    /// SHA-256 of the certificate (DER).
+    pub sha256: Option<String>,
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo (DER).
+    pub public_key_sha256: Option<String>,
     pub tenant: String,
     pub role: String,
     pub models: ModelScope,
+}
+
+impl CertificateBinding {
+    /// Whether `certificate` is one this binding names.
+    pub fn matches(&self, certificate: &ClientCertificate) -> bool {
+        let same = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        same(&self.subject, &certificate.subject)
+            && same(&self.issuer, &certificate.issuer)
+            && same(&self.sha256, &certificate.sha256)
+            && same(&self.public_key_sha256, &certificate.public_key_sha256)
+    }
+
+    /// A binding must name a subject or a fingerprint (an issuer alone would admit every
+    /// certificate of that CA); fingerprints are 64 lowercase hex digits.
+    fn check(&self) -> Result<()> {
+        if self.subject.is_none() && self.sha256.is_none() && self.public_key_sha256.is_none() {
+            return Err(GatewayError::invalid(
+                "client_identities",
+                "each names a subject, a sha256 or a public_key_sha256 (an issuer alone would \
+                 admit every certificate of its CA)",
+            ));
+        }
+        for digest in [&self.sha256, &self.public_key_sha256]
+            .into_iter()
+            .flatten()
+        {
+            let hex = digest.len() == 64
+                && digest
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+            if !hex {
+                return Err(GatewayError::invalid(
+                    "client_identities",
+                    format!("`{digest}` is not a SHA-256 fingerprint (64 lowercase hex digits)"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Authenticates API keys against the [`Store`], OIDC tokens with the configured verifier, and
@@ -134,19 +183,23 @@ impl Authenticator {
     /// configured (a binding made at start cannot wait for the database).
     pub fn with_certificates(mut self, bindings: Vec<CertificateBinding>) -> Result<Self> {
         for binding in &bindings {
+            binding.check()?;
             self.roles.require(&binding.role)?;
         }
         self.certificates = bindings;
         Ok(self)
     }
 
-    /// The principal a verified client certificate's subject is bound to; `Unauthenticated`
-    /// when it is bound to nothing (or its tenant is gone).
-    pub async fn authenticate_certificate(&self, subject: &str) -> Result<Principal> {
+    /// The principal a verified client certificate is bound to (the first binding that
+    /// matches it); `Unauthenticated` when it is bound to nothing (or its tenant is gone).
+    pub async fn authenticate_certificate(
+        &self,
+        certificate: &ClientCertificate,
+    ) -> Result<Principal> {
         let binding = self
             .certificates
             .iter()
-            .find(|b| b.subject == subject)
+            .find(|b| b.matches(certificate))
             .ok_or(GatewayError::Unauthenticated(
                 "certificate subject not bound",
             ))?;
@@ -163,7 +216,7 @@ impl Authenticator {
             ))?;
         Ok(Principal::new(
             Identity::Certificate {
-                subject: binding.subject.clone(),
+                subject: certificate.subject.clone(),
             },
             tenant.name.clone(),
             binding.role.clone(),

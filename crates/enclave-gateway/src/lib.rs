@@ -37,5 +37,7 @@ pub use oidc::{JwksSource, OidcSettings, OidcVerifier, VerifiedToken, MIN_REFRES
 pub use principal::{Identity, Principal};
 pub use rbac::{ModelScope, Permission, Permissions, RoleOrigin, Roles, BUILT_IN_ROLES};
 pub use store::{CreatedKey, KeyInfo, NewKey, Store, Tenant};
-pub use tls::{certificate_subject, ClientAuth, TlsSettings};
+pub use tls::{
+    certificate_subject, client_certificate, ClientAuth, ClientCertificate, TlsSettings,
+};
 pub use usage::{UsageCounts, UsageLedger, UsageRow};

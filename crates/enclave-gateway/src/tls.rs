@@ -134,11 +134,46 @@ impl TlsSettings {
 /// the certificate orders them, RDNs by `, ` and multi-valued ones by ` + `; a value that is
 /// no UTF-8, printable or IA5 string is `#` and its whole DER in hex.
 pub fn certificate_subject(der: &[u8]) -> Option<String> {
-    use x509_parser::der_parser::asn1_rs::{Tag, ToDer};
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    render_name(cert.subject())
+}
+
+/// What a verified client certificate shows, for `[[tls.client_identities]]` bindings to
+/// compare: its subject and issuer (as [`certificate_subject`] writes them) and two digests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    pub subject: String,
+    pub issuer: String,
+    /// SHA-256 of the whole certificate (DER), lowercase hex: this one certificate.
+    pub sha256: String,
+    /// SHA-256 of its SubjectPublicKeyInfo (DER), lowercase hex: any certificate for this key.
+    pub public_key_sha256: String,
+}
+
+/// The [`ClientCertificate`] of a DER certificate; `None` if it does not parse.
+pub fn client_certificate(der: &[u8]) -> Option<ClientCertificate> {
+    use sha2::{Digest, Sha256};
+    let hex = |bytes: &[u8]| {
+        Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(ClientCertificate {
+        subject: render_name(cert.subject())?,
+        issuer: render_name(cert.issuer())?,
+        sha256: hex(der),
+        public_key_sha256: hex(cert.public_key().raw),
+    })
+}
+
+/// A distinguished name as [`certificate_subject`] describes.
+fn render_name(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
+    use x509_parser::der_parser::asn1_rs::{Tag, ToDer};
     let registry = x509_parser::objects::oid_registry();
     let mut out = String::new();
-    for (i, rdn) in cert.subject().iter().enumerate() {
+    for (i, rdn) in name.iter().enumerate() {
         if i > 0 {
             out.push_str(", ");
         }

@@ -189,9 +189,9 @@ async fn authorize_and_run(
                 match request
                     .extensions()
                     .get::<ConnectInfo<TlsPeer>>()
-                    .and_then(|peer| peer.0.client_subject.clone())
+                    .and_then(|peer| peer.0.client_certificate.clone())
                 {
-                    Some(subject) => Presented::Certificate(subject),
+                    Some(certificate) => Presented::Certificate(certificate),
                     None => Presented::Key(bearer(&request)),
                 }
             };
@@ -318,7 +318,7 @@ fn blocked(state: &AppState, block: &BlockStarted, source: &str, trail: Option<&
 /// The credentials a request came with.
 enum Presented {
     Key(Result<String, ApiError>),
-    Certificate(String),
+    Certificate(enclave_gateway::ClientCertificate),
 }
 
 async fn authenticate(
@@ -330,8 +330,8 @@ async fn authenticate(
             authenticator.authenticate_bearer(&key?).await,
             "the API key or token is not valid",
         ),
-        Presented::Certificate(subject) => (
-            authenticator.authenticate_certificate(&subject).await,
+        Presented::Certificate(certificate) => (
+            authenticator.authenticate_certificate(&certificate).await,
             "the client certificate is not bound to a role; send an API key",
         ),
     };

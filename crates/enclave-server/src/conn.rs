@@ -302,13 +302,13 @@ pub(crate) async fn serve_tls(
             drop((place, own));
             let session = &tls.get_ref().1;
             let http2 = session.alpn_protocol() == Some(b"h2");
-            let client_subject = session
+            let client_certificate = session
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(|cert| enclave_gateway::certificate_subject(cert));
+                .and_then(|cert| enclave_gateway::client_certificate(cert));
             let peer = TlsPeer {
                 address,
-                client_subject,
+                client_certificate,
             };
             serve_connection(tls, peer, http2, &shared).await;
             drop(slot);

@@ -18,8 +18,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct TlsPeer {
     pub address: SocketAddr,
-    /// The subject of the client's certificate (mTLS), verified against the client CA bundle.
-    pub client_subject: Option<String>,
+    /// The client's certificate (mTLS), verified against the client CA bundle.
+    pub client_certificate: Option<enclave_gateway::ClientCertificate>,
 }
 
 /// The configuration new handshakes use; replaceable while serving.

@@ -434,22 +434,42 @@ pub struct TlsFileSettings {
     pub client_auth: Option<String>,
     /// Accept TLS 1.2 as well (ECDHE + AEAD suites only); default TLS 1.3 only.
     pub allow_tls12: Option<bool>,
-    /// Client-certificate subjects bound to a tenant and role.
+    /// Client certificates bound to a tenant and role.
     #[serde(default)]
     pub client_identities: Vec<ClientIdentity>,
 }
 
-/// `[[tls.client_identities]]`.
+/// `[[tls.client_identities]]`: the certificates whose every named field matches.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientIdentity {
-    /// As the certificate's subject reads: `CN=app1, O=Acme`.
-    pub subject: String,
+    /// As the certificate's subject reads, RFC 4514-escaped: `CN=app1, O=Acme`.
+    pub subject: Option<String>,
+    /// The issuing CA's subject, written the same way (default: any CA of `tls.client_ca`).
+    pub issuer: Option<String>,
+    /// SHA-256 fingerprint of the certificate (hex; colons and a `sha256:` prefix allowed).
+    pub sha256: Option<String>,
+    /// SHA-256 of the certificate's public key (SubjectPublicKeyInfo), as `sha256`.
+    pub public_key_sha256: Option<String>,
     #[serde(default = "default_tenant")]
     pub tenant: String,
     pub role: String,
     #[serde(default = "every_model")]
     pub models: Vec<String>,
+}
+
+/// A fingerprint as the gateway compares it: lowercase hex, without a `sha256:` prefix or the
+/// colons `openssl x509 -fingerprint` prints.
+fn fingerprint(text: &str) -> String {
+    let text = text.trim();
+    let text = text
+        .strip_prefix("sha256:")
+        .or_else(|| text.strip_prefix("SHA256:"))
+        .unwrap_or(text);
+    text.chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }
 
 fn default_tenant() -> String {
@@ -579,14 +599,18 @@ impl Settings {
         self.tls
             .client_identities
             .iter()
-            .map(|identity| {
+            .enumerate()
+            .map(|(i, identity)| {
+                let at = format!("tls.client_identities[{i}]");
                 Ok(enclave_gateway::CertificateBinding {
                     subject: identity.subject.clone(),
+                    issuer: identity.issuer.clone(),
+                    sha256: identity.sha256.as_deref().map(fingerprint),
+                    public_key_sha256: identity.public_key_sha256.as_deref().map(fingerprint),
                     tenant: identity.tenant.clone(),
                     role: identity.role.clone(),
-                    models: enclave_gateway::ModelScope::new(&identity.models).map_err(|e| {
-                        anyhow::anyhow!("tls.client_identities `{}`: {e}", identity.subject)
-                    })?,
+                    models: enclave_gateway::ModelScope::new(&identity.models)
+                        .map_err(|e| anyhow::anyhow!("{at}: {e}"))?,
                 })
             })
             .collect()
@@ -756,6 +780,22 @@ mod tests {
             policies.policy("anyone").prompt,
             enclave_server::redaction::PromptAction::LogOnly
         );
+    }
+
+    #[test]
+    fn fingerprints_read_as_openssl_prints_them() {
+        let colons: Vec<String> = (0..32).map(|i| format!("{:02X}", i * 7)).collect();
+        let f = file(&format!(
+            "[[tls.client_identities]]\nsha256 = \"SHA256:{}\"\nrole = \"viewer\"\n",
+            colons.join(":")
+        ));
+        let s = Settings::from_sources(Some(f.path()), &[]).unwrap();
+        let bindings = s.certificate_bindings().unwrap();
+        assert_eq!(
+            bindings[0].sha256.as_deref(),
+            Some(colons.concat().to_lowercase().as_str())
+        );
+        assert_eq!(bindings[0].subject, None);
     }
 
     #[test]

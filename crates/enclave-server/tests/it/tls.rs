@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use enclave_gateway::{
-    certificate_subject, Authenticator, CertificateBinding, ClientAuth, ModelScope, Roles,
-    TlsSettings,
+    certificate_subject, client_certificate, Authenticator, CertificateBinding, ClientAuth,
+    ModelScope, Roles, TlsSettings,
 };
 use enclave_server::{Access, AppState, TlsConfigHandle, TlsListener};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
@@ -91,18 +91,38 @@ fn settings(pki: &Pki, client_auth: Option<ClientAuth>) -> TlsSettings {
     }
 }
 
-/// A TLS server (no model loaded: `/livez` and `/v1/models` answer without one).
+/// A binding of the viewer role in the default tenant, naming nothing yet.
+fn viewer() -> CertificateBinding {
+    CertificateBinding {
+        subject: None,
+        issuer: None,
+        sha256: None,
+        public_key_sha256: None,
+        tenant: "default".into(),
+        role: "viewer".into(),
+        models: ModelScope::all(),
+    }
+}
+
+/// A TLS server (no model loaded: `/livez` and `/v1/models` answer without one), with the
+/// good client's subject bound to the viewer role.
 async fn serve(pki: &Pki, tls: TlsSettings) -> (String, TlsConfigHandle, tempfile::TempDir) {
+    let subject = certificate_subject(pki.client.cert.der()).unwrap();
+    let binding = CertificateBinding {
+        subject: Some(subject),
+        ..viewer()
+    };
+    serve_bound(tls, vec![binding]).await
+}
+
+async fn serve_bound(
+    tls: TlsSettings,
+    bindings: Vec<CertificateBinding>,
+) -> (String, TlsConfigHandle, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
     let store = crate::test_store(data.path()).await;
-    let client_der = pki.client.cert.der().to_vec();
     let authenticator = Authenticator::new(store, Roles::default())
-        .with_certificates(vec![CertificateBinding {
-            subject: certificate_subject(&client_der).unwrap(),
-            tenant: "default".into(),
-            role: "viewer".into(),
-            models: ModelScope::all(),
-        }])
+        .with_certificates(bindings)
         .unwrap();
     let handle = TlsConfigHandle::new(tls.server_config().unwrap());
     let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -389,4 +409,99 @@ async fn a_revoked_client_certificate_fails_the_handshake() {
     );
     let (status, _, _) = get(&address, &pki, with(&kept), "/livez").await.unwrap();
     assert_eq!(status, 200);
+}
+
+/// With two trusted CAs issuing the same subject, a binding that names its issuer admits only
+/// that CA's certificate; a fingerprint binding admits only that certificate (or key), not a
+/// second one with the same subject from the same CA.
+#[tokio::test]
+async fn bindings_by_issuer_or_fingerprint_admit_only_what_they_name() {
+    let pki = pki();
+    let other_ca = new_ca("Another CA");
+    // Both CAs trusted; each issues CN=app1, O=Acme; the first CA a second one too.
+    write(
+        pki.dir.path(),
+        "ca.pem",
+        &format!("{}{}", pki.ca.cert.pem(), other_ca.cert.pem()),
+    );
+    let same_subject_other_ca = leaf(&[], "app1", Some("Acme"), &other_ca);
+    let same_subject_same_ca = leaf(&[], "app1", Some("Acme"), &pki.ca);
+    let ours = client_certificate(pki.client.cert.der()).unwrap();
+    assert_eq!(
+        ours.subject,
+        client_certificate(same_subject_other_ca.cert.der())
+            .unwrap()
+            .subject
+    );
+    let cases = [
+        (
+            "subject and issuer",
+            CertificateBinding {
+                subject: Some(ours.subject.clone()),
+                issuer: Some(ours.issuer.clone()),
+                ..viewer()
+            },
+            [200, 401, 200],
+        ),
+        (
+            "certificate fingerprint",
+            CertificateBinding {
+                sha256: Some(ours.sha256.clone()),
+                ..viewer()
+            },
+            [200, 401, 401],
+        ),
+        (
+            "public-key fingerprint",
+            CertificateBinding {
+                public_key_sha256: Some(ours.public_key_sha256.clone()),
+                ..viewer()
+            },
+            [200, 401, 401],
+        ),
+        (
+            "subject alone",
+            CertificateBinding {
+                subject: Some(ours.subject.clone()),
+                ..viewer()
+            },
+            [200, 200, 200],
+        ),
+    ];
+    for (what, binding, expected) in cases {
+        let tls = settings(&pki, Some(ClientAuth::Required));
+        let (address, _, _data) = serve_bound(tls, vec![binding]).await;
+        let mut got = [0; 3];
+        for (slot, who) in
+            got.iter_mut()
+                .zip([&pki.client, &same_subject_other_ca, &same_subject_same_ca])
+        {
+            let client = Client {
+                versions: TLS13,
+                identity: identity(who),
+            };
+            *slot = get(&address, &pki, client, "/v1/models").await.unwrap().0;
+        }
+        assert_eq!(got, expected, "{what}");
+    }
+    // A binding naming only an issuer, or a malformed fingerprint, is refused at start.
+    let data = tempfile::tempdir().unwrap();
+    let store = crate::test_store(data.path()).await;
+    for binding in [
+        CertificateBinding {
+            issuer: Some(ours.issuer.clone()),
+            ..viewer()
+        },
+        CertificateBinding {
+            sha256: Some("AB:CD".into()),
+            ..viewer()
+        },
+    ] {
+        let refused = Authenticator::new(store.clone(), Roles::default())
+            .with_certificates(vec![binding])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(refused.contains("client_identities"), "{refused}");
+    }
 }
