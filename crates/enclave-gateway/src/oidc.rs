@@ -2,7 +2,10 @@
 //! and cached), `iss`, `aud`, `exp` and `nbf` checked, tenant and roles read from configurable
 //! claims. Keys are looked up by `kid`; an unknown `kid` makes the set be read again (at most
 //! once per [`MIN_REFRESH`]), which is how a rotation at the identity provider reaches us
-//! without a restart.
+//! without a restart. Reads of the set run in the background, one at a time: a token whose key
+//! is known never waits for one (an old set is refreshed behind it), and a token naming an
+//! unknown key waits at most [`UNKNOWN_KEY_WAIT`] for the read it caused or joined, so a flood
+//! of forged key ids costs one read per [`MIN_REFRESH`] and delays no one else.
 //!
 //! Only asymmetric keys are used: a symmetric key in a JWKS would let anyone who can read the
 //! set mint tokens.
@@ -11,16 +14,22 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, Mutex, RwLock};
+
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
-use tokio::sync::Mutex;
+use tokio::sync::watch;
 
 use crate::error::{GatewayError, Result};
 
 /// The default least time between two reads of the key set caused by unknown key ids (so a
 /// flood of forged `kid`s cannot hammer the identity provider).
 pub const MIN_REFRESH: Duration = Duration::from_secs(30);
+
+/// How long a token naming an unknown key waits for the read of the key set it started or
+/// joined (a rotation's first tokens), before it is refused.
+pub const UNKNOWN_KEY_WAIT: Duration = Duration::from_secs(2);
 
 /// Where the signing keys come from.
 #[derive(Debug, Clone)]
@@ -63,9 +72,25 @@ struct KeySet {
 
 /// Verifies bearer tokens against the configured issuer's keys.
 pub struct OidcVerifier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     settings: OidcSettings,
-    keys: Mutex<Option<KeySet>>,
+    keys: RwLock<Option<Arc<KeySet>>>,
     http: reqwest::Client,
+    refresh: Mutex<Refresh>,
+    /// Counts finished reads; waiters watch it change.
+    refreshed: watch::Sender<u64>,
+}
+
+/// The background read of the key set.
+#[derive(Default)]
+struct Refresh {
+    running: bool,
+    last_started: Option<Instant>,
+    /// Reads started (for tests and logs).
+    started: u64,
 }
 
 impl OidcVerifier {
@@ -75,18 +100,27 @@ impl OidcVerifier {
             .build()
             .map_err(|e| GatewayError::invalid("oidc", e.to_string()))?;
         Ok(Self {
-            settings,
-            keys: Mutex::new(None),
-            http,
+            inner: Arc::new(Inner {
+                settings,
+                keys: RwLock::new(None),
+                http,
+                refresh: Mutex::new(Refresh::default()),
+                refreshed: watch::Sender::new(0),
+            }),
         })
     }
 
     /// Reads the key set now (at start, so a wrong path or URL is reported before serving).
     pub async fn load_keys(&self) -> Result<usize> {
-        let set = self.fetch().await?;
+        let set = self.inner.fetch().await?;
         let count = set.keys.len();
-        *self.keys.lock().await = Some(set);
+        *self.inner.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(set));
         Ok(count)
+    }
+
+    /// Reads of the key set started since this verifier was made (beyond [`Self::load_keys`]).
+    pub fn refreshes_started(&self) -> u64 {
+        self.inner.state().started
     }
 
     /// The verified claims of `token`, or `Unauthenticated` (the reason for logs only).
@@ -96,17 +130,18 @@ impl OidcVerifier {
         let kid = header
             .kid
             .ok_or(GatewayError::Unauthenticated("token without a key id"))?;
-        let (key, algorithm) = self.key(&kid).await?;
+        let (key, algorithm) = self.inner.key(&kid).await?;
         if header.alg != algorithm {
             return Err(GatewayError::Unauthenticated(
                 "token algorithm differs from its key's",
             ));
         }
         let mut validation = Validation::new(algorithm);
-        validation.set_issuer(&[&self.settings.issuer]);
-        validation.set_audience(&[&self.settings.audience]);
+        let settings = &self.inner.settings;
+        validation.set_issuer(&[&settings.issuer]);
+        validation.set_audience(&[&settings.audience]);
         validation.validate_nbf = true;
-        validation.leeway = self.settings.leeway;
+        validation.leeway = settings.leeway;
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let claims = jsonwebtoken::decode::<Value>(token, &key, &validation)
             .map_err(|e| {
@@ -124,10 +159,10 @@ impl OidcVerifier {
             .claims;
         let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
         let subject = text("sub").ok_or(GatewayError::Unauthenticated("token without `sub`"))?;
-        let tenant = text(&self.settings.tenant_claim).ok_or(GatewayError::Unauthenticated(
+        let tenant = text(&settings.tenant_claim).ok_or(GatewayError::Unauthenticated(
             "token without a tenant claim",
         ))?;
-        let roles = match claims.get(&self.settings.roles_claim) {
+        let roles = match claims.get(&settings.roles_claim) {
             Some(Value::String(role)) => vec![role.clone()],
             Some(Value::Array(roles)) => roles
                 .iter()
@@ -142,24 +177,68 @@ impl OidcVerifier {
         })
     }
 
-    /// The key `kid`, reading the set again when it is unknown or old.
-    async fn key(&self, kid: &str) -> Result<(DecodingKey, Algorithm)> {
-        let mut keys = self.keys.lock().await;
-        let stale = keys.as_ref().is_none_or(|set| {
-            let age = set.fetched.elapsed();
-            age >= self.settings.refresh
-                || (!set.keys.contains_key(kid) && age >= self.settings.min_refresh)
-        });
-        if stale {
-            match self.fetch().await {
-                Ok(set) => *keys = Some(set),
-                // The old set keeps serving if the provider is briefly unreachable.
-                Err(e) => tracing::warn!(error = %e, "cannot refresh the JWKS"),
+}
+
+impl Inner {
+    fn state(&self) -> std::sync::MutexGuard<'_, Refresh> {
+        self.refresh.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The key `kid`: at once when known (refreshing an old set behind it); when unknown,
+    /// after the background read it starts or joins, waiting at most [`UNKNOWN_KEY_WAIT`].
+    async fn key(self: &Arc<Self>, kid: &str) -> Result<(DecodingKey, Algorithm)> {
+        let known = {
+            let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            keys.as_ref()
+                .map(|set| (set.keys.get(kid).cloned(), set.fetched.elapsed()))
+        };
+        if let Some((Some(key), age)) = known {
+            if age >= self.settings.refresh {
+                self.start_refresh();
             }
+            return Ok(key);
         }
+        let mut refreshed = self.refreshed.subscribe();
+        if self.start_refresh() {
+            let _ = tokio::time::timeout(UNKNOWN_KEY_WAIT, refreshed.changed()).await;
+        }
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         keys.as_ref()
             .and_then(|set| set.keys.get(kid).cloned())
             .ok_or(GatewayError::Unauthenticated("unknown token key id"))
+    }
+
+    /// Starts a background read of the key set unless one runs or one started less than
+    /// `min_refresh` ago; whether a read is running now.
+    fn start_refresh(self: &Arc<Self>) -> bool {
+        let mut state = self.state();
+        if state.running {
+            return true;
+        }
+        let now = Instant::now();
+        if state
+            .last_started
+            .is_some_and(|at| now.duration_since(at) < self.settings.min_refresh)
+        {
+            return false;
+        }
+        state.running = true;
+        state.last_started = Some(now);
+        state.started += 1;
+        drop(state);
+        let inner = self.clone();
+        tokio::spawn(async move {
+            match inner.fetch().await {
+                Ok(set) => {
+                    *inner.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(set));
+                }
+                // The old set keeps serving if the provider is briefly unreachable.
+                Err(e) => tracing::warn!(error = %e, "cannot refresh the JWKS"),
+            }
+            inner.state().running = false;
+            inner.refreshed.send_modify(|n| *n += 1);
+        });
+        true
     }
 
     async fn fetch(&self) -> Result<KeySet> {

@@ -222,3 +222,73 @@ async fn a_jwks_url_is_fetched_and_rotation_is_followed() {
     let error = broken.load_keys().await.unwrap_err().to_string();
     assert!(error.contains("oidc.jwks_url"), "{error}");
 }
+
+/// Reads of the key set run in the background, one at a time and at most once per
+/// `min_refresh`: while the identity provider hangs, tokens with a known key are verified at
+/// once, a flood of forged key ids causes one read, and each forged token is refused after a
+/// bounded wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_key_ids_cannot_make_token_checks_wait() {
+    let key = signing_key("2026-01");
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The first read answers; every later one hangs until the test opens the gate.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let app = {
+        let (fetches, gate) = (fetches.clone(), gate.clone());
+        let body = jwks(&[&key]);
+        axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let (fetches, gate, body) = (fetches.clone(), gate.clone(), body.clone());
+                async move {
+                    if fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                        gate.notified().await;
+                    }
+                    body
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let verifier = Arc::new(
+        OidcVerifier::new(OidcSettings {
+            min_refresh: Duration::from_secs(3600),
+            ..settings(JwksSource::Url(url))
+        })
+        .unwrap(),
+    );
+    assert_eq!(verifier.load_keys().await.unwrap(), 1);
+    let forger = signing_key("forged");
+    let forged: Vec<_> = (0..50)
+        .map(|i| {
+            let verifier = verifier.clone();
+            let token = token(&forger, &format!("forged-{i}"), claims(json!({})));
+            tokio::spawn(async move { verifier.verify(&token).await })
+        })
+        .collect();
+    // Wait until the one read they caused is hanging at the provider.
+    while fetches.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // A good token is verified meanwhile: were it to wait for the hanging read, it would take
+    // the HTTP client's 10 s timeout; the bound here is half that (and no measure of speed).
+    let good = token(&key, "2026-01", claims(json!({})));
+    let verified = tokio::time::timeout(Duration::from_secs(5), verifier.verify(&good)).await;
+    assert!(matches!(verified, Ok(Ok(_))), "{verified:?}");
+    // Each forged token is refused after its bounded wait, the read still hanging.
+    for task in forged {
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(GatewayError::Unauthenticated(_))
+        ));
+    }
+    assert_eq!(verifier.refreshes_started(), 1);
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // Later forged ids within `min_refresh` cause no read at all.
+    let later = token(&forger, "forged-later", claims(json!({})));
+    assert!(verifier.verify(&later).await.is_err());
+    assert_eq!(verifier.refreshes_started(), 1);
+    gate.notify_waiters();
+}
