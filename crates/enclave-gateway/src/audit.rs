@@ -485,11 +485,11 @@ fn check(row: &Row2, expected_seq: i64, prev: &str) -> Option<String> {
     None
 }
 
-type Transaction<'a> = sqlx::Transaction<'a, sqlx::Any>;
+pub(crate) type Transaction<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
 /// Takes the write lock before the head is read (SQLite: the database's; PostgreSQL: the head
 /// row's), so two writers cannot both continue from the same record.
-async fn lock_chain(tx: &mut Transaction<'_>) -> Result<()> {
+pub(crate) async fn lock_chain(tx: &mut Transaction<'_>) -> Result<()> {
     sqlx::query("UPDATE audit_chain SET last_seq = last_seq WHERE id = 1")
         .execute(&mut **tx)
         .await?;
@@ -497,7 +497,7 @@ async fn lock_chain(tx: &mut Transaction<'_>) -> Result<()> {
 }
 
 /// Appends `events` after the chain's head, inside `tx` (which holds [`lock_chain`]).
-async fn append_in(tx: &mut Transaction<'_>, events: &[AuditEvent]) -> Result<()> {
+pub(crate) async fn append_in(tx: &mut Transaction<'_>, events: &[AuditEvent]) -> Result<()> {
     let head = sqlx::query("SELECT last_seq, last_sha256 FROM audit_chain WHERE id = 1")
         .fetch_one(&mut **tx)
         .await?;

@@ -36,7 +36,7 @@ pub use limits::{Admission, Limits, Quota, Quotas, RateLimiter, Refusal, Subject
 pub use oidc::{JwksSource, OidcSettings, OidcVerifier, VerifiedToken, MIN_REFRESH};
 pub use principal::{Identity, Principal};
 pub use rbac::{ModelScope, Permission, Permissions, RoleOrigin, Roles, BUILT_IN_ROLES};
-pub use store::{CreatedKey, KeyInfo, NewKey, Store, Tenant};
+pub use store::{ChangeRecord, CreatedKey, KeyInfo, NewKey, Store, Tenant};
 pub use tls::{
     certificate_subject, client_certificate, ClientAuth, ClientCertificate, TlsSettings,
 };

@@ -176,7 +176,6 @@ impl OidcVerifier {
             roles,
         })
     }
-
 }
 
 impl Inner {

@@ -7,6 +7,7 @@ use std::path::Path;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
+use crate::audit::{append_in, lock_chain, AuditEvent, Transaction};
 use crate::error::{GatewayError, Result};
 use crate::keys;
 use crate::limits::Limits;
@@ -110,6 +111,16 @@ impl Store {
         &self.pool
     }
 
+    /// Begins an admin change; when it is to be audited, the audit chain's lock is taken
+    /// first, so its record follows the chain's head and commits with it.
+    async fn begin_change(&self, audited: bool) -> Result<Transaction<'static>> {
+        let mut tx = self.pool.begin().await?;
+        if audited {
+            lock_chain(&mut tx).await?;
+        }
+        Ok(tx)
+    }
+
     pub async fn create_tenant(
         &self,
         name: &str,
@@ -117,12 +128,26 @@ impl Store {
         limits: Limits,
         now: i64,
     ) -> Result<Tenant> {
+        self.create_tenant_audited(name, models, limits, now, None)
+            .await
+    }
+
+    /// [`Self::create_tenant`] with its audit record in the same transaction.
+    pub async fn create_tenant_audited(
+        &self,
+        name: &str,
+        models: &[String],
+        limits: Limits,
+        now: i64,
+        record: ChangeRecord<'_, Tenant>,
+    ) -> Result<Tenant> {
         check_name("tenant", name)?;
         let models = ModelScope::new(models)?;
         check_limits(&limits)?;
         if self.tenant(name).await?.is_some() {
             return Err(GatewayError::Exists(format!("tenant `{name}`")));
         }
+        let mut tx = self.begin_change(record.is_some()).await?;
         sqlx::query(
             "INSERT INTO tenants (name, models, created_at, requests_per_minute, \
              tokens_per_minute, concurrent_requests) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -133,14 +158,16 @@ impl Store {
         .bind(limits.requests_per_minute.map(to_i64))
         .bind(limits.tokens_per_minute.map(to_i64))
         .bind(limits.concurrent_requests.map(to_i64))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(Tenant {
+        let tenant = Tenant {
             name: name.to_string(),
             models,
             limits,
             created_at: now,
-        })
+        };
+        end_change(tx, record, &tenant).await?;
+        Ok(tenant)
     }
 
     pub async fn tenant(&self, name: &str) -> Result<Option<Tenant>> {
@@ -168,6 +195,18 @@ impl Store {
     /// Creates a key for an existing tenant with a role `roles` knows; returns it with its
     /// secret, which is not kept.
     pub async fn create_key(&self, new: NewKey, roles: &Roles, now: i64) -> Result<CreatedKey> {
+        self.create_key_audited(new, roles, now, None).await
+    }
+
+    /// [`Self::create_key`] with its audit record (made from the new key's information, never
+    /// its secret) in the same transaction.
+    pub async fn create_key_audited(
+        &self,
+        new: NewKey,
+        roles: &Roles,
+        now: i64,
+        record: ChangeRecord<'_, KeyInfo>,
+    ) -> Result<CreatedKey> {
         check_name("tenant", &new.tenant)?;
         roles.require(&new.role)?;
         let models = ModelScope::new(&new.models)?;
@@ -191,6 +230,7 @@ impl Store {
             )));
         }
         let secret = keys::generate();
+        let mut tx = self.begin_change(record.is_some()).await?;
         sqlx::query(
             "INSERT INTO api_keys (id, secret_sha256, tenant, role, models, name, created_at, \
              expires_at, requests_per_minute, tokens_per_minute, concurrent_requests, created_by) \
@@ -208,9 +248,9 @@ impl Store {
         .bind(new.limits.tokens_per_minute.map(to_i64))
         .bind(new.limits.concurrent_requests.map(to_i64))
         .bind(&new.created_by)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(CreatedKey {
+        let created = CreatedKey {
             info: KeyInfo {
                 id: secret.id,
                 tenant: new.tenant,
@@ -225,7 +265,9 @@ impl Store {
                 created_by: new.created_by,
             },
             key: secret.key,
-        })
+        };
+        end_change(tx, record, &created.info).await?;
+        Ok(created)
     }
 
     /// Stores a new role with `permissions` (names); `configured` (the built-in and
@@ -237,6 +279,20 @@ impl Store {
         description: &str,
         configured: &Roles,
         now: i64,
+    ) -> Result<Permissions> {
+        self.create_role_audited(name, permissions, description, configured, now, None)
+            .await
+    }
+
+    /// [`Self::create_role`] with its audit record in the same transaction.
+    pub async fn create_role_audited(
+        &self,
+        name: &str,
+        permissions: &[String],
+        description: &str,
+        configured: &Roles,
+        now: i64,
+        record: ChangeRecord<'_, Permissions>,
     ) -> Result<Permissions> {
         check_name("name", name)?;
         if let Some(origin) = configured.origin(name) {
@@ -262,6 +318,7 @@ impl Store {
             ));
         }
         let stored: Vec<&str> = parsed.iter().map(|p| p.name()).collect();
+        let mut tx = self.begin_change(record.is_some()).await?;
         let inserted = sqlx::query(
             "INSERT INTO roles (name, permissions, description, created_at) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
@@ -270,17 +327,29 @@ impl Store {
         .bind(stored.join(","))
         .bind(description)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
             return Err(GatewayError::Exists(format!("role `{name}`")));
         }
+        end_change(tx, record, &parsed).await?;
         Ok(parsed)
     }
 
     /// Deletes stored role `name`; refused while a key that is neither revoked nor expired
     /// holds it (revoke those first), so no working key silently loses its permissions.
     pub async fn delete_role(&self, name: &str, now: i64) -> Result<()> {
+        self.delete_role_audited(name, now, None).await
+    }
+
+    /// [`Self::delete_role`] with its audit record in the same transaction.
+    pub async fn delete_role_audited(
+        &self,
+        name: &str,
+        now: i64,
+        record: ChangeRecord<'_, ()>,
+    ) -> Result<()> {
+        let mut tx = self.begin_change(record.is_some()).await?;
         // One statement, so no key can be given the role between the check and the delete.
         let deleted = sqlx::query(
             "DELETE FROM roles WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM api_keys \
@@ -288,11 +357,12 @@ impl Store {
         )
         .bind(name)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if deleted.rows_affected() == 1 {
-            return Ok(());
+            return end_change(tx, record, &()).await;
         }
+        drop(tx);
         let holders = self.role_holders(name, Some(now)).await?;
         if holders > 0 {
             return Err(GatewayError::invalid(
@@ -368,14 +438,33 @@ impl Store {
     /// Revokes key `id` (from now on, and on running servers within the authenticator's
     /// cache lifetime); revoking a revoked key keeps its first revocation time.
     pub async fn revoke_key(&self, id: &str, now: i64) -> Result<KeyInfo> {
+        self.revoke_key_audited(id, now, None).await
+    }
+
+    /// [`Self::revoke_key`] with its audit record in the same transaction.
+    pub async fn revoke_key_audited(
+        &self,
+        id: &str,
+        now: i64,
+        record: ChangeRecord<'_, KeyInfo>,
+    ) -> Result<KeyInfo> {
+        let mut tx = self.begin_change(record.is_some()).await?;
         sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(now)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        self.key(id)
-            .await?
-            .ok_or_else(|| GatewayError::NotFound(format!("key `{id}`")))
+        let key = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| key_from(&row))
+        .transpose()?
+        .ok_or_else(|| GatewayError::NotFound(format!("key `{id}`")))?;
+        end_change(tx, record, &key).await?;
+        Ok(key)
     }
 
     pub(crate) async fn key_for_auth(&self, id: &str) -> Result<Option<KeyForAuth>> {
@@ -552,4 +641,21 @@ fn key_from(row: &AnyRow) -> Result<KeyInfo> {
         last_used_at: row.try_get("last_used_at")?,
         created_by: row.try_get("created_by")?,
     })
+}
+
+/// The audit record of an admin change, made from what the change did; appended in the
+/// change's transaction, so neither commits without the other and no answer comes before both.
+pub type ChangeRecord<'a, T> = Option<&'a (dyn Fn(&T) -> AuditEvent + Send + Sync)>;
+
+/// Appends `record` (made from `done`) and commits the change.
+async fn end_change<T>(
+    mut tx: Transaction<'static>,
+    record: ChangeRecord<'_, T>,
+    done: &T,
+) -> Result<()> {
+    if let Some(record) = record {
+        append_in(&mut tx, &[record(done)]).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }

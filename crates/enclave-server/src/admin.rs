@@ -71,6 +71,50 @@ fn note(meter: &Meter, action: &str, mut detail: Value) {
     }
 }
 
+/// An admin change whose audit record is written in the change's own transaction: neither
+/// commits without the other, and the answer comes after both.
+struct Change<'m> {
+    trail: Option<&'m Arc<crate::audit::AuditTrail>>,
+    action: &'static str,
+    status: StatusCode,
+}
+
+/// The record-making function a store's `*_audited` method calls with what it changed.
+type Recorder<'m, T> = Box<dyn Fn(&T) -> enclave_gateway::AuditEvent + Send + Sync + 'm>;
+
+impl<'m> Change<'m> {
+    fn new(meter: &'m Meter, action: &'static str, status: StatusCode) -> Self {
+        Self {
+            trail: meter.as_ref().and_then(|m| m.trail()),
+            action,
+            status,
+        }
+    }
+
+    /// The record of the change, from `detail` of what it did (`None` without an audit log).
+    fn record<T>(
+        &self,
+        detail: impl Fn(&T) -> Value + Send + Sync + 'm,
+    ) -> Option<Recorder<'m, T>> {
+        let trail = self.trail?;
+        let (action, status) = (self.action, self.status.as_u16());
+        Some(Box::new(move |done: &T| {
+            let mut detail = detail(done);
+            if let Some(object) = detail.as_object_mut() {
+                object.insert("action".into(), json!(action));
+            }
+            trail.change_record(status, &detail)
+        }))
+    }
+
+    /// The change and its record committed: the request writes no second record.
+    fn committed(&self) {
+        if let Some(trail) = self.trail {
+            trail.written();
+        }
+    }
+}
+
 /// A gateway error as the client should see it.
 fn gateway_error(error: GatewayError) -> ApiError {
     match error {
@@ -160,18 +204,21 @@ pub(crate) async fn create_tenant(
     ApiJson(body): ApiJson<NewTenantBody>,
 ) -> Result<Response, ApiError> {
     let models = body.models.unwrap_or_else(|| vec!["*".into()]);
+    let change = Change::new(&meter, "tenant.create", StatusCode::CREATED);
+    let record = change.record(tenant_json);
     let tenant = authenticator(&state)?
         .store()
-        .create_tenant(
+        .create_tenant_audited(
             &body.name,
             &models,
             LimitsBody::limits(body.limits),
             unix_time(),
+            record.as_deref(),
         )
         .await
         .map_err(gateway_error)?;
+    change.committed();
     tracing::info!(subject = %caller.subject(), tenant = %tenant.name, "tenant created");
-    note(&meter, "tenant.create", tenant_json(&tenant));
     Ok((StatusCode::CREATED, Json(tenant_json(&tenant))).into_response())
 }
 
@@ -240,9 +287,11 @@ pub(crate) async fn create_key(
     caller
         .check_delegation(&models, &limits, expires_at)
         .map_err(gateway_error)?;
+    let change = Change::new(&meter, "key.create", StatusCode::CREATED);
+    let record = change.record(key_json);
     let created = authenticator
         .store()
-        .create_key(
+        .create_key_audited(
             NewKey {
                 tenant,
                 role: body.role,
@@ -254,11 +303,12 @@ pub(crate) async fn create_key(
             },
             &roles,
             now,
+            record.as_deref(),
         )
         .await
         .map_err(gateway_error)?;
+    change.committed();
     tracing::info!(subject = %caller.subject(), key = %created.info.id, tenant = %created.info.tenant, role = %created.info.role, "key created");
-    note(&meter, "key.create", key_json(&created.info));
     let mut body = key_json(&created.info);
     body["key"] = json!(created.key);
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -278,12 +328,14 @@ pub(crate) async fn revoke_key(
         .map_err(gateway_error)?
         .ok_or_else(missing)?;
     tenant_for(&caller, Some(&key.tenant)).map_err(|_| missing())?;
+    let change = Change::new(&meter, "key.revoke", StatusCode::OK);
+    let record = change.record(key_json);
     let key = store
-        .revoke_key(&id, unix_time())
+        .revoke_key_audited(&id, unix_time(), record.as_deref())
         .await
         .map_err(gateway_error)?;
+    change.committed();
     tracing::info!(subject = %caller.subject(), key = %key.id, tenant = %key.tenant, "key revoked");
-    note(&meter, "key.revoke", key_json(&key));
     Ok(Json(key_json(&key)))
 }
 
@@ -352,17 +404,28 @@ pub(crate) async fn create_role(
         }
     }
     let description = body.description.unwrap_or_default();
+    let change = Change::new(&meter, "role.create", StatusCode::CREATED);
+    let record = change.record(|permissions: &enclave_gateway::Permissions| {
+        role_json(
+            &body.name,
+            *permissions,
+            enclave_gateway::RoleOrigin::Stored,
+            &description,
+        )
+    });
     let permissions = authenticator
         .store()
-        .create_role(
+        .create_role_audited(
             &body.name,
             &body.permissions,
             &description,
             authenticator.configured_roles(),
             unix_time(),
+            record.as_deref(),
         )
         .await
         .map_err(gateway_error)?;
+    change.committed();
     authenticator.forget_roles();
     tracing::info!(subject = %caller.subject(), role = %body.name, "role created");
     let role = role_json(
@@ -371,7 +434,6 @@ pub(crate) async fn create_role(
         enclave_gateway::RoleOrigin::Stored,
         &description,
     );
-    note(&meter, "role.create", role.clone());
     Ok((StatusCode::CREATED, Json(role)).into_response())
 }
 
@@ -392,14 +454,16 @@ pub(crate) async fn delete_role(
             ),
         ));
     }
+    let change = Change::new(&meter, "role.delete", StatusCode::NO_CONTENT);
+    let record = change.record(|_: &()| json!({ "name": name }));
     authenticator
         .store()
-        .delete_role(&name, unix_time())
+        .delete_role_audited(&name, unix_time(), record.as_deref())
         .await
         .map_err(gateway_error)?;
+    change.committed();
     authenticator.forget_roles();
     tracing::info!(subject = %caller.subject(), role = %name, "role deleted");
-    note(&meter, "role.delete", json!({ "name": name }));
     Ok(StatusCode::NO_CONTENT)
 }
 

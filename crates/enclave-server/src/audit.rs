@@ -162,6 +162,37 @@ impl AuditTrail {
         })
     }
 
+    /// The record of an admin change that succeeds with `status` and changed `detail`, to be
+    /// written in the change's own transaction (the store's `*_audited` methods); call
+    /// [`Self::written`] once that committed.
+    pub fn change_record(&self, status: u16, detail: &Value) -> AuditEvent {
+        let (tenant, subject, model) =
+            self.with(|i| (i.tenant.clone(), i.subject.clone(), i.model.clone()));
+        AuditEvent {
+            at_ms: self.at_ms,
+            kind: self.kind,
+            request_id: self.request_id.clone(),
+            tenant,
+            subject,
+            source: self.source.clone(),
+            method: self.method.clone(),
+            route: self.route.clone(),
+            model,
+            status,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            detail: detail.to_string(),
+            text: None,
+        }
+    }
+
+    /// The record was committed with its change: this trail writes nothing more.
+    pub fn written(&self) {
+        self.recorded.store(true, Ordering::Release);
+        drop(self.take_slot());
+    }
+
     /// Commits the record now (admin actions: the change is not answered unaudited).
     pub async fn commit(&self) {
         let Some(slot) = self.take_slot() else {

@@ -94,6 +94,11 @@ impl RequestMeter {
         }
     }
 
+    /// The request's audit trail (for an admin change's record in its own transaction).
+    pub fn trail(&self) -> Option<&Arc<AuditTrail>> {
+        self.trail.as_ref()
+    }
+
     pub fn log_prompt(&self, text: &str) {
         if let Some(trail) = &self.trail {
             trail.log_prompt(text);

@@ -8,7 +8,7 @@ use enclave_gateway::{unix_time, KeyInfo, Limits, NewKey, RoleOrigin};
 use enclave_server::admin::{key_json, role_json, roles_json, tenant_json, usage_json};
 use serde_json::{json, Value};
 
-use crate::audit::record_cli_action;
+use crate::audit::cli_change;
 use crate::config::Settings;
 
 #[derive(Subcommand, Debug)]
@@ -170,22 +170,26 @@ pub fn roles(settings: &Settings, command: RolesCommand) -> Result<()> {
                 }
             }
             RolesCommand::Create(args) => {
+                let describe = |permissions: &enclave_gateway::Permissions| {
+                    role_json(
+                        &args.name,
+                        *permissions,
+                        RoleOrigin::Stored,
+                        &args.description,
+                    )
+                };
+                let record = cli_change("role.create", describe);
                 let permissions = store
-                    .create_role(
+                    .create_role_audited(
                         &args.name,
                         &args.permissions,
                         &args.description,
                         &configured,
                         unix_time(),
+                        Some(record.as_ref()),
                     )
                     .await?;
-                let created = role_json(
-                    &args.name,
-                    permissions,
-                    RoleOrigin::Stored,
-                    &args.description,
-                );
-                record_cli_action(&store, "role.create", created.clone()).await?;
+                let created = describe(&permissions);
                 if args.json {
                     println!("{created}");
                 } else {
@@ -200,8 +204,10 @@ pub fn roles(settings: &Settings, command: RolesCommand) -> Result<()> {
                         origin.name()
                     );
                 }
-                store.delete_role(&args.name, unix_time()).await?;
-                record_cli_action(&store, "role.delete", json!({ "name": args.name })).await?;
+                let record = cli_change("role.delete", |_: &()| json!({ "name": args.name }));
+                store
+                    .delete_role_audited(&args.name, unix_time(), Some(record.as_ref()))
+                    .await?;
                 if args.json {
                     println!("{}", json!({"name": args.name, "deleted": true}));
                 } else {
@@ -259,8 +265,9 @@ pub fn keys(settings: &Settings, command: KeysCommand) -> Result<()> {
                     .map(|text| parse_duration(text).map(|seconds| now.saturating_add(seconds)))
                     .transpose()
                     .context("--expires-in")?;
+                let record = cli_change("key.create", key_json);
                 let created = store
-                    .create_key(
+                    .create_key_audited(
                         NewKey {
                             tenant: args.tenant,
                             role: args.role,
@@ -272,9 +279,9 @@ pub fn keys(settings: &Settings, command: KeysCommand) -> Result<()> {
                         },
                         &roles,
                         now,
+                        Some(record.as_ref()),
                     )
                     .await?;
-                record_cli_action(&store, "key.create", key_json(&created.info)).await?;
                 if args.json {
                     let mut object = key_json(&created.info);
                     object["key"] = json!(created.key);
@@ -318,8 +325,10 @@ pub fn keys(settings: &Settings, command: KeysCommand) -> Result<()> {
                     .strip_prefix(enclave_gateway::KEY_PREFIX)
                     .and_then(|rest| rest.split('_').next())
                     .unwrap_or(&args.id);
-                let key = store.revoke_key(id, unix_time()).await?;
-                record_cli_action(&store, "key.revoke", key_json(&key)).await?;
+                let record = cli_change("key.revoke", key_json);
+                let key = store
+                    .revoke_key_audited(id, unix_time(), Some(record.as_ref()))
+                    .await?;
                 if args.json {
                     println!("{}", key_json(&key));
                 } else {
@@ -336,10 +345,16 @@ pub fn tenants(settings: &Settings, command: TenantsCommand) -> Result<()> {
         let store = settings.store().await?;
         match command {
             TenantsCommand::Create(args) => {
+                let record = cli_change("tenant.create", tenant_json);
                 let tenant = store
-                    .create_tenant(&args.name, &args.models, args.limits.limits(), unix_time())
+                    .create_tenant_audited(
+                        &args.name,
+                        &args.models,
+                        args.limits.limits(),
+                        unix_time(),
+                        Some(record.as_ref()),
+                    )
                     .await?;
-                record_cli_action(&store, "tenant.create", tenant_json(&tenant)).await?;
                 if args.json {
                     println!("{}", tenant_json(&tenant));
                 } else {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use enclave_gateway::{parse_since, AuditEntry, AuditEvent, AuditKind, AuditQuery, Store};
+use enclave_gateway::{parse_since, AuditEntry, AuditEvent, AuditKind, AuditQuery};
 use enclave_server::admin::verification_json;
 use serde_json::{json, Value};
 
@@ -264,16 +264,20 @@ fn line(entry: &Value) -> String {
     )
 }
 
-/// Appends an admin record for a change made from the command line (who: the OS user).
-pub async fn record_cli_action(store: &Store, action: &str, mut detail: Value) -> Result<()> {
-    if let Some(object) = detail.as_object_mut() {
-        object.insert("action".into(), json!(action));
-    }
+/// The audit record of a change made from the command line (who: the OS user), made from
+/// what the change did; the store writes it in the change's transaction.
+pub fn cli_change<'a, T>(
+    action: &'static str,
+    detail: impl Fn(&T) -> Value + Send + Sync + 'a,
+) -> Box<dyn Fn(&T) -> AuditEvent + Send + Sync + 'a> {
     let user = os_user();
-    let at_ms = enclave_gateway::unix_millis();
-    store
-        .append_audit(&[AuditEvent {
-            at_ms,
+    Box::new(move |done: &T| {
+        let mut detail = detail(done);
+        if let Some(object) = detail.as_object_mut() {
+            object.insert("action".into(), json!(action));
+        }
+        AuditEvent {
+            at_ms: enclave_gateway::unix_millis(),
             kind: AuditKind::Admin,
             request_id: String::new(),
             tenant: detail["tenant"].as_str().unwrap_or_default().to_string(),
@@ -288,9 +292,8 @@ pub async fn record_cli_action(store: &Store, action: &str, mut detail: Value) -
             latency_ms: 0,
             detail: detail.to_string(),
             text: None,
-        }])
-        .await
-        .context("cannot write the audit record of this change")
+        }
+    })
 }
 
 /// Who runs this command, as the audit log names them (`cli:<user>`): the account of the

@@ -468,3 +468,89 @@ async fn concurrent_writers_keep_one_chain() {
         assert_eq!(report.records, 200);
     }
 }
+
+/// An admin change and its audit record commit together: the record is in the chain once the
+/// change returns; a change refused writes no record; and when the record cannot be written
+/// (the chain's head row is gone), the change is rolled back, so nothing changes unaudited.
+#[tokio::test]
+async fn an_admin_change_and_its_record_commit_together() {
+    let mut dirs = Vec::new();
+    for url in databases().await.urls {
+        let url = fresh_like(&url, &mut dirs).await;
+        let store = Store::connect(&url).await.unwrap();
+        let roles = enclave_gateway::Roles::default();
+        let record = |action: &'static str| {
+            move |what: &String| AuditEvent {
+                kind: AuditKind::Admin,
+                route: action.into(),
+                detail: format!("{{\"action\":\"{action}\",\"what\":\"{what}\"}}"),
+                ..event(1, 1_800_000_000_000, AuditKind::Admin)
+            }
+        };
+        let tenant_record = record("tenant.create");
+        let tenant_record = |t: &enclave_gateway::Tenant| tenant_record(&t.name);
+        store
+            .create_tenant_audited(
+                "acme",
+                &["*".into()],
+                enclave_gateway::Limits::default(),
+                1,
+                Some(&tenant_record),
+            )
+            .await
+            .unwrap();
+        let count = |store: Store| async move {
+            store
+                .audit_entries(&AuditQuery {
+                    limit: 100,
+                    ..AuditQuery::default()
+                })
+                .await
+                .unwrap()
+                .len()
+        };
+        assert_eq!(count(store.clone()).await, 1, "{url}");
+        // Refused (it exists): no record.
+        assert!(store
+            .create_tenant_audited(
+                "acme",
+                &["*".into()],
+                enclave_gateway::Limits::default(),
+                1,
+                Some(&tenant_record),
+            )
+            .await
+            .is_err());
+        assert_eq!(count(store.clone()).await, 1, "{url}");
+        // The record cannot be written: the key is not created either.
+        tamper(&url, &["DELETE FROM audit_chain"]).await;
+        let key_record = record("key.create");
+        let key_record = |k: &enclave_gateway::KeyInfo| key_record(&k.id);
+        let new_key = || enclave_gateway::NewKey {
+            tenant: "acme".into(),
+            role: "viewer".into(),
+            models: vec!["*".into()],
+            name: "unaudited".into(),
+            expires_at: None,
+            limits: enclave_gateway::Limits::default(),
+            created_by: "test".into(),
+        };
+        let failed = store
+            .create_key_audited(new_key(), &roles, 2, Some(&key_record))
+            .await;
+        assert!(failed.is_err(), "{url}");
+        assert!(
+            store.keys(Some("acme")).await.unwrap().is_empty(),
+            "{url}: a key was created without its record"
+        );
+        let revoke_record = record("key.revoke");
+        let revoke_record = |k: &enclave_gateway::KeyInfo| revoke_record(&k.id);
+        let unaudited = store.create_key(new_key(), &roles, 2).await.unwrap();
+        assert!(store
+            .revoke_key_audited(&unaudited.info.id, 3, Some(&revoke_record))
+            .await
+            .is_err());
+        let key = store.key(&unaudited.info.id).await.unwrap().unwrap();
+        assert_eq!(key.revoked_at, None, "{url}: revoked without its record");
+    }
+}
