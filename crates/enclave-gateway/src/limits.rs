@@ -123,6 +123,10 @@ impl RateLimiter {
         Arc::new(Self::default())
     }
 
+    fn allowances(&self) -> std::sync::MutexGuard<'_, HashMap<Subject, Allowance>> {
+        self.allowances.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Admits a request drawing on every `(subject, limits)` pair, or refuses it (taking
     /// nothing) naming the first limit it is over.
     pub fn admit(
@@ -130,7 +134,7 @@ impl RateLimiter {
         subjects: Vec<(Subject, Limits)>,
     ) -> Result<Admission, Box<Refusal>> {
         let now = Instant::now();
-        let mut all = self.allowances.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.allowances();
         for (subject, limits) in &subjects {
             let over = over_limit(allowance(&mut all, subject, limits, now), limits);
             if let Some((limit, retry_after)) = over {
@@ -175,11 +179,7 @@ impl Admission {
             sequences
         };
         let total = self.sequences.saturating_add(sequences).max(1);
-        let mut all = self
-            .limiter
-            .allowances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut all = self.limiter.allowances();
         for (subject, limits) in &self.subjects {
             let allowance = allowance(&mut all, subject, limits, now);
             let over = if limits.concurrent_requests.is_some_and(|most| total > most) {
@@ -235,11 +235,7 @@ impl Admission {
             return;
         }
         let now = Instant::now();
-        let mut all = self
-            .limiter
-            .allowances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut all = self.limiter.allowances();
         for ((subject, limits), reserved) in self.subjects.iter().zip(self.reserved.iter_mut()) {
             let from_reserve = tokens.min(*reserved);
             *reserved -= from_reserve;
@@ -255,11 +251,7 @@ impl Drop for Admission {
     fn drop(&mut self) {
         let slots = self.sequences.max(1);
         let now = Instant::now();
-        let mut all = self
-            .limiter
-            .allowances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut all = self.limiter.allowances();
         for ((subject, limits), reserved) in self.subjects.iter().zip(&self.reserved) {
             let Some(allowance) = all.get_mut(subject) else {
                 continue;

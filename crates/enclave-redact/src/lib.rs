@@ -429,10 +429,18 @@ fn built_in() -> Vec<Detector> {
             accept,
         ),
     ];
+    // The patterns are constants, tested to compile (`every_built_in_pattern_compiles`).
+    compile(specs)
+}
+
+/// The detectors of `(category, pattern, group, edge, check)` specifications; a pattern that
+/// does not compile is left out (the tests compile every one).
+fn compile(
+    specs: impl IntoIterator<Item = (Category, String, bool, Edge, Check)>,
+) -> Vec<Detector> {
     specs
         .into_iter()
         .filter_map(|(category, pattern, group, edge, check)| {
-            // The patterns are constants, tested to compile (`every_built_in_pattern_compiles`).
             Regex::new(&pattern).ok().map(|regex| Detector {
                 category,
                 regex,
@@ -569,19 +577,8 @@ fn partial_values() -> Vec<Detector> {
             accept,
         ),
     ];
-    specs
-        .into_iter()
-        .filter_map(|(category, pattern, group, edge, check)| {
-            // Constants, tested to compile (`every_partial_pattern_compiles`).
-            Regex::new(&pattern).ok().map(|regex| Detector {
-                category,
-                regex,
-                group,
-                edge,
-                check: Some(check),
-            })
-        })
-        .collect()
+    // Constants, tested to compile (`every_partial_pattern_compiles`).
+    compile(specs)
 }
 
 /// Finds and replaces sensitive values. Cheap to share (`Arc` it); building compiles the

@@ -240,17 +240,7 @@ async fn an_unstreamed_request_is_cancelled_when_its_client_leaves() {
     let mut connection = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://"))
         .await
         .unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut connection,
-        format!(
-            "POST /v1/completions HTTP/1.1\r\nHost: enclave\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    post_completion(&mut connection, &body).await;
     while engine.outstanding() < 64 {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
@@ -312,17 +302,7 @@ async fn a_stream_its_client_stopped_reading_is_cancelled_after_the_send_timeout
         .connect(server.base.trim_start_matches("http://").parse().unwrap())
         .await
         .unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut connection,
-        format!(
-            "POST /v1/completions HTTP/1.1\r\nHost: enclave\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    post_completion(&mut connection, &body).await;
     while engine.outstanding() < 64 {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
@@ -356,4 +336,16 @@ async fn a_stream_its_client_stopped_reading_is_cancelled_after_the_send_timeout
     assert!(drained.is_ok(), "the connection stayed open");
     drop(connection);
     server.shutdown().await.unwrap();
+}
+
+/// Sends a completions request on a raw connection (the test then decides how it reads).
+async fn post_completion(connection: &mut tokio::net::TcpStream, body: &str) {
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: enclave\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(connection, request.as_bytes())
+        .await
+        .unwrap();
 }
