@@ -134,6 +134,8 @@ struct FlowState {
     virtual_time: u64,
     /// Its sequences waiting or running; the flow is forgotten at zero.
     seqs: usize,
+    /// Its sequences waiting: a flow with none that gets one rejoins at its band's clock.
+    waiting: usize,
 }
 
 /// One admission of a weight-1 flow in virtual time (divisible by every weight up to 16; for
@@ -145,8 +147,9 @@ pub struct Scheduler {
     config: SchedulerConfig,
     blocks: BlockManager,
     flows: HashMap<Arc<str>, FlowState>,
-    /// The virtual time of the last admission: where a flow that was idle starts again.
-    virtual_clock: u64,
+    /// Per priority band, the latest virtual finish time admitted (never moving back): where a
+    /// flow of that band that had nothing waiting starts again, so it cannot bank credit.
+    virtual_clocks: HashMap<i32, u64>,
     waiting: VecDeque<Seq>,
     /// Admission order: the last is the newest, the first to be preempted.
     running: Vec<Seq>,
@@ -160,7 +163,7 @@ impl Scheduler {
             config,
             blocks,
             flows: HashMap::new(),
-            virtual_clock: 0,
+            virtual_clocks: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
@@ -193,11 +196,8 @@ impl Scheduler {
         cache_salt: u64,
         flow: Flow,
     ) {
-        let state = self.flows.entry(flow.name.clone()).or_default();
-        if state.seqs == 0 {
-            state.virtual_time = state.virtual_time.max(self.virtual_clock);
-        }
-        state.seqs += 1;
+        self.flows.entry(flow.name.clone()).or_default().seqs += 1;
+        self.now_waiting(&flow);
         self.waiting.push_back(Seq {
             id,
             flow,
@@ -265,7 +265,7 @@ impl Scheduler {
                     // Alone and still out of blocks: it can never continue.
                     let seq = self.running.remove(i);
                     self.blocks.release(&seq.table);
-                    self.forget(&seq.flow.name);
+                    self.forget(&seq.flow.name, false);
                     plan.dropped.push((seq.id, Dropped::OutOfCache));
                 } else {
                     // This one is the newest: preempt it too.
@@ -300,8 +300,12 @@ impl Scheduler {
                 break;
             };
             if let Some(state) = self.flows.get_mut(&seq.flow.name) {
-                self.virtual_clock = state.virtual_time;
+                state.waiting = state.waiting.saturating_sub(1);
                 state.virtual_time += VIRTUAL_UNIT / u64::from(seq.flow.weight.clamp(1, 1000));
+                // The clock is the last admission's finish: a flow forgotten between its
+                // requests (none left) restarts there, not at zero.
+                let clock = self.virtual_clocks.entry(seq.flow.priority).or_default();
+                *clock = (*clock).max(state.virtual_time);
             }
             seq.table = blocks.table;
             seq.computed = blocks.cached_tokens;
@@ -332,10 +336,7 @@ impl Scheduler {
                 continue;
             }
             seen.push(&flow.name);
-            let virtual_time = self
-                .flows
-                .get(&flow.name)
-                .map_or(self.virtual_clock, |f| f.virtual_time);
+            let virtual_time = self.flows.get(&flow.name).map_or(0, |f| f.virtual_time);
             let better = best.is_none_or(|(_, priority, time)| {
                 flow.priority > priority || (flow.priority == priority && virtual_time < time)
             });
@@ -346,9 +347,29 @@ impl Scheduler {
         best.map(|(at, _, _)| at)
     }
 
-    /// A sequence of `flow` left for good: the flow is forgotten with its last.
-    fn forget(&mut self, flow: &str) {
+    /// A sequence of `flow` joins the waiting queue (new, or preempted): a flow that had
+    /// nothing waiting rejoins no earlier than its band's clock.
+    fn now_waiting(&mut self, flow: &Flow) {
+        let clock = self
+            .virtual_clocks
+            .get(&flow.priority)
+            .copied()
+            .unwrap_or(0);
+        if let Some(state) = self.flows.get_mut(&flow.name) {
+            if state.waiting == 0 {
+                state.virtual_time = state.virtual_time.max(clock);
+            }
+            state.waiting += 1;
+        }
+    }
+
+    /// A sequence of `flow` left for good (`was_waiting`: from the queue): the flow is
+    /// forgotten with its last.
+    fn forget(&mut self, flow: &str, was_waiting: bool) {
         if let Some(state) = self.flows.get_mut(flow) {
+            if was_waiting {
+                state.waiting = state.waiting.saturating_sub(1);
+            }
             state.seqs = state.seqs.saturating_sub(1);
             if state.seqs == 0 {
                 self.flows.remove(flow);
@@ -382,11 +403,11 @@ impl Scheduler {
         if let Some(at) = self.running.iter().position(|s| s.id == id) {
             let seq = self.running.remove(at);
             self.blocks.release(&seq.table);
-            self.forget(&seq.flow.name);
+            self.forget(&seq.flow.name, false);
         } else if let Some(at) = self.waiting.iter().position(|s| s.id == id) {
             if let Some(seq) = self.waiting.remove(at) {
                 self.blocks.release(&seq.table);
-                self.forget(&seq.flow.name);
+                self.forget(&seq.flow.name, true);
             }
         }
     }
@@ -398,6 +419,7 @@ impl Scheduler {
             seq.prefix.new_table();
             seq.computed = 0;
             self.preemptions += 1;
+            self.now_waiting(&seq.flow);
             self.waiting.push_front(seq);
         }
     }
@@ -700,8 +722,47 @@ mod tests {
         for id in 10..14 {
             s.add_salted(id, vec![2; 4], true, 0, flow("a", 1, 0));
         }
+        // a rejoins level with b (ties go to the older request), then they alternate.
         let order: Vec<SeqId> = (0..4).map(|_| next(&mut s)).collect();
-        assert_eq!(order, [10, 6, 11, 7]);
+        assert_eq!(order, [6, 10, 7, 11]);
+    }
+
+    #[test]
+    fn a_flow_that_only_ran_banks_no_credit_while_others_are_served() {
+        // a keeps one long sequence running while b is admitted eight times; then a floods.
+        let mut s = scheduler(1024, 2, 100);
+        s.add_salted(100, vec![1; 4], true, 0, flow("a", 1, 0));
+        let plan = s.schedule();
+        run(&mut s, &plan);
+        for id in 0..8 {
+            s.add_salted(id, vec![2; 4], true, 0, flow("b", 1, 0));
+            let plan = s.schedule();
+            run(&mut s, &plan);
+            s.remove(id);
+        }
+        for id in 200..206 {
+            s.add_salted(id, vec![1; 4], true, 0, flow("a", 1, 0));
+        }
+        for id in 10..13 {
+            s.add_salted(id, vec![2; 4], true, 0, flow("b", 1, 0));
+        }
+        // One slot frees at a time (a's long one stays): a and b take turns.
+        let mut order: Vec<SeqId> = Vec::new();
+        for _ in 0..4 {
+            let plan = s.schedule();
+            run(&mut s, &plan);
+            let admitted: Vec<SeqId> = plan
+                .seqs
+                .iter()
+                .filter(|q| q.start == 0)
+                .map(|q| q.id)
+                .collect();
+            order.extend(&admitted);
+            for id in admitted {
+                s.remove(id);
+            }
+        }
+        assert_eq!(order, [200, 10, 201, 11]);
     }
 
     #[test]

@@ -531,6 +531,11 @@ impl RequestStream {
         self.receiver.recv().await
     }
 
+    /// An event already sent, without waiting (`None` when none is there now).
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.receiver.try_recv().ok()
+    }
+
     /// The next event, blocking the thread (for synchronous callers such as the CLI).
     pub fn blocking_next(&mut self) -> Option<Event> {
         self.receiver.blocking_recv()

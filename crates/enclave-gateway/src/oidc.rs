@@ -84,6 +84,17 @@ struct Inner {
     refreshed: watch::Sender<u64>,
 }
 
+/// Ends a background read however its task ends (done, panicked or cancelled), so a read
+/// that never finished cannot leave every later one waiting on it.
+struct RefreshDone(Arc<Inner>);
+
+impl Drop for RefreshDone {
+    fn drop(&mut self) {
+        self.0.state().running = false;
+        self.0.refreshed.send_modify(|n| *n += 1);
+    }
+}
+
 /// The background read of the key set.
 #[derive(Default)]
 struct Refresh {
@@ -225,17 +236,15 @@ impl Inner {
         state.last_started = Some(now);
         state.started += 1;
         drop(state);
-        let inner = self.clone();
+        let done = RefreshDone(self.clone());
         tokio::spawn(async move {
-            match inner.fetch().await {
+            match done.0.fetch().await {
                 Ok(set) => {
-                    *inner.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(set));
+                    *done.0.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(set));
                 }
                 // The old set keeps serving if the provider is briefly unreachable.
                 Err(e) => tracing::warn!(error = %e, "cannot refresh the JWKS"),
             }
-            inner.state().running = false;
-            inner.refreshed.send_modify(|n| *n += 1);
         });
         true
     }

@@ -454,7 +454,7 @@ fn compile(
 
 /// Bytes at the end of a text searched for a value cut short (longer than any prefix the
 /// partial patterns take).
-const PARTIAL_WINDOW: usize = 128;
+const PARTIAL_WINDOW: usize = 1024;
 
 fn digits(v: &str) -> usize {
     v.chars().filter(char::is_ascii_digit).count()
@@ -743,12 +743,19 @@ impl Redactor {
         from: usize,
         picked: &[(usize, usize, &'d Category)],
     ) -> Option<(usize, usize, &'d Category)> {
-        // Longer than any value's prefix these patterns take; only the tail is searched.
-        let mut window = text.len().saturating_sub(PARTIAL_WINDOW).max(from);
+        // Longer than any value's prefix these patterns take; only the tail is searched, and
+        // only after the last finding (a prefix pattern without edges, such as an e-mail
+        // address's, would otherwise start inside it and be dropped).
+        let covered_to = picked.last().map_or(0, |&(_, end, _)| end);
+        let mut window = text
+            .len()
+            .saturating_sub(PARTIAL_WINDOW)
+            .max(from)
+            .max(covered_to)
+            .min(text.len());
         while !text.is_char_boundary(window) {
             window += 1;
         }
-        let covered_to = picked.last().map_or(0, |&(_, end, _)| end);
         self.partials.iter().find_map(|detector| {
             detector
                 .candidates_from(text, window)
@@ -871,8 +878,11 @@ fn replace(text: &str, findings: &[Finding]) -> String {
 /// Bytes of text held back at the end of a stream (longer than any fixed-length value with its
 /// separators and context words), so a value split across chunks is seen whole.
 const HOLD: usize = 256;
-/// Most bytes held for an unfinished private-key block or token before they are released.
+/// Most visible bytes held for an unfinished private-key block or token before they are
+/// released.
 const MAX_HOLD: usize = 64 << 10;
+/// Most bytes held in all, hidden characters included (each push scans what is held).
+const MAX_HELD_BYTES: usize = 4 * MAX_HOLD;
 
 /// Redacts a stream chunk by chunk: each [`StreamRedactor::push`] returns the redacted text that
 /// is final so far, keeping back the end that a value may still be growing into;
@@ -961,12 +971,11 @@ impl StreamRedactor {
             }
             cut = at;
         }
-        // Full-width forms read as ASCII; hidden characters join what they sit between.
+        // Characters that read as ASCII ones (full-width forms, mathematical letters) count as
+        // what they read as; hidden characters join what they sit between.
+        let ascii_token = |c: char| c.is_ascii_alphanumeric() || "._~+/=-@%".contains(c);
         let token_char = |c: char| {
-            c.is_ascii_alphanumeric()
-                || "._~+/=-@%".contains(c)
-                || ('\u{FF01}'..='\u{FF5E}').contains(&c)
-                || normalize::is_ignorable(c)
+            ascii_token(c) || normalize::is_ignorable(c) || normalize::reads_as(c, ascii_token)
         };
         let run_start = text
             .char_indices()
@@ -987,8 +996,26 @@ impl StreamRedactor {
                 cut = f.start;
             }
         }
-        if len - cut.max(offset) > MAX_HOLD {
-            cut = len - MAX_HOLD;
+        // At most MAX_HOLD visible bytes are held, so hidden characters cannot push a value's
+        // start out; and at most MAX_HELD_BYTES in all, which bounds the work of each push.
+        let mut from = cut.max(offset).max(len.saturating_sub(MAX_HELD_BYTES));
+        while !text.is_char_boundary(from) {
+            from += 1;
+        }
+        let mut visible = 0;
+        let mut earliest = len;
+        for (at, c) in text[from..].char_indices().rev() {
+            if !normalize::is_ignorable(c) {
+                visible += c.len_utf8();
+            }
+            if visible > MAX_HOLD {
+                break;
+            }
+            earliest = from + at;
+        }
+        cut = cut.max(earliest.min(len)).max(from);
+        while !text.is_char_boundary(cut) {
+            cut += 1;
         }
         cut.max(offset)
     }

@@ -44,6 +44,15 @@ fn stable(c: char) -> bool {
         || matches!(c, '\u{4E00}'..='\u{9FFF}' | '\u{3400}'..='\u{4DBF}' | '\u{3001}'..='\u{3002}')
 }
 
+/// Whether `c` reads, after NFKC, as one character that `ascii` accepts (`Ｅ`, `𝐞`).
+pub(crate) fn reads_as(c: char, ascii: impl Fn(char) -> bool) -> bool {
+    if stable(c) {
+        return false;
+    }
+    let mut n = c.nfkc();
+    matches!((n.next(), n.next()), (Some(one), None) if one.is_ascii() && ascii(one))
+}
+
 impl<'a> Normalized<'a> {
     pub fn new(original: &'a str) -> Self {
         let mut text = String::new();

@@ -334,6 +334,23 @@ fn a_value_cut_short_at_the_end_of_a_completion_is_masked() {
         out.push_str(&stream.finish());
         assert_eq!(out, redacted, "{text}");
     }
+    // After another value, a cut e-mail address is still found (its pattern has no edges).
+    assert_eq!(
+        redactor
+            .redact_ending("电话13812345678-zhang.san@compa")
+            .text,
+        "电话[MOBILE][EMAIL]"
+    );
+    // A token written in mathematical letters is held whole in a stream, as ASCII would be.
+    let jwt = format!("token 𝐞𝐲𝐉{}.eyJzdWIiOiIxIn0.sig done", "a".repeat(300));
+    let mut stream = redactor.stream();
+    let mut out = String::new();
+    for c in jwt.chars() {
+        out.push_str(&stream.push(&c.to_string()));
+        assert!(!out.contains("aaaa"), "released part of the token: {out}");
+    }
+    out.push_str(&stream.finish());
+    assert_eq!(out, redactor.redact(&jwt).text);
     // Ordinary numbers at the end stay: too short for any value, or a whole run that fails
     // its check (a near-miss, not a prefix).
     for text in [

@@ -206,6 +206,30 @@ pub(crate) struct ChoiceStream {
     ended: bool,
 }
 
+impl Drop for ChoiceStream {
+    /// Charges the tokens the engine generated that the caller never took (a stream abandoned
+    /// by a client that stopped reading, or one that left): they were computed all the same.
+    fn drop(&mut self) {
+        let Some(meter) = &self.meter else {
+            return;
+        };
+        let mut unread = 0;
+        while let Some(event) = self.inner.try_next() {
+            match event {
+                Event::Token { .. } => unread += 1,
+                Event::Finished { usage, .. } => {
+                    unread = usage.completion_tokens.saturating_sub(self.generated);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if unread > 0 {
+            meter.charge_completion(unread);
+        }
+    }
+}
+
 impl ChoiceStream {
     pub async fn next(&mut self) -> Option<Event> {
         if let Some(event) = self.pending.take() {

@@ -58,6 +58,7 @@ impl Metering {
             subject: principal.subject(),
             trail,
             refused: AtomicBool::new(false),
+            counted: AtomicBool::new(false),
         };
         Ok(Arc::new(meter))
     }
@@ -77,6 +78,8 @@ pub(crate) struct RequestMeter {
     trail: Option<Arc<AuditTrail>>,
     /// Refused by its claim: not counted as a request in usage.
     refused: AtomicBool,
+    /// Counted as a request in usage (once: at its claim, its answer, or its end).
+    counted: AtomicBool,
 }
 
 impl RequestMeter {
@@ -129,28 +132,41 @@ impl RequestMeter {
     /// use, once the request's size is known; refused with a 429 (or a 400 naming `param` when
     /// no wait would help) before anything is queued.
     pub fn claim(&self, sequences: usize, tokens: usize, param: &str) -> Result<(), ApiError> {
-        let mut admission = self.admission();
-        let Some(admission) = admission.as_mut() else {
+        let mut guard = self.admission();
+        let Some(admission) = guard.as_mut() else {
             return Ok(());
         };
         let asked = admission.sequences() + sequences as u64;
-        admission
-            .claim(sequences as u64, tokens as u64)
-            .map_err(|refusal| {
-                self.refused.store(true, Ordering::Relaxed);
-                if refusal.never_fits {
-                    ApiError::invalid(
-                        Some(param.to_string()),
-                        format!(
-                            "this request runs {asked} generations at once (prompts × `n`), \
+        let claimed = admission.claim(sequences as u64, tokens as u64);
+        drop(guard);
+        if claimed.is_ok() {
+            self.count();
+        }
+        claimed.map_err(|refusal| {
+            self.refused.store(true, Ordering::Release);
+            if refusal.never_fits {
+                ApiError::invalid(
+                    Some(param.to_string()),
+                    format!(
+                        "this request runs {asked} generations at once (prompts × `n`), \
                              more than {} limit of concurrent requests",
-                            whose(&refusal)
-                        ),
-                    )
-                } else {
-                    too_many(&self.subject, &self.tenant, &refusal)
-                }
-            })
+                        whose(&refusal)
+                    ),
+                )
+            } else {
+                too_many(&self.subject, &self.tenant, &refusal)
+            }
+        })
+    }
+
+    /// Counts the request in usage, once, unless its limits refused it.
+    fn count(&self) {
+        if !self.refused.load(Ordering::Acquire) && !self.counted.swap(true, Ordering::AcqRel) {
+            self.record(UsageCounts {
+                requests: 1,
+                ..UsageCounts::default()
+            });
+        }
     }
 
     /// Gives back the request's concurrency slots now, before its response body is dropped
@@ -184,16 +200,18 @@ impl RequestMeter {
     }
 }
 
+impl Drop for RequestMeter {
+    /// A request whose handler was dropped before answering (its client left) still counts.
+    fn drop(&mut self) {
+        self.count();
+    }
+}
+
 /// `x-ratelimit-*` headers on every response of a limited caller, and the admission kept until
 /// the body has been sent.
 pub(crate) fn finish(meter: Arc<RequestMeter>, response: Response) -> Response {
-    // Counted once answered, unless its limits refused it (as at admission).
-    if !meter.refused.load(Ordering::Relaxed) {
-        meter.record(UsageCounts {
-            requests: 1,
-            ..UsageCounts::default()
-        });
-    }
+    // Counted once answered (or claimed, or ended), unless its limits refused it.
+    meter.count();
     let quotas = meter.quotas();
     let (mut parts, body) = response.into_parts();
     if let Some(quotas) = quotas {

@@ -9,6 +9,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -25,6 +27,9 @@ pub(crate) struct EventSender {
     tx: mpsc::Sender<Result<SseEvent, Infallible>>,
     send_timeout: Duration,
     meter: Meter,
+    /// Set when a send waited out the timeout: the request's limits are released once the
+    /// producer (and with it the choice streams, which charge what they left unread) is done.
+    abandoned: Arc<AtomicBool>,
 }
 
 /// An SSE response whose events `produce` sends; a send waits at most `send_timeout` for the
@@ -35,11 +40,21 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(produce(EventSender {
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let producing = produce(EventSender {
         tx,
         send_timeout,
-        meter,
-    }));
+        meter: meter.clone(),
+        abandoned: abandoned.clone(),
+    });
+    tokio::spawn(async move {
+        producing.await;
+        if abandoned.load(Ordering::Acquire) {
+            if let Some(meter) = meter {
+                meter.release_limits();
+            }
+        }
+    });
     let events = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
     Sse::new(events).into_response()
 }
@@ -71,8 +86,8 @@ async fn deliver(tx: &EventSender, event: SseEvent) -> bool {
             );
             if let Some(meter) = &tx.meter {
                 meter.note(serde_json::json!({"stream": "abandoned: the client stopped reading"}));
-                meter.release_limits();
             }
+            tx.abandoned.store(true, Ordering::Release);
             false
         }
     }

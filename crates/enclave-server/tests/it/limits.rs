@@ -430,3 +430,95 @@ async fn one_tenant_cannot_starve_another() {
     while flood.chunk().await.unwrap().is_some() {}
     server.shutdown().await.unwrap();
 }
+
+/// A stream whose client stops reading is abandoned after the send timeout, and the tokens the
+/// engine generated for it meanwhile are charged to the key all the same (not refunded with
+/// the unused reservation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_generated_for_an_abandoned_stream_are_charged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::test_store(dir.path()).await;
+    store
+        .create_tenant("acme", &["*".into()], Limits::default(), unix_time())
+        .await
+        .unwrap();
+    // Refilled at 1,000 a second: small against the ~10,000 tokens the engine generates.
+    let budget = 60_000;
+    let (_, limited) = key(
+        &store,
+        Limits {
+            tokens_per_minute: Some(budget),
+            ..Limits::default()
+        },
+    )
+    .await;
+    let server = TestServer::start_with(
+        &fixtures().join("models/qwen2"),
+        enclave_server::ServerConfig {
+            max_n: 64,
+            connections: enclave_server::ConnectionLimits {
+                send_timeout: std::time::Duration::from_secs(1),
+                ..enclave_server::ConnectionLimits::default()
+            },
+            ..server_config()
+        },
+        serving_config(),
+        Access::Keys(Arc::new(Authenticator::new(
+            store.clone(),
+            Roles::default(),
+        ))),
+    )
+    .await;
+    let engine = server.state.engine().unwrap();
+    let baseline = crate::settled(&server.state).await;
+    let started = std::time::Instant::now();
+    let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": 480, "ignore_eos": true,
+                      "n": 64, "stream": true, "logprobs": 5})
+    .to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut connection = socket
+        .connect(server.base.trim_start_matches("http://").parse().unwrap())
+        .await
+        .unwrap();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: enclave\r\nAuthorization: Bearer {limited}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut connection, request.as_bytes())
+        .await
+        .unwrap();
+    while engine.outstanding() < 64 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // Never read: abandoned after the send timeout, and everything given back.
+    while engine.outstanding() > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let generated =
+        crate::settled(&server.state).await.generated_tokens - baseline.generated_tokens;
+    assert!(generated > 64, "{generated} generated");
+    let response = server
+        .client
+        .get(server.url("/v1/models"))
+        .bearer_auth(&limited)
+        .send()
+        .await
+        .unwrap();
+    let remaining: u64 = response.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // All but the sequences' last tokens (sent as the engine noticed them gone) are charged,
+    // besides the prompt; what the bucket refilled meanwhile is the slack.
+    let charged = budget - remaining.min(budget);
+    let refilled = (started.elapsed().as_secs_f64() * 1000.0).ceil() as u64;
+    assert!(
+        charged + 64 + refilled >= generated,
+        "{charged} charged of {generated} generated ({refilled} refilled)"
+    );
+    drop(connection);
+    server.shutdown().await.unwrap();
+}
