@@ -167,6 +167,8 @@ impl AuditEntry {
 /// What `verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditVerification {
+    /// The first record checked: the anchor's next, or a checkpoint's next.
+    pub from_seq: i64,
     /// Records checked.
     pub records: u64,
     pub pruned: u64,
@@ -176,6 +178,18 @@ pub struct AuditVerification {
     pub head_sha256: String,
     /// The first record that does not verify, and why.
     pub problem: Option<AuditProblem>,
+}
+
+/// Where a clean verification ended, so the next may check only what came after: the record
+/// and hash it reached, and the anchor it started from. A later verification from it checks
+/// that the record still has that hash and the anchor has not moved (else it walks the whole
+/// chain again); a change to a record before it is found only by a whole walk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditCheckpoint {
+    pub seq: i64,
+    pub sha256: String,
+    anchor_seq: i64,
+    anchor_sha256: String,
 }
 
 /// The first bad record.
@@ -716,6 +730,15 @@ impl Store {
     /// Walks the whole chain from its anchor to its head and reports the first record that
     /// does not verify.
     pub async fn verify_audit(&self) -> Result<AuditVerification> {
+        Ok(self.verify_audit_since(None).await?.0)
+    }
+
+    /// [`Self::verify_audit`] from `checkpoint` (a clean verification's end) when it still
+    /// holds, else from the anchor; with the checkpoint for the next, when this one is clean.
+    pub async fn verify_audit_since(
+        &self,
+        checkpoint: Option<&AuditCheckpoint>,
+    ) -> Result<(AuditVerification, Option<AuditCheckpoint>)> {
         let chain = sqlx::query(
             "SELECT last_seq, last_sha256, anchor_seq, anchor_sha256 FROM audit_chain WHERE id = 1",
         )
@@ -725,11 +748,18 @@ impl Store {
         let head_sha256: String = chain.try_get("last_sha256")?;
         let anchor_seq: i64 = chain.try_get("anchor_seq")?;
         let anchor_sha256: String = chain.try_get("anchor_sha256")?;
-        let mut expected_seq = anchor_seq + 1;
-        let mut prev = anchor_sha256.clone();
+        // A checkpoint from the same anchor, not past the head.
+        let checkpoint = checkpoint.filter(|c| {
+            c.anchor_seq == anchor_seq && c.anchor_sha256 == anchor_sha256 && c.seq <= head_seq
+        });
+        let (mut expected_seq, mut prev) = match checkpoint {
+            Some(c) => (c.seq + 1, c.sha256.clone()),
+            None => (anchor_seq + 1, anchor_sha256.clone()),
+        };
         let mut anchor_claim: Option<(i64, String)> = None;
         let mut blanked = Blanked::default();
         let mut report = AuditVerification {
+            from_seq: expected_seq,
             records: 0,
             pruned: 0,
             erased: 0,
@@ -737,18 +767,35 @@ impl Store {
             head_sha256: head_sha256.clone(),
             problem: None,
         };
+        if let Some(c) = checkpoint.filter(|c| c.seq > anchor_seq) {
+            let kept: Option<String> = sqlx::query("SELECT sha256 FROM audit_log WHERE seq = $1")
+                .bind(c.seq)
+                .fetch_optional(self.pool())
+                .await?
+                .map(|row| row.try_get("sha256"))
+                .transpose()?;
+            if kept.as_deref() != Some(c.sha256.as_str()) {
+                report.problem = Some(AuditProblem {
+                    seq: c.seq,
+                    reason: "it no longer has the hash it was verified with (changed or deleted \
+                             since the last verification)"
+                        .into(),
+                });
+                return Ok((report, None));
+            }
+        }
         // Rows before the anchor should not exist: pruning deleted them.
-        let before: i64 = sqlx::query("SELECT COUNT(*) AS n FROM audit_log WHERE seq < $1")
-            .bind(expected_seq)
+        let before: i64 = sqlx::query("SELECT COUNT(*) AS n FROM audit_log WHERE seq <= $1")
+            .bind(anchor_seq)
             .fetch_one(self.pool())
             .await?
             .try_get("n")?;
         if before > 0 {
             report.problem = Some(AuditProblem {
-                seq: expected_seq - 1,
+                seq: anchor_seq,
                 reason: format!("{before} record(s) before the chain's anchor were inserted"),
             });
-            return Ok(report);
+            return Ok((report, None));
         }
         loop {
             let rows = sqlx::query(&format!(
@@ -773,7 +820,7 @@ impl Store {
                             seq: row.entry.seq,
                             reason,
                         });
-                        return Ok(report);
+                        return Ok((report, None));
                     }
                 };
                 blanked.see(&row.entry);
@@ -798,19 +845,23 @@ impl Store {
                 break;
             }
         }
-        // The anchor only moves by pruning, which records where it put it.
-        if anchor_seq > 0 && anchor_claim.as_ref() != Some(&(anchor_seq, anchor_sha256.clone())) {
+        // The anchor only moves by pruning, which records where it put it (a checkpoint from
+        // the same anchor was checked for that when it was made).
+        if checkpoint.is_none()
+            && anchor_seq > 0
+            && anchor_claim.as_ref() != Some(&(anchor_seq, anchor_sha256.clone()))
+        {
             report.problem = Some(AuditProblem {
                 seq: anchor_seq + 1,
                 reason: format!(
                     "the log starts after record {anchor_seq}, but no pruning recorded that: records before it were deleted"
                 ),
             });
-            return Ok(report);
+            return Ok((report, None));
         }
         if let Some(problem) = blanked.unaccounted() {
             report.problem = Some(problem);
-            return Ok(report);
+            return Ok((report, None));
         }
         if expected_seq - 1 != head_seq || prev != head_sha256 {
             report.problem = Some(AuditProblem {
@@ -823,8 +874,15 @@ impl Store {
                     "the chain's recorded head does not match its newest record".into()
                 },
             });
+            return Ok((report, None));
         }
-        Ok(report)
+        let reached = AuditCheckpoint {
+            seq: expected_seq - 1,
+            sha256: prev,
+            anchor_seq,
+            anchor_sha256,
+        };
+        Ok((report, Some(reached)))
     }
 
     /// Records as `query` asks, oldest first.

@@ -25,9 +25,9 @@ mod usage;
 
 pub use abuse::{AbuseGuard, AbuseLimits, BlockStarted, Offender};
 pub use audit::{
-    erased_subject_sha256, parse_since, rfc3339, AuditEntry, AuditEvent, AuditKind, AuditLog,
-    AuditProblem, AuditQuery, AuditQueueConfig, AuditQueueStats, AuditSlot, AuditVerification,
-    Backpressure, PruneReport,
+    erased_subject_sha256, parse_since, rfc3339, AuditCheckpoint, AuditEntry, AuditEvent,
+    AuditKind, AuditLog, AuditProblem, AuditQuery, AuditQueueConfig, AuditQueueStats, AuditSlot,
+    AuditVerification, Backpressure, PruneReport,
 };
 pub use authenticator::{unix_millis, unix_time, Authenticator, CertificateBinding, CACHE_TTL};
 pub use error::{GatewayError, Result};

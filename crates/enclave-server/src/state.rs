@@ -106,6 +106,8 @@ pub struct AppState {
     pub(crate) audit: Option<AuditLog>,
     /// Failed authentications per address and key, and the blocks they caused.
     pub(crate) abuse: enclave_gateway::AbuseGuard,
+    /// Where the admin API's last clean audit verification ended: the next starts there.
+    pub(crate) audit_checkpoint: std::sync::Mutex<Option<enclave_gateway::AuditCheckpoint>>,
     served: OnceLock<Served>,
     /// Unix time the server started (the model's `created`).
     pub(crate) created: u64,
@@ -128,6 +130,7 @@ impl AppState {
         Arc::new(Self {
             audit,
             abuse: enclave_gateway::AbuseGuard::new(config.abuse),
+            audit_checkpoint: std::sync::Mutex::new(None),
             config,
             access,
             metering: Metering::default(),

@@ -554,3 +554,54 @@ async fn an_admin_change_and_its_record_commit_together() {
         assert_eq!(key.revoked_at, None, "{url}: revoked without its record");
     }
 }
+
+/// A verification can start where the last clean one ended: it checks only the records since,
+/// after checking that the checkpoint's record still has its hash; a moved anchor (pruning)
+/// makes it walk the whole chain again.
+#[tokio::test]
+async fn verification_resumes_from_its_last_checkpoint() {
+    let mut dirs = Vec::new();
+    for url in databases().await.urls {
+        let url = fresh_like(&url, &mut dirs).await;
+        let now = 1_800_000_000_000;
+        let store = filled(&url, 12).await;
+        let (whole, checkpoint) = store.verify_audit_since(None).await.unwrap();
+        assert_eq!((whole.from_seq, whole.records), (1, 12), "{url}");
+        let checkpoint = checkpoint.unwrap();
+        assert_eq!(checkpoint.seq, 12);
+        store
+            .append_audit(&[
+                event(13, now, AuditKind::Api),
+                event(14, now, AuditKind::Api),
+            ])
+            .await
+            .unwrap();
+        let (since, next) = store.verify_audit_since(Some(&checkpoint)).await.unwrap();
+        assert_eq!(since.problem, None, "{url}");
+        assert_eq!((since.from_seq, since.records), (13, 2), "{url}");
+        let next = next.unwrap();
+        assert_eq!(next.seq, 14);
+        // Nothing new: nothing to check, still clean.
+        let (idle, _) = store.verify_audit_since(Some(&next)).await.unwrap();
+        assert_eq!((idle.records, idle.problem), (0, None), "{url}");
+        // A new record chained onto a rewritten checkpoint record is found at the checkpoint.
+        tamper(&url, &["UPDATE audit_log SET sha256 = 'ab' WHERE seq = 14"]).await;
+        let (bad, none) = store.verify_audit_since(Some(&next)).await.unwrap();
+        assert_eq!(bad.problem.map(|p| p.seq), Some(14), "{url}");
+        assert!(none.is_none(), "no checkpoint from a failed verification");
+    }
+    // Pruning moves the anchor: the old checkpoint no longer applies, the whole chain is walked.
+    for url in databases().await.urls {
+        let url = fresh_like(&url, &mut dirs).await;
+        let newest = 1_800_000_000_000;
+        let store = filled(&url, 12).await;
+        let (_, checkpoint) = store.verify_audit_since(None).await.unwrap();
+        store
+            .prune_audit(newest - 5 * DAY_MS, newest - 9 * DAY_MS, newest, "test")
+            .await
+            .unwrap();
+        let (after, _) = store.verify_audit_since(checkpoint.as_ref()).await.unwrap();
+        assert_eq!(after.problem, None, "{url}");
+        assert_eq!(after.from_seq, 4, "{url}: walked from the new anchor");
+    }
+}

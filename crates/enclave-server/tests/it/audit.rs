@@ -312,6 +312,23 @@ async fn the_admin_api_serves_the_log_to_auditors_and_erases_subjects() {
     assert_eq!(status, 200);
     assert_eq!(verified["ok"], true, "{verified}");
     assert!(verified["erased"].as_u64().unwrap() >= 1);
+    // The next verification resumes after the last one's head; `full=true` walks it all.
+    let head = verified["head_seq"].as_i64().unwrap();
+    let (_, again) = admin
+        .call("GET", "/admin/v1/audit/verify", Some(&acme_auditor), None)
+        .await;
+    assert_eq!(again["ok"], true, "{again}");
+    assert_eq!(again["from_seq"].as_i64(), Some(head + 1), "{again}");
+    let (_, full) = admin
+        .call(
+            "GET",
+            "/admin/v1/audit/verify?full=true",
+            Some(&acme_auditor),
+            None,
+        )
+        .await;
+    assert_eq!(full["ok"], true, "{full}");
+    assert_eq!(full["from_seq"].as_i64(), Some(1), "{full}");
 }
 
 /// Repeated failed logins from one address block it — even with a good key — for the
