@@ -22,7 +22,8 @@ pub enum ModelError {
     Config { path: PathBuf, message: String },
     #[error("{}: not a valid safetensors file: {message}", path.display())]
     Safetensors { path: PathBuf, message: String },
-    #[error("unsupported architecture {0:?}; supported: LlamaForCausalLM, Qwen2ForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM")]
+    /// Every architecture this build supports is named, from the one list of them.
+    #[error("unsupported architecture {0:?}; supported: {supported}", supported = crate::model::Architecture::ALL.map(crate::model::Architecture::hf_name).join(", "))]
     UnsupportedArchitecture(String),
     #[error("sequence of {requested} tokens exceeds the model's context of {limit} tokens")]
     ContextOverflow { requested: usize, limit: usize },
@@ -31,3 +32,18 @@ pub enum ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Architecture;
+
+    #[test]
+    fn the_unsupported_architecture_message_names_every_supported_one() {
+        let message = ModelError::UnsupportedArchitecture("MistralForCausalLM".into()).to_string();
+        assert!(message.contains("\"MistralForCausalLM\""), "{message}");
+        for architecture in Architecture::ALL {
+            assert!(message.contains(architecture.hf_name()), "{message}");
+        }
+    }
+}
