@@ -155,16 +155,8 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let grace = state.config.shutdown_grace;
-    let server = conn::serve_tcp(
-        listener,
-        router(state.clone()),
-        state,
-        "api",
-        stop_rx.clone(),
-    );
-    run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
+    let router = router(state.clone());
+    serve_plain(listener, router, state, "api", shutdown).await
 }
 
 /// Serves the management API ([`admin_router`]) on its own listener until `shutdown`.
@@ -173,15 +165,21 @@ pub async fn serve_admin(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let router = admin_router(state.clone());
+    serve_plain(listener, router, state, "admin", shutdown).await
+}
+
+/// One plain-HTTP listener named `name` serving `router` until `shutdown`.
+async fn serve_plain(
+    listener: TcpListener,
+    router: Router,
+    state: Arc<AppState>,
+    name: &'static str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grace = state.config.shutdown_grace;
-    let server = conn::serve_tcp(
-        listener,
-        admin_router(state.clone()),
-        state,
-        "admin",
-        stop_rx.clone(),
-    );
+    let server = conn::serve_tcp(listener, router, state, name, stop_rx.clone());
     run_until_stopped(server, shutdown, stop_tx, stop_rx, grace).await
 }
 

@@ -291,18 +291,7 @@ async fn a_stream_its_client_stopped_reading_is_cancelled_after_the_send_timeout
     let server = TestServer::start(&fixtures().join("models/qwen2"), config, serving).await;
     let baseline = settled(&server.state).await;
     let engine = server.state.engine().unwrap();
-    // Sixty-four choices of 480 tokens with their five likeliest alternatives: megabytes of
-    // events, more than any socket buffer holds.
-    let body = json!({"prompt": "Once", "max_tokens": 480, "ignore_eos": true, "n": 64,
-                      "stream": true, "logprobs": 5})
-    .to_string();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut connection = socket
-        .connect(server.base.trim_start_matches("http://").parse().unwrap())
-        .await
-        .unwrap();
-    post_completion(&mut connection, &body).await;
+    let mut connection = crate::never_reading_stream(&server, None).await;
     while engine.outstanding() < 64 {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }

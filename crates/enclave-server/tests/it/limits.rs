@@ -472,23 +472,7 @@ async fn tokens_generated_for_an_abandoned_stream_are_charged() {
     let engine = server.state.engine().unwrap();
     let baseline = crate::settled(&server.state).await;
     let started = std::time::Instant::now();
-    let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": 480, "ignore_eos": true,
-                      "n": 64, "stream": true, "logprobs": 5})
-    .to_string();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut connection = socket
-        .connect(server.base.trim_start_matches("http://").parse().unwrap())
-        .await
-        .unwrap();
-    let request = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: enclave\r\nAuthorization: Bearer {limited}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut connection, request.as_bytes())
-        .await
-        .unwrap();
+    let connection = crate::never_reading_stream(&server, Some(&limited)).await;
     while engine.outstanding() < 64 {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }

@@ -302,3 +302,28 @@ pub async fn settled(state: &AppState) -> enclave_engine::ServingStats {
     }
     panic!("the engine did not become idle: {:?}", engine.stats());
 }
+
+/// A connection that asks for a 64-choice stream of 480 tokens each with their five likeliest
+/// alternatives (megabytes of events, more than any socket buffer holds) and never reads: its
+/// receive buffer is 4 KiB. `key` authenticates it when given.
+pub async fn never_reading_stream(server: &TestServer, key: Option<&str>) -> tokio::net::TcpStream {
+    let body = serde_json::json!({"model": MODEL, "prompt": "Once", "max_tokens": 480,
+        "ignore_eos": true, "n": 64, "stream": true, "logprobs": 5})
+    .to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut connection = socket
+        .connect(server.base.trim_start_matches("http://").parse().unwrap())
+        .await
+        .unwrap();
+    let authorization = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: enclave\r\n{authorization}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut connection, request.as_bytes())
+        .await
+        .unwrap();
+    connection
+}
